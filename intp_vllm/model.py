@@ -1,0 +1,281 @@
+"""Video-LLaVA for vLLM: processing info, dummy inputs, processor and model together.
+
+vLLM has no Video-LLaVA, and its LLaVA family cannot be imported without torchvision,
+so the model is assembled from vLLM's CLIP tower and Llama, with preprocessing in numpy
+(`preprocess.py`) instead of the HF processor. Video only: the image tower's weights
+are skipped (see README).
+
+INTP lives in two places: the processor decides how many frames a request carries
+(prompt gets frames x tokens-per-frame placeholders), and `embed_multimodal` runs the
+frozen tower+projector on interleaved N-frame groups and puts the tokens back in
+frame-time order.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping, Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+from transformers import BatchFeature
+
+from vllm.config import VllmConfig
+from vllm.config.multimodal import MultiModalDummyOptions
+from vllm.model_executor.layers.activation import get_act_fn
+from vllm.model_executor.models.clip import CLIPVisionModel
+from vllm.model_executor.models.interfaces import MultiModalEmbeddings, SupportsMultiModal, SupportsPP
+from vllm.model_executor.models.utils import (
+    AutoWeightsLoader,
+    WeightsMapper,
+    get_layer_index,
+    init_vllm_registered_model,
+    maybe_prefix,
+)
+from vllm.multimodal import MULTIMODAL_REGISTRY
+from vllm.multimodal.inputs import MultiModalFieldConfig, MultiModalKwargsItems
+from vllm.multimodal.parse import MultiModalDataItems
+from vllm.multimodal.processing import (
+    BaseDummyInputsBuilder,
+    BaseMultiModalProcessor,
+    BaseProcessingInfo,
+    PromptReplacement,
+    PromptUpdate,
+)
+from vllm.sequence import IntermediateTensors
+
+from .config import IntpConfig
+from .preprocess import ClipPreprocessConfig, preprocess_frames
+from .rearrange import GROUPINGS, pad_frame_indices, token_permutation, uniform_frame_indices
+from .video_io import as_frames
+
+VIDEO_PLACEHOLDER = "<video>"
+REQUEST_FRAMES_KWARG = "frames"
+"""`mm_processor_kwargs={"frames": n}` asks for n frames (up to intp.max_frames)."""
+
+
+def tokens_per_frame(vision_config) -> int:
+    """Patches plus CLS: Video-LLaVA keeps CLS for video (257 at 224/14)."""
+    return (vision_config.image_size // vision_config.patch_size) ** 2 + 1
+
+
+class VideoLlavaProcessingInfo(BaseProcessingInfo):
+    def get_hf_processor(self, **kwargs: object):
+        raise RuntimeError("intp_vllm preprocesses video in numpy; the HF processor is never used")
+
+    def get_supported_mm_limits(self) -> Mapping[str, int | None]:
+        return {"video": 1}
+
+    def get_intp_config(self) -> IntpConfig:
+        return IntpConfig.from_hf_config(self.get_hf_config())
+
+    def get_preprocess_config(self) -> ClipPreprocessConfig:
+        vision = self.get_hf_config().vision_config
+        cfg = ClipPreprocessConfig(shortest_edge=vision.image_size, crop_size=vision.image_size)
+        if cfg.crop_size != vision.image_size:
+            raise ValueError(f"crop size {cfg.crop_size} differs from the tower's image_size {vision.image_size}")
+        return cfg
+
+    def get_tokens_per_frame(self) -> int:
+        return tokens_per_frame(self.get_hf_config().vision_config)
+
+    def get_num_video_tokens(self, num_frames: int) -> int:
+        intp = self.get_intp_config()
+        return len(pad_frame_indices(num_frames, intp.encoder_frames)) * self.get_tokens_per_frame()
+
+    def get_mm_max_tokens_per_item(self, seq_len: int, mm_counts: Mapping[str, int]) -> Mapping[str, int]:
+        return {"video": self.get_num_video_tokens(self.get_intp_config().frame_limit)}
+
+
+class VideoLlavaDummyInputsBuilder(BaseDummyInputsBuilder[VideoLlavaProcessingInfo]):
+    def get_dummy_text(self, mm_counts: Mapping[str, int]) -> str:
+        return VIDEO_PLACEHOLDER * mm_counts.get("video", 0)
+
+    def get_dummy_mm_data(self, seq_len: int, mm_counts: Mapping[str, int], mm_options: MultiModalDummyOptions):
+        size = self.info.get_hf_config().vision_config.image_size
+        return {
+            "video": self._get_dummy_videos(
+                width=size,
+                height=size,
+                num_frames=self.info.get_intp_config().frame_limit,
+                num_videos=mm_counts.get("video", 0),
+                overrides=mm_options.get("video") if mm_options else None,
+            )
+        }
+
+
+def select_frames(num_frames: int, requested: int, encoder_frames: int) -> np.ndarray:
+    """Indices into a video of `num_frames` frames: sample down to `requested`, pad to a multiple of N."""
+    sampled = uniform_frame_indices(num_frames, requested)
+    return sampled[pad_frame_indices(len(sampled), encoder_frames)]
+
+
+class VideoLlavaMultiModalProcessor(BaseMultiModalProcessor[VideoLlavaProcessingInfo]):
+    def _requested_frames(self, hf_kwargs: Mapping[str, object]) -> int:
+        intp = self.info.get_intp_config()
+        requested = hf_kwargs.get(REQUEST_FRAMES_KWARG, intp.frames)
+        if isinstance(requested, bool) or not isinstance(requested, int) or not 1 <= requested <= intp.frame_limit:
+            raise ValueError(
+                f"mm_processor_kwargs.{REQUEST_FRAMES_KWARG}={requested!r}: expected an integer "
+                f"from 1 to {intp.frame_limit} (intp.max_frames)"
+            )
+        return requested
+
+    def _call_hf_processor(self, hf_data: Mapping[str, object], hf_kwargs: Mapping[str, object]) -> BatchFeature:
+        unknown = sorted(set(hf_kwargs) - {REQUEST_FRAMES_KWARG})
+        if unknown:
+            raise ValueError(f"unknown mm_processor_kwargs {unknown}; allowed: [{REQUEST_FRAMES_KWARG!r}]")
+        requested = self._requested_frames(hf_kwargs)
+        encoder_frames = self.info.get_intp_config().encoder_frames
+        preprocess = self.info.get_preprocess_config()
+        pixel_values = []
+        for i, video in enumerate(hf_data.get("videos", [])):
+            frames = as_frames(video, name=f"video {i}")
+            chosen = frames[select_frames(len(frames), requested, encoder_frames)]
+            pixel_values.append(torch.from_numpy(preprocess_frames(chosen, preprocess)))
+        return BatchFeature({"pixel_values_videos": pixel_values})
+
+    def _hf_processor_applies_updates(self, *args, **kwargs) -> bool:
+        return False
+
+    def _get_mm_fields_config(
+        self, hf_inputs: BatchFeature, hf_processor_mm_kwargs: Mapping[str, object]
+    ) -> Mapping[str, MultiModalFieldConfig]:
+        return {"pixel_values_videos": MultiModalFieldConfig.batched("video")}
+
+    def _get_prompt_updates(
+        self,
+        mm_items: MultiModalDataItems,
+        hf_processor_mm_kwargs: Mapping[str, object],
+        out_mm_kwargs: MultiModalKwargsItems,
+    ) -> Sequence[PromptUpdate]:
+        video_token_id = self.info.get_hf_config().video_token_index
+        per_frame = self.info.get_tokens_per_frame()
+
+        def replacement(item_idx: int) -> list[int]:
+            pixels = out_mm_kwargs["video"][item_idx]["pixel_values_videos"].data
+            return [video_token_id] * (pixels.shape[0] * per_frame)
+
+        return [PromptReplacement(modality="video", target=[video_token_id], replacement=replacement)]
+
+
+class VideoLlavaProjector(nn.Module):
+    """Linear -> GELU -> Linear, named as in the HF checkpoint."""
+
+    def __init__(self, vision_hidden: int, text_hidden: int, act: str, bias: bool):
+        super().__init__()
+        self.linear_1 = nn.Linear(vision_hidden, text_hidden, bias=bias)
+        self.act = get_act_fn(act)
+        self.linear_2 = nn.Linear(text_hidden, text_hidden, bias=bias)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.linear_2(self.act(self.linear_1(features)))
+
+
+@MULTIMODAL_REGISTRY.register_processor(
+    VideoLlavaMultiModalProcessor,
+    info=VideoLlavaProcessingInfo,
+    dummy_inputs=VideoLlavaDummyInputsBuilder,
+)
+class VideoLlavaForConditionalGeneration(nn.Module, SupportsMultiModal, SupportsPP):
+    """Serves unchanged HF Video-LLaVA checkpoints (`LanguageBind/Video-LLaVA-7B-hf` layout)."""
+
+    packed_modules_mapping = {
+        "qkv_proj": ["q_proj", "k_proj", "v_proj"],
+        "gate_up_proj": ["gate_proj", "up_proj"],
+    }
+
+    hf_to_vllm_mapper = WeightsMapper(
+        orig_to_new_regex={
+            # transformers >= 5 drops `vision_model.` when saving; hub files keep it.
+            re.compile(r"^(model\.)?video_tower\.(?!vision_model\.)"): "video_tower.vision_model.",
+            re.compile(r"^model\.video_tower\.vision_model\."): "video_tower.vision_model.",
+            # in-memory transformers names (model.language_model.*, lm_head.*)
+            re.compile(r"^model\.language_model\."): "language_model.model.",
+            re.compile(r"^lm_head\."): "language_model.lm_head.",
+            re.compile(r"^model\.multi_modal_projector\."): "multi_modal_projector.",
+        }
+    )
+
+    @classmethod
+    def get_placeholder_str(cls, modality: str, i: int) -> str | None:
+        if modality.startswith("video"):
+            return VIDEO_PLACEHOLDER
+        raise ValueError(f"modality {modality!r} is not served; Video-LLaVA here takes 'video' only")
+
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
+        super().__init__()
+        config = vllm_config.model_config.hf_config
+        self.config = config
+        self.intp = IntpConfig.from_hf_config(config)
+        self.tokens_per_frame = tokens_per_frame(config.vision_config)
+        vision = config.vision_config
+        if not isinstance(config.vision_feature_layer, int):
+            raise ValueError(
+                f"vision_feature_layer {config.vision_feature_layer!r}: only a single layer index is supported"
+            )
+        with self._mark_tower_model(vllm_config, "video"):
+            self.video_tower = CLIPVisionModel(
+                vision,
+                quant_config=vllm_config.quant_config,
+                num_hidden_layers_override=get_layer_index(config.vision_feature_layer, vision.num_hidden_layers),
+                require_post_norm=False,
+                prefix=maybe_prefix(prefix, "video_tower"),
+            )
+            self.multi_modal_projector = VideoLlavaProjector(
+                vision.hidden_size,
+                config.text_config.hidden_size,
+                config.projector_hidden_act,
+                getattr(config, "multimodal_projector_bias", True),
+            )
+        with self._mark_language_model(vllm_config):
+            self.language_model = init_vllm_registered_model(
+                vllm_config=vllm_config,
+                hf_config=config.text_config,
+                prefix=maybe_prefix(prefix, "language_model"),
+            )
+        self.make_empty_intermediate_tensors = self.language_model.model.make_empty_intermediate_tensors
+
+    def encode_clips(self, clips: torch.Tensor) -> torch.Tensor:
+        """Frozen tower + projector on clips (K, N, 3, H, W) -> (K, N, tokens_per_frame, hidden).
+
+        The HF Video-LLaVA tower sees each frame on its own, so all K*N frames go through
+        in one batch; a tower that mixes frames would see each N-frame clip as one video.
+        """
+        num_clips, clip_len = clips.shape[:2]
+        features = self.video_tower(clips.flatten(0, 1).to(self.video_tower.dtype))
+        embeds = self.multi_modal_projector(features)
+        return embeds.view(num_clips, clip_len, *embeds.shape[1:])
+
+    def embed_video(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(F, 3, H, W) with F a multiple of N -> (F * tokens_per_frame, hidden) in frame-time order."""
+        groups = GROUPINGS[self.intp.grouping](pixels.shape[0], self.intp.encoder_frames)
+        embeds = self.encode_clips(pixels[torch.from_numpy(groups.ravel())].unflatten(0, groups.shape))
+        order = torch.from_numpy(token_permutation(groups, self.tokens_per_frame)).to(embeds.device)
+        return embeds.flatten(0, 2)[order]
+
+    def embed_multimodal(self, **kwargs: object) -> MultiModalEmbeddings:
+        videos = kwargs.get("pixel_values_videos")
+        if videos is None:
+            return []
+        return [self.embed_video(video) for video in videos]
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None,
+        positions: torch.Tensor,
+        intermediate_tensors: IntermediateTensors | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        **kwargs: object,
+    ) -> torch.Tensor | IntermediateTensors:
+        if intermediate_tensors is not None:
+            inputs_embeds = None
+        return self.language_model.model(input_ids, positions, intermediate_tensors, inputs_embeds=inputs_embeds)
+
+    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
+        return self.language_model.compute_logits(hidden_states)
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        loader = AutoWeightsLoader(self, ignore_unexpected_prefixes=["image_tower.", "model.image_tower."])
+        return loader.load_weights(weights, mapper=self.hf_to_vllm_mapper)

@@ -1,0 +1,53 @@
+"""vLLM plugin entry point (`vllm.general_plugins`): runs in every vLLM process.
+
+vLLM starts its engine and workers with `spawn`, so registration has to come from the
+installed entry point, not from user code. It must stay cheap (the model module is
+imported lazily by vLLM) and idempotent (vLLM may call it more than once).
+"""
+
+from __future__ import annotations
+
+import logging
+
+ARCHITECTURE = "VideoLlavaForConditionalGeneration"
+MODEL_CLASS = "intp_vllm.model:VideoLlavaForConditionalGeneration"
+
+logger = logging.getLogger("intp_vllm")
+
+
+class VideoLlavaConfigHook:
+    """Per-architecture config hook (vLLM's MODELS_CONFIG_MAP): validate `intp`, size max_model_len."""
+
+    @staticmethod
+    def verify_and_update_config(vllm_config) -> None:
+        return
+
+    @staticmethod
+    def verify_and_update_model_config(model_config) -> None:
+        from .config import IntpConfig, TEXT_MARGIN_TOKENS
+        from .model import tokens_per_frame
+        from .rearrange import padded_frame_count
+
+        hf_config = model_config.hf_config
+        intp = IntpConfig.from_hf_config(hf_config)
+        video_tokens = padded_frame_count(intp.frame_limit, intp.encoder_frames) * tokens_per_frame(
+            hf_config.vision_config
+        )
+        needed = video_tokens + TEXT_MARGIN_TOKENS
+        if model_config.original_max_model_len is None and model_config.max_model_len < needed:
+            model_config.max_model_len = needed
+        logger.info(
+            "intp_vllm: %s; up to %d video tokens a request, max_model_len %d",
+            intp.as_dict(),
+            video_tokens,
+            model_config.max_model_len,
+        )
+
+
+def register() -> None:
+    from vllm import ModelRegistry
+    from vllm.model_executor.models.config import MODELS_CONFIG_MAP
+
+    MODELS_CONFIG_MAP[ARCHITECTURE] = VideoLlavaConfigHook
+    if ARCHITECTURE not in ModelRegistry.get_supported_archs():
+        ModelRegistry.register_model(ARCHITECTURE, MODEL_CLASS)

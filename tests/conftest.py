@@ -1,0 +1,57 @@
+"""Shared fixtures: tiny checkpoints and vLLM engines are built once per test session.
+
+An engine takes 20-40 s to start on this CPU, so tests share them; each is sized
+explicitly (the CPU backend would otherwise measure NUMA node 0 and grab most of RAM).
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+
+import pytest
+
+# Lets tests send a function to the spawned workers (collective_rpc) to inspect them.
+os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
+
+ENGINE_KV_BYTES = 256 << 20
+
+
+def make_llm(model_dir, **kwargs):
+    """A float32, eager, small-footprint engine for tests."""
+    from vllm import LLM
+
+    options = dict(
+        model=str(model_dir),
+        dtype="float32",
+        enforce_eager=True,
+        kv_cache_memory_bytes=ENGINE_KV_BYTES,
+        max_num_seqs=8,
+        seed=0,
+        limit_mm_per_prompt={"video": 1},
+    )
+    options.update(kwargs)
+    return LLM(**options)
+
+
+def shutdown_llm(llm) -> None:
+    llm.llm_engine.engine_core.shutdown()
+    del llm
+    gc.collect()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    from intp_vllm.tiny_model import make_tiny_model
+
+    return make_tiny_model(tmp_path_factory.mktemp("tiny-video-llava"))
+
+
+@pytest.fixture(scope="session")
+def tiny_llm(tiny_model_dir, tmp_path_factory):
+    """The plain 8-frame engine (no INTP) with file:// access to a temp directory."""
+    media_dir = tmp_path_factory.mktemp("media")
+    llm = make_llm(tiny_model_dir, allowed_local_media_path=str(media_dir))
+    llm.media_dir = media_dir
+    yield llm
+    shutdown_llm(llm)

@@ -1,0 +1,58 @@
+"""HF transformers Video-LLaVA as the numeric reference for parity tests."""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import torch
+
+
+@functools.lru_cache(maxsize=4)
+def load_hf_model(model_dir: str, rope_parameters_json: str | None = None):
+    """The HF model in float32; optionally with other `rope_parameters` (JSON) on its Llama."""
+    import json
+
+    from transformers import AutoConfig, VideoLlavaForConditionalGeneration
+
+    config = AutoConfig.from_pretrained(model_dir)
+    if rope_parameters_json is not None:
+        config.text_config.rope_parameters = json.loads(rope_parameters_json)
+        config.text_config.max_position_embeddings = max(config.text_config.max_position_embeddings, 16384)
+    model = VideoLlavaForConditionalGeneration.from_pretrained(model_dir, config=config, dtype=torch.float32)
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = 0
+    return model.eval()
+
+
+def hf_pixel_values(frames: np.ndarray, image_size: int) -> torch.Tensor:
+    """Frames (T, H, W, 3) through HF's CLIPImageProcessor (PIL) -> (1, T, 3, S, S)."""
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    processor = CLIPImageProcessorPil(size={"shortest_edge": image_size},
+                                      crop_size={"height": image_size, "width": image_size})
+    pixels = processor(images=list(frames), return_tensors="np")["pixel_values"]
+    return torch.from_numpy(pixels)[None]
+
+
+def hf_generate(model, prompt_ids: list[int], pixel_values: torch.Tensor, max_new_tokens: int):
+    """Greedy new tokens and the log-probability of every prompt token after the first."""
+    input_ids = torch.tensor([prompt_ids])
+    with torch.no_grad():
+        logits = model(input_ids=input_ids, pixel_values_videos=pixel_values).logits[0]
+        logprobs = torch.log_softmax(logits.float(), dim=-1)
+        prompt_logprobs = logprobs[:-1].gather(1, input_ids[0, 1:, None])[:, 0]
+        generated = model.generate(
+            input_ids=input_ids,
+            pixel_values_videos=pixel_values,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+        )
+    return generated[0, len(prompt_ids):].tolist(), prompt_logprobs.numpy()
+
+
+def vllm_prompt_logprobs(output) -> np.ndarray:
+    """vLLM's prompt_logprobs (first entry None) as an array aligned with `hf_generate`'s."""
+    return np.array(
+        [entry[token].logprob for entry, token in zip(output.prompt_logprobs[1:], output.prompt_token_ids[1:])]
+    )
