@@ -22,16 +22,20 @@ def _add_make_tiny_model(sub) -> None:
     p.add_argument("--frames", type=int, default=defaults.frames, help="encoder window N recorded in the config")
     p.add_argument("--image-size", type=int, default=defaults.image_size, help="CLIP input size in pixels")
     p.add_argument("--patch-size", type=int, default=defaults.patch_size)
-    p.add_argument("--vision-layers", type=int, default=defaults.vision_layers)
-    p.add_argument("--text-layers", type=int, default=defaults.text_layers)
+    p.add_argument("--vision-layers", type=int, default=None,
+                   help=f"CLIP layers (default {defaults.vision_layers}; 2 with --real-shape)")
+    p.add_argument("--text-layers", type=int, default=None,
+                   help=f"Llama layers (default {defaults.text_layers}; 1 with --real-shape)")
     p.add_argument("--text-hidden", type=int, default=defaults.text_hidden)
     p.add_argument("--max-position-embeddings", type=int, default=defaults.max_position_embeddings,
                    help="the LM's trained context L")
     p.add_argument("--weight-std", type=float, default=defaults.weight_std)
     p.add_argument("--seed", type=int, default=defaults.seed)
     p.add_argument("--real-shape", action="store_true",
-                   help="Video-LLaVA-7B shapes (Vicuna-7B, CLIP ViT-L/14 at 224, vocab 32064) with few layers; "
-                   "--text-layers/--vision-layers still apply (defaults 1 and 2)")
+                   help="Video-LLaVA-7B shapes (Vicuna-7B, CLIP ViT-L/14 at 224, vocab 32064, weight std 0.02) "
+                   "with few layers, tensors named as in the hub files (video_tower.vision_model.*)")
+    p.add_argument("--hub-names", action="store_true",
+                   help="name tensors as the hub files do (implied by --real-shape)")
 
 
 def _run_make_tiny_model(args) -> None:
@@ -39,25 +43,21 @@ def _run_make_tiny_model(args) -> None:
 
     from .tiny_model import TinyModelSpec, make_tiny_model, real_shape_spec
 
+    layers = {k: v for k, v in (("text_layers", args.text_layers), ("vision_layers", args.vision_layers)) if v}
     if args.real_shape:
-        spec = real_shape_spec(
-            text_layers=args.text_layers if args.text_layers != TinyModelSpec.text_layers else 1,
-            vision_layers=args.vision_layers,
-        )
-        spec = replace(spec, frames=args.frames, seed=args.seed)
+        spec = replace(real_shape_spec(**layers), frames=args.frames, seed=args.seed)
     else:
-        spec = TinyModelSpec(
+        spec = replace(
+            TinyModelSpec(**layers),
             frames=args.frames,
             image_size=args.image_size,
             patch_size=args.patch_size,
-            vision_layers=args.vision_layers,
-            text_layers=args.text_layers,
             text_hidden=args.text_hidden,
             max_position_embeddings=args.max_position_embeddings,
             weight_std=args.weight_std,
             seed=args.seed,
         )
-    path = make_tiny_model(args.dir, spec)
+    path = make_tiny_model(args.dir, spec, hub_names=args.hub_names or args.real_shape)
     print(f"wrote {path}")
 
 

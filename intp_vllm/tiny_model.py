@@ -9,6 +9,7 @@ frame order would pass a parity test unnoticed.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -175,8 +176,36 @@ def write_preprocessor_config(path: Path, spec: TinyModelSpec) -> None:
     (path / "preprocessor_config.json").write_text(json.dumps(cfg, indent=2))
 
 
-def make_tiny_model(path: str | Path, spec: TinyModelSpec = TinyModelSpec()) -> Path:
-    """Write config, safetensors, tokenizer, chat template and preprocessor config to `path`."""
+_TOWER_WITHOUT_VISION_MODEL = re.compile(r"^(video|image)_tower\.(?!vision_model\.)")
+
+
+def _hub_name(name: str) -> str:
+    return _TOWER_WITHOUT_VISION_MODEL.sub(r"\1_tower.vision_model.", name)
+
+
+def rename_to_hub_layout(path: Path) -> None:
+    """Rename tensors as the hub's Video-LLaVA-7B-hf files have them (`video_tower.vision_model.*`).
+
+    transformers >= 5 drops `vision_model.` when it saves; real checkpoints keep it.
+    """
+    from safetensors.torch import load_file, save_file
+
+    for file in sorted(path.glob("*.safetensors")):
+        tensors = load_file(file)
+        renamed = {_hub_name(name): tensor for name, tensor in tensors.items()}
+        save_file(renamed, file, metadata={"format": "pt"})
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        data = json.loads(index.read_text())
+        data["weight_map"] = {_hub_name(name): shard for name, shard in data["weight_map"].items()}
+        index.write_text(json.dumps(data, indent=2))
+
+
+def make_tiny_model(path: str | Path, spec: TinyModelSpec = TinyModelSpec(), hub_names: bool = False) -> Path:
+    """Write config, safetensors, tokenizer, chat template and preprocessor config to `path`.
+
+    `hub_names` writes tensor names as the published checkpoints have them.
+    """
     import torch
     from transformers import VideoLlavaForConditionalGeneration
 
@@ -193,6 +222,8 @@ def make_tiny_model(path: str | Path, spec: TinyModelSpec = TinyModelSpec()) -> 
             else:
                 param.normal_(0.0, spec.weight_std)
     model.save_pretrained(path)
+    if hub_names:
+        rename_to_hub_layout(path)
     tokenizer.save_pretrained(path)
     write_preprocessor_config(path, spec)
     return path
