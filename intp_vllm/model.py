@@ -13,6 +13,7 @@ frame-time order.
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Iterable, Mapping, Sequence
 
@@ -46,9 +47,13 @@ from vllm.multimodal.processing import (
 from vllm.sequence import IntermediateTensors
 
 from .config import IntpConfig
+from .llm_rope import engine_factor, install_scaled_rope
 from .preprocess import ClipPreprocessConfig, preprocess_frames
-from .rearrange import GROUPINGS, pad_frame_indices, token_permutation, uniform_frame_indices
+from .grouped_encoding import encode_in_groups
+from .rearrange import pad_frame_indices, padded_frame_count, uniform_frame_indices
 from .video_io import as_frames
+
+logger = logging.getLogger("intp_vllm")
 
 VIDEO_PLACEHOLDER = "<video>"
 REQUEST_FRAMES_KWARG = "frames"
@@ -236,6 +241,17 @@ class VideoLlavaForConditionalGeneration(nn.Module, SupportsMultiModal, Supports
                 prefix=maybe_prefix(prefix, "language_model"),
             )
         self.make_empty_intermediate_tensors = self.language_model.model.make_empty_intermediate_tensors
+        longest_video = padded_frame_count(self.intp.frame_limit, self.intp.encoder_frames) * self.tokens_per_frame
+        self.rope_factor = engine_factor(self.intp, config.text_config.max_position_embeddings, longest_video)
+        self.rope = install_scaled_rope(
+            self.language_model,
+            config.text_config,
+            self.intp,
+            self.rope_factor,
+            vllm_config.model_config.max_model_len,
+            vllm_config.model_config.dtype,
+        )
+        logger.info("intp_vllm: language model RoPE %s", self.rope.extra_repr())
 
     def encode_clips(self, clips: torch.Tensor) -> torch.Tensor:
         """Frozen tower + projector on clips (K, N, 3, H, W) -> (K, N, tokens_per_frame, hidden).
@@ -250,10 +266,7 @@ class VideoLlavaForConditionalGeneration(nn.Module, SupportsMultiModal, Supports
 
     def embed_video(self, pixels: torch.Tensor) -> torch.Tensor:
         """(F, 3, H, W) with F a multiple of N -> (F * tokens_per_frame, hidden) in frame-time order."""
-        groups = GROUPINGS[self.intp.grouping](pixels.shape[0], self.intp.encoder_frames)
-        embeds = self.encode_clips(pixels[torch.from_numpy(groups.ravel())].unflatten(0, groups.shape))
-        order = torch.from_numpy(token_permutation(groups, self.tokens_per_frame)).to(embeds.device)
-        return embeds.flatten(0, 2)[order]
+        return encode_in_groups(pixels, self.encode_clips, self.intp.encoder_frames, self.intp.grouping)
 
     def embed_multimodal(self, **kwargs: object) -> MultiModalEmbeddings:
         videos = kwargs.get("pixel_values_videos")

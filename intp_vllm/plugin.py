@@ -36,6 +36,10 @@ class VideoLlavaConfigHook:
         needed = video_tokens + TEXT_MARGIN_TOKENS
         if model_config.original_max_model_len is None and model_config.max_model_len < needed:
             model_config.max_model_len = needed
+        if model_config.multimodal_config is not None:
+            # Files and URLs are decoded at `frames` frames unless the operator says otherwise.
+            video_io = model_config.multimodal_config.media_io_kwargs.setdefault("video", {})
+            video_io.setdefault("num_frames", intp.frames)
         logger.info(
             "intp_vllm: %s; up to %d video tokens a request, max_model_len %d",
             intp.as_dict(),

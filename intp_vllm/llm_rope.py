@@ -1,0 +1,83 @@
+"""Put the INTP-scaled rotary embedding into vLLM's Llama.
+
+vLLM's own `ntk`/`dynamic` ropes keep a cos/sin table of the trained length while
+allowing a longer max_model_len (IndexError past it), and a custom `rope_type` is
+rejected by `get_rope`. So the checkpoint's `rope_parameters` stay untouched and the
+model swaps its Llama's rotary module after building it: one shared module whose
+table covers every position up to max_model_len, computed from `rope_scaling`'s inv_freq
+and attention factor. The rotation itself is vLLM's op (C++ on CPU, CUDA on GPU).
+"""
+
+from __future__ import annotations
+
+import torch
+from vllm.model_executor.layers.rotary_embedding import RotaryEmbedding
+
+from .config import TEXT_MARGIN_TOKENS, IntpConfig
+from .rope_scaling import auto_factor, rope_inv_freq
+
+
+class ScaledRotaryEmbedding(RotaryEmbedding):
+    """vLLM's rotary embedding over a table built for one RoPE scaling type and factor."""
+
+    def __init__(self, *, head_size: int, rotary_dim: int, max_position: int, base: float, dtype: torch.dtype,
+                 rope_type: str, factor: float, original_max_position: int, is_neox_style: bool = True):
+        self.rope_type = rope_type
+        self.factor = factor
+        self.original_max_position = original_max_position
+        super().__init__(head_size, rotary_dim, max_position, base, is_neox_style, dtype)
+
+    def _compute_cos_sin_cache(self) -> torch.Tensor:
+        inv_freq, attention_factor = rope_inv_freq(
+            self.rope_type,
+            base=self.base,
+            rotary_dim=self.rotary_dim,
+            factor=self.factor,
+            original_max_position=self.original_max_position,
+        )
+        positions = torch.arange(self.max_position_embeddings, dtype=torch.float)
+        freqs = torch.outer(positions, inv_freq.to(positions.device))
+        return torch.cat((freqs.cos() * attention_factor, freqs.sin() * attention_factor), dim=-1)
+
+    def extra_repr(self) -> str:
+        return (f"rope_type={self.rope_type}, factor={self.factor:g}, base={self.base:g}, "
+                f"rotary_dim={self.rotary_dim}, positions={self.max_position_embeddings}")
+
+
+def engine_factor(intp: IntpConfig, trained_context: int, longest_request_tokens: int) -> float:
+    """The scale the engine runs at: the configured number, or "auto" sized for the longest request."""
+    if intp.factor == "auto":
+        return auto_factor(longest_request_tokens + TEXT_MARGIN_TOKENS, trained_context)
+    return float(intp.factor)
+
+
+def install_scaled_rope(language_model, text_config, intp: IntpConfig, factor: float, max_model_len: int,
+                        dtype: torch.dtype) -> ScaledRotaryEmbedding:
+    """Replace the rotary module of every attention layer of vLLM's Llama; returns the module."""
+    checkpoint_rope = text_config.rope_parameters.get("rope_type", "default")
+    if checkpoint_rope != "default":
+        raise ValueError(
+            f"the checkpoint's text_config.rope_parameters has rope_type {checkpoint_rope!r}; intp_vllm scales "
+            "plain RoPE only (rope_type 'default'): set the scaling with intp.rope_type instead"
+        )
+    head_size = getattr(text_config, "head_dim", None) or text_config.hidden_size // text_config.num_attention_heads
+    rotary_dim = int(head_size * getattr(text_config, "partial_rotary_factor", 1.0))
+    rope = ScaledRotaryEmbedding(
+        head_size=head_size,
+        rotary_dim=rotary_dim,
+        max_position=max_model_len,
+        base=float(text_config.rope_parameters["rope_theta"]),
+        dtype=dtype,
+        rope_type=intp.rope_type,
+        factor=factor,
+        original_max_position=text_config.max_position_embeddings,
+    )
+    replaced = 0
+    for layer in language_model.model.layers:
+        attention = getattr(layer, "self_attn", None)
+        if attention is not None:
+            attention.rotary_emb = rope
+            replaced += 1
+    if replaced == 0:
+        raise RuntimeError("found no attention layer with a rotary embedding in the language model")
+    return rope

@@ -1,0 +1,55 @@
+"""The `intp` section: defaults from the checkpoint, errors that list what is allowed."""
+
+from __future__ import annotations
+
+import pytest
+from transformers import AutoConfig
+
+from intp_vllm.config import IntpConfig
+
+
+@pytest.fixture(scope="module")
+def hf_config(tiny_model_dir):
+    return AutoConfig.from_pretrained(tiny_model_dir)
+
+
+def with_intp(hf_config, section):
+    hf_config.intp = section
+    return hf_config
+
+
+def test_defaults_follow_the_checkpoint(hf_config):
+    intp = IntpConfig.from_hf_config(with_intp(hf_config, None))
+    assert (intp.frames, intp.encoder_frames, intp.rope_type, intp.factor) == (8, 8, "yarn", "auto")
+    assert intp.frame_limit == 8
+
+
+def test_settings_are_read(hf_config):
+    intp = IntpConfig.from_hf_config(with_intp(hf_config, {"frames": 64, "rope_type": "ntk", "factor": 4,
+                                                           "max_frames": 128}))
+    assert (intp.frames, intp.rope_type, intp.factor, intp.frame_limit) == (64, "ntk", 4, 128)
+
+
+@pytest.mark.parametrize(
+    "section, message",
+    [
+        ({"frame": 32}, r"unknown intp key\(s\) \['frame'\]; allowed: \['encoder_frames', 'factor', 'frames'"),
+        ({"rope_type": "ntk-aware"}, "rope_type 'ntk-aware' is not one of none, linear, ntk, yarn, dynamic"),
+        ({"factor": 0.5}, 'intp.factor must be a number >= 1 or "auto", got 0.5'),
+        ({"factor": "big"}, 'intp.factor must be a number >= 1 or "auto", got \'big\''),
+        ({"frames": 0}, "intp.frames must be a positive integer, got 0"),
+        ({"grouping": "random"}, "grouping 'random' is not one of interleaved, consecutive"),
+        ({"frames": 64, "max_frames": 32}, r"intp.max_frames \(32\) must be at least intp.frames \(64\)"),
+        ("yes", "intp must be a mapping"),
+    ],
+)
+def test_bad_settings_name_what_is_allowed(hf_config, section, message):
+    with pytest.raises(ValueError, match=message):
+        IntpConfig.from_hf_config(with_intp(hf_config, section))
+
+
+def test_bad_settings_fail_at_engine_start(tiny_model_dir):
+    from conftest import make_llm
+
+    with pytest.raises(ValueError, match=r"unknown intp key\(s\) \['frame'\]"):
+        make_llm(tiny_model_dir, hf_overrides={"intp": {"frame": 32}})

@@ -1,0 +1,97 @@
+"""INTP through the real engine: 32 frames against an HF reference with the same RoPE; 8-128 frames."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from vllm import SamplingParams
+
+from conftest import make_llm, shutdown_llm
+from hf_reference import hf_generate, hf_pixel_values, load_hf_model, vllm_prompt_logprobs
+from intp_vllm.rope_scaling import hf_rope_parameters
+from intp_vllm.synthetic import moving_shapes_video
+from intp_vllm.tiny_model import TinyModelSpec, make_tiny_model
+from intp_vllm.video_io import write_video
+
+TRAINED_CONTEXT = 192  # 8 frames x 17 tokens + the question fit; 32 frames do not
+FACTOR = 4.0
+PROMPT = "USER: <video>\nWhich colour came first? ASSISTANT:"
+NEW_TOKENS = 16
+TOKENS_PER_FRAME = 17
+
+
+def greedy(max_tokens: int = NEW_TOKENS, prompt_logprobs: int | None = 0) -> SamplingParams:
+    return SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True, prompt_logprobs=prompt_logprobs)
+
+
+@pytest.fixture(scope="module")
+def short_context_dir(tmp_path_factory):
+    spec = TinyModelSpec(max_position_embeddings=TRAINED_CONTEXT, seed=3)
+    return make_tiny_model(tmp_path_factory.mktemp("short-context"), spec)
+
+
+@pytest.fixture(scope="module")
+def video32():
+    return moving_shapes_video(num_frames=32, height=64, width=80, seed=5)
+
+
+def hf_reference(model_dir, rope_type: str, factor: float):
+    params = hf_rope_parameters(rope_type, base=10000.0, rotary_dim=32, factor=factor,
+                                original_max_position=TRAINED_CONTEXT)
+    return load_hf_model(str(model_dir), json.dumps(params))
+
+
+@pytest.mark.parametrize("rope_type", ["ntk", "linear", "yarn"])
+def test_32_frames_match_hf_with_same_scaled_rope(short_context_dir, video32, rope_type):
+    llm = make_llm(short_context_dir, hf_overrides={"intp": {"frames": 32, "rope_type": rope_type, "factor": FACTOR}})
+    try:
+        output = llm.generate({"prompt": PROMPT, "multi_modal_data": {"video": video32}}, greedy(), use_tqdm=False)[0]
+    finally:
+        shutdown_llm(llm)
+    assert len(output.prompt_token_ids) > TRAINED_CONTEXT  # the scaled positions are really used
+    pixels = hf_pixel_values(video32, 56)  # frames in time order: the tower is per-frame
+    tokens, logprobs = hf_generate(hf_reference(short_context_dir, rope_type, FACTOR), output.prompt_token_ids,
+                                   pixels, NEW_TOKENS)
+    assert list(output.outputs[0].token_ids) == tokens
+    np.testing.assert_allclose(vllm_prompt_logprobs(output), logprobs, atol=2e-3, rtol=0)
+
+    # Negative control: the reference at another factor must disagree.
+    wrong, _ = hf_generate(hf_reference(short_context_dir, rope_type, FACTOR / 2), output.prompt_token_ids,
+                           pixels, NEW_TOKENS)
+    assert wrong != tokens
+
+
+@pytest.fixture(scope="module")
+def long_llm(short_context_dir, tmp_path_factory):
+    media_dir = tmp_path_factory.mktemp("long-media")
+    llm = make_llm(short_context_dir, allowed_local_media_path=str(media_dir),
+                   hf_overrides={"intp": {"frames": 128, "rope_type": "yarn"}})
+    llm.media_dir = media_dir
+    yield llm
+    shutdown_llm(llm)
+
+
+@pytest.mark.parametrize("frames", [8, 16, 32, 64, 128])
+def test_frame_counts_run_as_arrays_and_files(long_llm, frames):
+    video = moving_shapes_video(num_frames=frames, height=48, width=64, seed=frames)
+    path = write_video(long_llm.media_dir / f"v{frames}.mp4", video)
+    from_array = long_llm.generate({"prompt": PROMPT, "multi_modal_data": {"video": video}},
+                                   greedy(4, None), use_tqdm=False)[0]
+    messages = [{"role": "user", "content": [{"type": "video_url", "video_url": {"url": f"file://{path}"}},
+                                             {"type": "text", "text": "Which colour came first?"}]}]
+    from_file = long_llm.chat(messages, greedy(4, None), use_tqdm=False)[0]
+    video_token = long_llm.llm_engine.model_config.hf_config.video_token_index
+    for output in (from_array, from_file):
+        assert output.prompt_token_ids.count(video_token) == frames * TOKENS_PER_FRAME
+        assert len(output.outputs[0].token_ids) == 4
+
+
+def test_longer_file_is_sampled_down_to_configured_frames(long_llm):
+    path = write_video(long_llm.media_dir / "long.mp4", moving_shapes_video(num_frames=300, height=32, width=32))
+    messages = [{"role": "user", "content": [{"type": "video_url", "video_url": {"url": f"file://{path}"}},
+                                             {"type": "text", "text": "What happened?"}]}]
+    output = long_llm.chat(messages, greedy(2, None), use_tqdm=False)[0]
+    video_token = long_llm.llm_engine.model_config.hf_config.video_token_index
+    assert output.prompt_token_ids.count(video_token) == 128 * TOKENS_PER_FRAME
