@@ -43,6 +43,11 @@ class IntpConfig:
                 raise ValueError(f'intp.factor must be a number >= 1 or "auto", got {self.factor!r}')
             if not math.isfinite(self.factor) or self.factor < 1:
                 raise ValueError(f'intp.factor must be a number >= 1 or "auto", got {self.factor!r}')
+        if self.rope_type == "dynamic" and self.factor != "auto":
+            raise ValueError(
+                f'intp.rope_type "dynamic" takes its scale from each request\'s length; set intp.factor to "auto", '
+                f"not {self.factor!r} (or use rope_type \"ntk\" for a fixed scale)"
+            )
         if self.max_frames is not None and self.max_frames < self.frames:
             raise ValueError(
                 f"intp.max_frames ({self.max_frames}) must be at least intp.frames ({self.frames})"

@@ -41,6 +41,7 @@ def test_settings_are_read(hf_config):
         ({"grouping": "random"}, "grouping 'random' is not one of interleaved, consecutive"),
         ({"frames": 64, "max_frames": 32}, r"intp.max_frames \(32\) must be at least intp.frames \(64\)"),
         ("yes", "intp must be a mapping"),
+        ({"rope_type": "dynamic", "factor": 2}, 'takes its scale from each request.s length; set intp.factor to "auto"'),
     ],
 )
 def test_bad_settings_name_what_is_allowed(hf_config, section, message):
