@@ -13,8 +13,10 @@ from __future__ import annotations
 import torch
 from vllm.model_executor.layers.rotary_embedding import RotaryEmbedding
 
-from .config import TEXT_MARGIN_TOKENS, IntpConfig
-from .rope_scaling import auto_factor, rope_inv_freq
+from .config import IntpConfig
+from .request_scale import decode_positions
+from .rope_scaling import rope_inv_freq
+from .rotary import apply_scaled_rotary
 
 
 class ScaledRotaryEmbedding(RotaryEmbedding):
@@ -44,34 +46,67 @@ class ScaledRotaryEmbedding(RotaryEmbedding):
                 f"rotary_dim={self.rotary_dim}, positions={self.max_position_embeddings}")
 
 
-def engine_factor(intp: IntpConfig, trained_context: int, longest_request_tokens: int) -> float:
-    """The scale the engine runs at: the configured number, or "auto" sized for the longest request."""
-    if intp.factor == "auto":
-        return auto_factor(longest_request_tokens + TEXT_MARGIN_TOKENS, trained_context)
-    return float(intp.factor)
+class PerRequestRotaryEmbedding(torch.nn.Module):
+    """Rotates q and k with each token's own RoPE scale, read from its encoded position.
+
+    Used when `intp.factor` is "auto": requests in one batch keep their own scale (an
+    8-frame request runs at s = 1, the original model) for prefill and decode alike.
+    cos/sin are computed on the fly from (position, scale): the Triton kernel on GPU,
+    torch elsewhere (`intp_vllm.rotary`).
+    """
+
+    def __init__(self, *, head_size: int, rotary_dim: int, base: float, rope_type: str, original_max_position: int,
+                 is_neox_style: bool = True):
+        super().__init__()
+        self.head_size = head_size
+        self.rotary_dim = rotary_dim
+        self.base = base
+        self.rope_type = "ntk" if rope_type == "dynamic" else rope_type  # dynamic = NTK at the request's scale
+        self.original_max_position = original_max_position
+        self.is_neox_style = is_neox_style
+
+    def forward(self, positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor | None = None):
+        if positions.ndim == 2:  # M-RoPE layout [channels, tokens]; all channels are equal
+            positions = positions[0]
+        plain, scales = decode_positions(positions)
+        return apply_scaled_rotary(
+            plain, query, key, scales,
+            head_size=self.head_size, rotary_dim=self.rotary_dim, is_neox=self.is_neox_style,
+            rope_type=self.rope_type, base=self.base, original_max_position=self.original_max_position,
+        )
+
+    def extra_repr(self) -> str:
+        return (f"rope_type={self.rope_type}, factor=per request, base={self.base:g}, "
+                f"rotary_dim={self.rotary_dim}, trained_context={self.original_max_position}")
 
 
-def install_scaled_rope(language_model, text_config, intp: IntpConfig, factor: float, max_model_len: int,
-                        dtype: torch.dtype) -> ScaledRotaryEmbedding:
-    """Replace the rotary module of every attention layer of vLLM's Llama; returns the module."""
+def rope_geometry(text_config) -> tuple[int, int]:
+    """(head_size, rotary_dim) of the Llama."""
+    head_size = getattr(text_config, "head_dim", None) or text_config.hidden_size // text_config.num_attention_heads
+    return head_size, int(head_size * getattr(text_config, "partial_rotary_factor", 1.0))
+
+
+def install_scaled_rope(language_model, text_config, intp: IntpConfig, max_model_len: int, dtype: torch.dtype):
+    """Replace the rotary module of every attention layer of vLLM's Llama; returns the module.
+
+    A numeric `intp.factor` gets a table for that one scale; "auto" gets the per-request module.
+    """
     checkpoint_rope = text_config.rope_parameters.get("rope_type", "default")
     if checkpoint_rope != "default":
         raise ValueError(
             f"the checkpoint's text_config.rope_parameters has rope_type {checkpoint_rope!r}; intp_vllm scales "
             "plain RoPE only (rope_type 'default'): set the scaling with intp.rope_type instead"
         )
-    head_size = getattr(text_config, "head_dim", None) or text_config.hidden_size // text_config.num_attention_heads
-    rotary_dim = int(head_size * getattr(text_config, "partial_rotary_factor", 1.0))
-    rope = ScaledRotaryEmbedding(
-        head_size=head_size,
-        rotary_dim=rotary_dim,
-        max_position=max_model_len,
-        base=float(text_config.rope_parameters["rope_theta"]),
-        dtype=dtype,
-        rope_type=intp.rope_type,
-        factor=factor,
-        original_max_position=text_config.max_position_embeddings,
-    )
+    head_size, rotary_dim = rope_geometry(text_config)
+    base = float(text_config.rope_parameters["rope_theta"])
+    trained_context = text_config.max_position_embeddings
+    if intp.factor == "auto":
+        rope = PerRequestRotaryEmbedding(head_size=head_size, rotary_dim=rotary_dim, base=base,
+                                         rope_type=intp.rope_type, original_max_position=trained_context)
+    else:
+        rope = ScaledRotaryEmbedding(head_size=head_size, rotary_dim=rotary_dim, max_position=max_model_len,
+                                     base=base, dtype=dtype, rope_type=intp.rope_type, factor=float(intp.factor),
+                                     original_max_position=trained_context)
     replaced = 0
     for layer in language_model.model.layers:
         attention = getattr(layer, "self_attn", None)

@@ -26,7 +26,7 @@ from vllm.config import VllmConfig
 from vllm.config.multimodal import MultiModalDummyOptions
 from vllm.model_executor.layers.activation import get_act_fn
 from vllm.model_executor.models.clip import CLIPVisionModel
-from vllm.model_executor.models.interfaces import MultiModalEmbeddings, SupportsMultiModal, SupportsPP
+from vllm.model_executor.models.interfaces import MultiModalEmbeddings, SupportsMRoPE, SupportsMultiModal, SupportsPP
 from vllm.model_executor.models.utils import (
     AutoWeightsLoader,
     WeightsMapper,
@@ -47,10 +47,11 @@ from vllm.multimodal.processing import (
 from vllm.sequence import IntermediateTensors
 
 from .config import IntpConfig
-from .llm_rope import engine_factor, install_scaled_rope
+from .llm_rope import install_scaled_rope
 from .preprocess import ClipPreprocessConfig, preprocess_frames
 from .grouped_encoding import encode_in_groups
-from .rearrange import pad_frame_indices, padded_frame_count, uniform_frame_indices
+from .rearrange import pad_frame_indices, uniform_frame_indices
+from .request_scale import encode_positions, position_offset, request_scale_code
 from .video_io import as_frames
 
 logger = logging.getLogger("intp_vllm")
@@ -144,6 +145,17 @@ class VideoLlavaMultiModalProcessor(BaseMultiModalProcessor[VideoLlavaProcessing
     def _hf_processor_applies_updates(self, *args, **kwargs) -> bool:
         return False
 
+    def apply(self, inputs, timing_ctx):
+        """Salt the prefix cache with the request's RoPE scale: keys are cached after RoPE,
+        so blocks computed at one scale must never serve a request at another."""
+        result = super().apply(inputs, timing_ctx)
+        config = self.info.get_hf_config()
+        if self.info.get_intp_config().factor == "auto":
+            code = request_scale_code(len(result["prompt_token_ids"]), config.text_config.max_position_embeddings)
+            if code:
+                result["cache_salt"] = f"intp-rope-scale-{code}"
+        return result
+
     def _get_mm_fields_config(
         self, hf_inputs: BatchFeature, hf_processor_mm_kwargs: Mapping[str, object]
     ) -> Mapping[str, MultiModalFieldConfig]:
@@ -183,7 +195,7 @@ class VideoLlavaProjector(nn.Module):
     info=VideoLlavaProcessingInfo,
     dummy_inputs=VideoLlavaDummyInputsBuilder,
 )
-class VideoLlavaForConditionalGeneration(nn.Module, SupportsMultiModal, SupportsPP):
+class VideoLlavaForConditionalGeneration(nn.Module, SupportsMultiModal, SupportsPP, SupportsMRoPE):
     """Serves unchanged HF Video-LLaVA checkpoints (`LanguageBind/Video-LLaVA-7B-hf` layout)."""
 
     packed_modules_mapping = {
@@ -241,13 +253,10 @@ class VideoLlavaForConditionalGeneration(nn.Module, SupportsMultiModal, Supports
                 prefix=maybe_prefix(prefix, "language_model"),
             )
         self.make_empty_intermediate_tensors = self.language_model.model.make_empty_intermediate_tensors
-        longest_video = padded_frame_count(self.intp.frame_limit, self.intp.encoder_frames) * self.tokens_per_frame
-        self.rope_factor = engine_factor(self.intp, config.text_config.max_position_embeddings, longest_video)
         self.rope = install_scaled_rope(
             self.language_model,
             config.text_config,
             self.intp,
-            self.rope_factor,
             vllm_config.model_config.max_model_len,
             vllm_config.model_config.dtype,
         )
@@ -267,6 +276,18 @@ class VideoLlavaForConditionalGeneration(nn.Module, SupportsMultiModal, Supports
     def embed_video(self, pixels: torch.Tensor) -> torch.Tensor:
         """(F, 3, H, W) with F a multiple of N -> (F * tokens_per_frame, hidden) in frame-time order."""
         return encode_in_groups(pixels, self.encode_clips, self.intp.encoder_frames, self.intp.grouping)
+
+    def get_mrope_input_positions(self, input_tokens: list[int], mm_features: list) -> tuple[torch.Tensor, int]:
+        """A request's positions with its RoPE scale encoded in them (see request_scale.py).
+
+        vLLM asks this once per request at prefill; only used with intp.factor "auto".
+        Requests without video keep scale 1.
+        """
+        code = 0
+        if mm_features:
+            code = request_scale_code(len(input_tokens), self.config.text_config.max_position_embeddings)
+        positions = encode_positions(len(input_tokens), code)
+        return positions.expand(3, -1).clone(), position_offset(code)
 
     def embed_multimodal(self, **kwargs: object) -> MultiModalEmbeddings:
         videos = kwargs.get("pixel_values_videos")

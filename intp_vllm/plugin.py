@@ -36,6 +36,13 @@ class VideoLlavaConfigHook:
         needed = video_tokens + TEXT_MARGIN_TOKENS
         if model_config.original_max_model_len is None and model_config.max_model_len < needed:
             model_config.max_model_len = needed
+        if intp.factor == "auto":
+            # Per-request RoPE scale rides on M-RoPE positions (request_scale.py); declaring
+            # an M-RoPE section makes vLLM ask the model for each request's positions.
+            from .llm_rope import rope_geometry
+
+            _, rotary_dim = rope_geometry(hf_config.text_config)
+            hf_config.text_config.rope_parameters["mrope_section"] = [rotary_dim // 2]
         if model_config.multimodal_config is not None:
             # Files and URLs are decoded at `frames` frames unless the operator says otherwise.
             video_io = model_config.multimodal_config.media_io_kwargs.setdefault("video", {})

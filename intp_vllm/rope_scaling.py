@@ -23,7 +23,8 @@ YARN_BETA_FAST = 32.0
 YARN_BETA_SLOW = 1.0
 
 
-def _plain_inv_freq(base: float, rotary_dim: int) -> torch.Tensor:
+def plain_inv_freq(base: float, rotary_dim: int) -> torch.Tensor:
+    """Unscaled RoPE: base ** (-2i / d), computed as transformers does."""
     exponents = torch.arange(0, rotary_dim, 2, dtype=torch.int64).to(dtype=torch.float) / rotary_dim
     return 1.0 / (base**exponents)
 
@@ -34,15 +35,15 @@ def ntk_base(base: float, rotary_dim: int, factor: float) -> float:
 
 
 def none_rope(*, base: float, rotary_dim: int, **_) -> tuple[torch.Tensor, float]:
-    return _plain_inv_freq(base, rotary_dim), 1.0
+    return plain_inv_freq(base, rotary_dim), 1.0
 
 
 def linear_rope(*, base: float, rotary_dim: int, factor: float, **_) -> tuple[torch.Tensor, float]:
-    return _plain_inv_freq(base, rotary_dim) / factor, 1.0
+    return plain_inv_freq(base, rotary_dim) / factor, 1.0
 
 
 def ntk_rope(*, base: float, rotary_dim: int, factor: float, **_) -> tuple[torch.Tensor, float]:
-    return _plain_inv_freq(ntk_base(base, rotary_dim, factor), rotary_dim), 1.0
+    return plain_inv_freq(ntk_base(base, rotary_dim, factor), rotary_dim), 1.0
 
 
 def yarn_attention_factor(factor: float) -> float:
@@ -53,16 +54,23 @@ def _yarn_correction_dim(rotations: float, rotary_dim: int, base: float, origina
     return (rotary_dim * math.log(original_max_position / (rotations * 2 * math.pi))) / (2 * math.log(base))
 
 
-def yarn_rope(*, base: float, rotary_dim: int, factor: float, original_max_position: int,
-              beta_fast: float = YARN_BETA_FAST, beta_slow: float = YARN_BETA_SLOW, **_) -> tuple[torch.Tensor, float]:
-    """NTK-by-parts: high frequencies extrapolate, low frequencies interpolate, a linear ramp between."""
+def yarn_interpolation_ramp(*, base: float, rotary_dim: int, original_max_position: int,
+                            beta_fast: float = YARN_BETA_FAST, beta_slow: float = YARN_BETA_SLOW) -> torch.Tensor:
+    """Per-frequency weight of interpolation (inv_freq / s) against extrapolation; independent of s."""
     low = max(math.floor(_yarn_correction_dim(beta_fast, rotary_dim, base, original_max_position)), 0)
     high = min(math.ceil(_yarn_correction_dim(beta_slow, rotary_dim, base, original_max_position)), rotary_dim - 1)
     if low == high:
         high += 0.001  # avoid a zero-width ramp
-    ramp = torch.clamp((torch.arange(rotary_dim // 2, dtype=torch.float32) - low) / (high - low), 0, 1)
+    return torch.clamp((torch.arange(rotary_dim // 2, dtype=torch.float32) - low) / (high - low), 0, 1)
+
+
+def yarn_rope(*, base: float, rotary_dim: int, factor: float, original_max_position: int,
+              beta_fast: float = YARN_BETA_FAST, beta_slow: float = YARN_BETA_SLOW, **_) -> tuple[torch.Tensor, float]:
+    """NTK-by-parts: high frequencies extrapolate, low frequencies interpolate, a linear ramp between."""
+    ramp = yarn_interpolation_ramp(base=base, rotary_dim=rotary_dim, original_max_position=original_max_position,
+                                   beta_fast=beta_fast, beta_slow=beta_slow)
     extrapolate = 1 - ramp
-    inv_freq = _plain_inv_freq(base, rotary_dim)
+    inv_freq = plain_inv_freq(base, rotary_dim)
     blended = (inv_freq / factor) * (1 - extrapolate) + inv_freq * extrapolate
     return blended, yarn_attention_factor(factor)
 

@@ -95,3 +95,65 @@ def test_longer_file_is_sampled_down_to_configured_frames(long_llm):
     output = long_llm.chat(messages, greedy(2, None), use_tqdm=False)[0]
     video_token = long_llm.llm_engine.model_config.hf_config.video_token_index
     assert output.prompt_token_ids.count(video_token) == 128 * TOKENS_PER_FRAME
+
+
+def request(video, prompt=PROMPT):
+    return {"prompt": prompt, "multi_modal_data": {"video": video}}
+
+
+def test_per_request_scale_matches_hf_at_that_scale(long_llm, short_context_dir):
+    """factor "auto": a 64-frame request runs at the scale its length needs, as HF does at that scale."""
+    from intp_vllm.request_scale import code_scale, request_scale_code
+
+    video = moving_shapes_video(num_frames=64, height=48, width=64, seed=11)
+    output = long_llm.generate(request(video), greedy(), use_tqdm=False)[0]
+    scale = code_scale(request_scale_code(len(output.prompt_token_ids), TRAINED_CONTEXT))
+    assert scale > 4
+    pixels = hf_pixel_values(video, 56)
+    tokens, logprobs = hf_generate(hf_reference(short_context_dir, "yarn", scale), output.prompt_token_ids,
+                                   pixels, NEW_TOKENS)
+    assert list(output.outputs[0].token_ids) == tokens
+    np.testing.assert_allclose(vllm_prompt_logprobs(output), logprobs, atol=2e-3, rtol=0)
+    unscaled, _ = hf_generate(hf_reference(short_context_dir, "yarn", 1.0), output.prompt_token_ids, pixels, NEW_TOKENS)
+    assert unscaled != tokens  # negative control
+
+
+def test_short_request_runs_the_original_model_in_a_mixed_batch(long_llm, short_context_dir):
+    """An 8-frame request keeps s = 1 (plain RoPE) even beside a 64-frame one; batch-mates change nothing."""
+    short = moving_shapes_video(num_frames=8, height=48, width=64, seed=12)
+    long = moving_shapes_video(num_frames=64, height=48, width=64, seed=13)
+    alone_short = long_llm.generate(request(short), greedy(), use_tqdm=False)[0]
+    alone_long = long_llm.generate(request(long), greedy(), use_tqdm=False)[0]
+    together = long_llm.generate([request(short), request(long)], greedy(), use_tqdm=False)
+    assert together[0].outputs[0].token_ids == alone_short.outputs[0].token_ids
+    assert together[1].outputs[0].token_ids == alone_long.outputs[0].token_ids
+
+    plain, _ = hf_generate(hf_reference(short_context_dir, "none", 1.0), alone_short.prompt_token_ids,
+                           hf_pixel_values(short, 56), NEW_TOKENS)
+    assert list(alone_short.outputs[0].token_ids) == plain
+
+
+SHARED_PREFIX = "USER: " + " ".join(["the red circle moves left and the blue square stays still"] * 14)
+
+
+def test_prefix_cache_is_not_shared_across_scales(long_llm, short_context_dir):
+    """Two requests share a 150-token text prefix but need different scales: no KV reuse between them."""
+    small = request(moving_shapes_video(num_frames=8, height=48, width=64, seed=14),
+                    SHARED_PREFIX + " <video>\nWhat happened? ASSISTANT:")
+    large = request(moving_shapes_video(num_frames=64, height=48, width=64, seed=15),
+                    SHARED_PREFIX + " <video>\nWhat happened? ASSISTANT:")
+    first = long_llm.generate(small, greedy(8, None), use_tqdm=False)[0]
+    second = long_llm.generate(large, greedy(8, None), use_tqdm=False)[0]
+    again = long_llm.generate(large, greedy(8, None), use_tqdm=False)[0]
+    assert second.num_cached_tokens == 0  # the small request's prefix blocks were not reused
+    assert again.num_cached_tokens >= 128  # prefix caching is on and works within one scale
+    assert again.outputs[0].token_ids == second.outputs[0].token_ids
+
+    no_cache = make_llm(short_context_dir, enable_prefix_caching=False,
+                        hf_overrides={"intp": {"frames": 128, "rope_type": "yarn"}})
+    try:
+        reference = no_cache.generate([small, large], greedy(8, None), use_tqdm=False)
+    finally:
+        shutdown_llm(no_cache)
+    assert first.outputs[0].token_ids == reference[0].outputs[0].token_ids
+    assert second.outputs[0].token_ids == reference[1].outputs[0].token_ids

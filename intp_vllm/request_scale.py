@@ -1,0 +1,70 @@
+"""Per-request RoPE scale, carried inside the position ids.
+
+vLLM gives a model no per-request data at forward time, but it does let an M-RoPE model
+choose each request's positions once, at prefill (`get_mrope_input_positions`), and
+then continues them through decode as `delta + context_len`. So a request's scale is
+written into the high bits of its positions: position = code << POSITION_BITS | pos.
+The rotary embedding splits them again. Everything stays below 2**31, because vLLM's
+GPU model runner V2 keeps prefill positions in int32.
+
+The code is a log-quantised scale, s = 2 ** (code / CODES_PER_OCTAVE), rounded up so a
+request always gets at least the scale it needs; code 0 is s = 1 exactly (the original
+model). The scale is a pure function of the prompt length, so the processor (cache salt)
+and the worker (positions) compute the same value independently.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .rope_scaling import auto_factor
+
+POSITION_BITS = 20
+MAX_POSITION = 1 << POSITION_BITS
+CODE_BITS = 11
+CODES_PER_OCTAVE = 256
+MAX_SCALE = 2 ** (((1 << CODE_BITS) - 1) / CODES_PER_OCTAVE)
+
+
+def scale_code(scale: float) -> int:
+    """Smallest code whose scale is >= `scale` (>= 1)."""
+    if not 1 <= scale <= MAX_SCALE:
+        raise ValueError(f"a request's RoPE scale must be within [1, {MAX_SCALE:.1f}], got {scale:.3f}")
+    code = math.ceil(math.log2(scale) * CODES_PER_OCTAVE - 1e-9)
+    return max(code, 0)
+
+
+def code_scale(code: int) -> float:
+    return 2.0 ** (code / CODES_PER_OCTAVE)
+
+
+def request_scale_code(prompt_tokens: int, trained_context: int) -> int:
+    """The code of the scale a request with this prompt needs: max(1, prompt tokens / L).
+
+    The prompt alone decides, so a request as long as the model was trained on (an 8-frame
+    video and its question) runs at s = 1; the answer then runs a little past L * s, as it
+    did in training.
+    """
+    if prompt_tokens >= MAX_POSITION:
+        raise ValueError(f"a prompt of {prompt_tokens} tokens exceeds the {MAX_POSITION}-position limit")
+    return scale_code(auto_factor(prompt_tokens, trained_context))
+
+
+def encode_positions(num_tokens: int, code: int) -> torch.Tensor:
+    """Prompt positions 0..n-1 of a request at `code`, as int64."""
+    return torch.arange(num_tokens, dtype=torch.int64) + (code << POSITION_BITS)
+
+
+def position_offset(code: int) -> int:
+    """The M-RoPE delta that keeps decode positions at the same scale."""
+    return code << POSITION_BITS
+
+
+def decode_positions(positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Encoded positions -> (plain positions int64, per-token scales float32); tensor ops only."""
+    plain = positions & (MAX_POSITION - 1)
+    codes = positions >> POSITION_BITS
+    scales = torch.exp2(codes.to(torch.float32) / CODES_PER_OCTAVE)
+    return plain, scales
