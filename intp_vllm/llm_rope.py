@@ -14,9 +14,9 @@ import torch
 from vllm.model_executor.layers.rotary_embedding import RotaryEmbedding
 
 from .config import IntpConfig
-from .request_scale import decode_positions
+from .request_scale import all_code_scales, decode_positions
 from .rope_scaling import rope_inv_freq
-from .rotary import apply_scaled_rotary
+from .rotary import inv_freq_per_scale, rotate_with_inv_freq
 
 
 class ScaledRotaryEmbedding(RotaryEmbedding):
@@ -51,8 +51,9 @@ class PerRequestRotaryEmbedding(torch.nn.Module):
 
     Used when `intp.factor` is "auto": requests in one batch keep their own scale (an
     8-frame request runs at s = 1, the original model) for prefill and decode alike.
-    cos/sin are computed on the fly from (position, scale): the Triton kernel on GPU,
-    torch elsewhere (`intp_vllm.rotary`).
+    inv_freq is looked up per scale code (a small [codes, rotary_dim / 2] table built with
+    `rope_scaling`, so each scale's numbers equal a model built for that scale alone) and
+    cos/sin are computed on the fly from (position, inv_freq).
     """
 
     def __init__(self, *, head_size: int, rotary_dim: int, base: float, rope_type: str, original_max_position: int,
@@ -64,16 +65,18 @@ class PerRequestRotaryEmbedding(torch.nn.Module):
         self.rope_type = "ntk" if rope_type == "dynamic" else rope_type  # dynamic = NTK at the request's scale
         self.original_max_position = original_max_position
         self.is_neox_style = is_neox_style
+        inv_freq, attention = inv_freq_per_scale(all_code_scales(), rope_type=self.rope_type, base=base,
+                                                 rotary_dim=rotary_dim, original_max_position=original_max_position)
+        self.register_buffer("inv_freq_by_code", inv_freq, persistent=False)
+        self.register_buffer("attention_by_code", attention, persistent=False)
 
     def forward(self, positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor | None = None):
         if positions.ndim == 2:  # M-RoPE layout [channels, tokens]; all channels are equal
             positions = positions[0]
-        plain, scales = decode_positions(positions)
-        return apply_scaled_rotary(
-            plain, query, key, scales,
-            head_size=self.head_size, rotary_dim=self.rotary_dim, is_neox=self.is_neox_style,
-            rope_type=self.rope_type, base=self.base, original_max_position=self.original_max_position,
-        )
+        plain, codes = decode_positions(positions)
+        return rotate_with_inv_freq(plain, query, key, self.inv_freq_by_code[codes], self.attention_by_code[codes],
+                                    head_size=self.head_size, rotary_dim=self.rotary_dim,
+                                    is_neox=self.is_neox_style)
 
     def extra_repr(self) -> str:
         return (f"rope_type={self.rope_type}, factor=per request, base={self.base:g}, "

@@ -1,29 +1,82 @@
-"""TEMPORARY stand-in (lead) until the rearrangement module lands; same API."""
+"""Frame sampling and INTP's video-token rearrangement, as pure numpy functions.
+
+A frozen encoder trained on N-frame clips reads F = K * N frames as K clips. With
+*interleaved* groups (the INTP paper) group j holds frames j, j+K, j+2K, ..., so every
+clip spans the whole video at K times the stride; *consecutive* groups (plain chunking)
+give each clip one K-th of the video. Either way the encoder's output is put back in
+frame-time order before it reaches the language model.
+
+Frame counts that are not a multiple of N (fewer than N included) are padded by
+repeating the last frame up to the next multiple of N: the encoder always sees whole
+N-frame clips, and a repeated frame carries no new information.
+"""
+
+from __future__ import annotations
+
 import numpy as np
 
-def uniform_frame_indices(total_frames, num_frames):
-    n = min(num_frames, total_frames)
-    return np.linspace(0, total_frames - 1, n, dtype=int)
 
-def padded_frame_count(num_frames, encoder_frames):
+def _positive(name: str, value: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def uniform_frame_indices(total_frames: int, num_frames: int) -> np.ndarray:
+    """`num_frames` indices spread over the whole video, first and last frame included
+    (vLLM's OpenCV loader convention); all frames when the video is shorter."""
+    _positive("total_frames", total_frames)
+    _positive("num_frames", num_frames)
+    return np.linspace(0, total_frames - 1, min(num_frames, total_frames), dtype=int)
+
+
+def padded_frame_count(num_frames: int, encoder_frames: int) -> int:
+    """`num_frames` rounded up to a multiple of the encoder window N."""
+    _positive("num_frames", num_frames)
+    _positive("encoder_frames", encoder_frames)
     return -(-num_frames // encoder_frames) * encoder_frames
 
-def pad_frame_indices(num_frames, encoder_frames):
-    idx = np.arange(padded_frame_count(num_frames, encoder_frames))
-    return np.minimum(idx, num_frames - 1)
 
-def interleaved_groups(num_frames, encoder_frames):
-    k = num_frames // encoder_frames
-    return np.arange(num_frames).reshape(encoder_frames, k).T
+def pad_frame_indices(num_frames: int, encoder_frames: int) -> np.ndarray:
+    """Indices into `num_frames` frames that repeat the last one up to a multiple of N."""
+    return np.minimum(np.arange(padded_frame_count(num_frames, encoder_frames)), num_frames - 1)
 
-def consecutive_groups(num_frames, encoder_frames):
-    return np.arange(num_frames).reshape(-1, encoder_frames)
 
-def time_order_permutation(groups):
-    return np.argsort(groups.ravel(), kind="stable")
+def _group_shape(num_frames: int, encoder_frames: int) -> tuple[int, int]:
+    _positive("num_frames", num_frames)
+    _positive("encoder_frames", encoder_frames)
+    if num_frames % encoder_frames:
+        raise ValueError(
+            f"num_frames ({num_frames}) must be a multiple of encoder_frames ({encoder_frames}); "
+            "pad with pad_frame_indices first"
+        )
+    return num_frames // encoder_frames, encoder_frames
 
-def token_permutation(groups, tokens_per_frame):
-    perm = time_order_permutation(groups)
-    return (perm[:, None] * tokens_per_frame + np.arange(tokens_per_frame)[None]).ravel()
+
+def interleaved_groups(num_frames: int, encoder_frames: int) -> np.ndarray:
+    """(K, N) frame indices; group j = frames j, j+K, j+2K, ... (each spans the whole video)."""
+    k, n = _group_shape(num_frames, encoder_frames)
+    return np.arange(num_frames).reshape(n, k).T.copy()
+
+
+def consecutive_groups(num_frames: int, encoder_frames: int) -> np.ndarray:
+    """(K, N) frame indices; group j = frames jN .. jN+N-1 (plain chunking, the baseline)."""
+    k, n = _group_shape(num_frames, encoder_frames)
+    return np.arange(num_frames).reshape(k, n)
+
+
+def time_order_permutation(groups: np.ndarray) -> np.ndarray:
+    """`perm` with `encoded[perm]` in frame-time order, for rows encoded group by group."""
+    flat = np.asarray(groups).ravel()
+    if not np.array_equal(np.sort(flat), np.arange(flat.size)):
+        raise ValueError("groups must hold every frame index 0..F-1 exactly once")
+    return np.argsort(flat, kind="stable")
+
+
+def token_permutation(groups: np.ndarray, tokens_per_frame: int) -> np.ndarray:
+    """`time_order_permutation` expanded to token rows (each frame owns consecutive rows)."""
+    _positive("tokens_per_frame", tokens_per_frame)
+    frames = time_order_permutation(groups)
+    return (frames[:, None] * tokens_per_frame + np.arange(tokens_per_frame)[None, :]).ravel()
+
 
 GROUPINGS = {"interleaved": interleaved_groups, "consecutive": consecutive_groups}

@@ -63,8 +63,10 @@ def position_offset(code: int) -> int:
 
 
 def decode_positions(positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Encoded positions -> (plain positions int64, per-token scales float32); tensor ops only."""
-    plain = positions & (MAX_POSITION - 1)
-    codes = positions >> POSITION_BITS
-    scales = torch.exp2(codes.to(torch.float32) / CODES_PER_OCTAVE)
-    return plain, scales
+    """Encoded positions -> (plain positions, scale codes), both int64; tensor ops only."""
+    return positions & (MAX_POSITION - 1), positions >> POSITION_BITS
+
+
+def all_code_scales() -> list[float]:
+    """The scale of every code, in code order."""
+    return [code_scale(code) for code in range(1 << CODE_BITS)]

@@ -69,9 +69,10 @@ def yarn_rope(*, base: float, rotary_dim: int, factor: float, original_max_posit
     """NTK-by-parts: high frequencies extrapolate, low frequencies interpolate, a linear ramp between."""
     ramp = yarn_interpolation_ramp(base=base, rotary_dim=rotary_dim, original_max_position=original_max_position,
                                    beta_fast=beta_fast, beta_slow=beta_slow)
-    extrapolate = 1 - ramp
-    inv_freq = plain_inv_freq(base, rotary_dim)
-    blended = (inv_freq / factor) * (1 - extrapolate) + inv_freq * extrapolate
+    pos_freqs = base ** (torch.arange(0, rotary_dim, 2, dtype=torch.int64).to(torch.float) / rotary_dim)
+    extrapolation = 1 - ramp
+    # transformers' order of operations, so that the result matches it bit for bit
+    blended = (1.0 / (factor * pos_freqs)) * (1 - extrapolation) + (1.0 / pos_freqs) * extrapolation
     return blended, yarn_attention_factor(factor)
 
 
@@ -93,6 +94,8 @@ def rope_inv_freq(rope_type: str, *, base: float, rotary_dim: int, factor: float
         raise ValueError(f"RoPE factor must be >= 1, got {factor!r}")
     if rotary_dim < 4 or rotary_dim % 2:
         raise ValueError(f"rotary_dim must be an even number >= 4, got {rotary_dim!r}")
+    if factor == 1:
+        return plain_inv_freq(base, rotary_dim), 1.0  # scale 1 is the original model, bit for bit
     return ROPE_SCALING_FUNCTIONS[rope_type](
         base=base, rotary_dim=rotary_dim, factor=float(factor), original_max_position=original_max_position,
         beta_fast=beta_fast, beta_slow=beta_slow,

@@ -1,0 +1,112 @@
+"""The per-token-scale rotary embedding (torch path) against vLLM's and transformers' RoPE."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from intp_vllm.rotary import apply_scaled_rotary
+
+BASE = 10000.0
+ORIGINAL = 256
+
+
+def qk(tokens=12, q_heads=4, k_heads=2, head_size=64, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(tokens, q_heads * head_size, generator=g).to(dtype)
+    k = torch.randn(tokens, k_heads * head_size, generator=g).to(dtype)
+    return q, k
+
+
+def ours(positions, q, k, scales, rope_type, head_size=64, rotary_dim=64, is_neox=True):
+    return apply_scaled_rotary(positions, q.clone(), k.clone(), scales, head_size=head_size, rotary_dim=rotary_dim,
+                               is_neox=is_neox, rope_type=rope_type, base=BASE, original_max_position=ORIGINAL)
+
+
+def vllm_table_rope(rope_type, factor, head_size, rotary_dim, is_neox, max_position=4096):
+    from vllm.config import VllmConfig, set_current_vllm_config
+
+    from intp_vllm.llm_rope import ScaledRotaryEmbedding
+
+    with set_current_vllm_config(VllmConfig()):
+        return ScaledRotaryEmbedding(head_size=head_size, rotary_dim=rotary_dim, max_position=max_position, base=BASE,
+                                     dtype=torch.float32, rope_type=rope_type, factor=factor,
+                                     original_max_position=ORIGINAL, is_neox_style=is_neox)
+
+
+@pytest.mark.parametrize("is_neox", [True, False])
+@pytest.mark.parametrize("rotary_dim", [64, 32])
+@pytest.mark.parametrize("rope_type", ["none", "linear", "ntk", "yarn"])
+def test_scale_one_is_vllms_plain_rotary_embedding(rope_type, rotary_dim, is_neox):
+    from vllm.config import VllmConfig, set_current_vllm_config
+    from vllm.model_executor.layers.rotary_embedding import RotaryEmbedding
+
+    with set_current_vllm_config(VllmConfig()):
+        plain = RotaryEmbedding(64, rotary_dim, 4096, BASE, is_neox, torch.float32)
+    positions = torch.tensor([0, 1, 5, 100, 257, 3000, 7, 8, 9, 10, 11, 4095])
+    q, k = qk()
+    expected_q, expected_k = plain.forward_native(positions, q.clone(), k.clone())
+    got_q, got_k = ours(positions, q, k, torch.ones(12), rope_type, rotary_dim=rotary_dim, is_neox=is_neox)
+    torch.testing.assert_close(got_q, expected_q, rtol=0, atol=2e-6)
+    torch.testing.assert_close(got_k, expected_k, rtol=0, atol=2e-6)
+
+
+@pytest.mark.parametrize("is_neox", [True, False])
+@pytest.mark.parametrize("factor", [2.0, 5.5])
+@pytest.mark.parametrize("rope_type", ["linear", "ntk", "yarn"])
+def test_one_scale_equals_the_table_for_that_scale(rope_type, factor, is_neox):
+    table = vllm_table_rope(rope_type, factor, 64, 64, is_neox)
+    positions = torch.arange(0, 4096, 341)
+    q, k = qk(tokens=len(positions))
+    expected_q, expected_k = table.forward_native(positions, q.clone(), k.clone())
+    got_q, got_k = ours(positions, q, k, torch.full((len(positions),), factor), rope_type, is_neox=is_neox)
+    torch.testing.assert_close(got_q, expected_q, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got_k, expected_k, rtol=1e-5, atol=1e-5)
+    wrong_q, _ = ours(positions, q, k, torch.full((len(positions),), factor * 1.1), rope_type, is_neox=is_neox)
+    assert not torch.allclose(wrong_q, expected_q, atol=1e-3)  # negative control
+
+
+@pytest.mark.parametrize("rope_type", ["linear", "ntk", "yarn"])
+def test_mixed_scales_in_one_batch_equal_each_token_alone(rope_type):
+    positions = torch.tensor([3, 900, 17, 2048, 64, 5])
+    scales = torch.tensor([1.0, 4.0, 1.0, 7.5, 2.0, 4.0])
+    q, k = qk(tokens=6, q_heads=3, k_heads=1)
+    got_q, got_k = ours(positions, q, k, scales, rope_type)
+    for i in range(6):
+        alone_q, alone_k = ours(positions[i:i + 1], q[i:i + 1], k[i:i + 1], scales[i:i + 1], rope_type)
+        torch.testing.assert_close(got_q[i:i + 1], alone_q, rtol=0, atol=0)
+        torch.testing.assert_close(got_k[i:i + 1], alone_k, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("factor", [1.0, 3.0])
+@pytest.mark.parametrize("rope_type", ["none", "linear", "ntk", "yarn"])
+def test_equals_transformers_llama_rope(rope_type, factor):
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
+
+    from intp_vllm.rope_scaling import hf_rope_parameters
+
+    params = hf_rope_parameters(rope_type, base=BASE, rotary_dim=64, factor=factor, original_max_position=ORIGINAL)
+    config = LlamaConfig(hidden_size=256, num_attention_heads=4, num_key_value_heads=2, head_dim=64,
+                         max_position_embeddings=ORIGINAL, rope_parameters=params)
+    positions = torch.arange(0, 1200, 97)
+    q, k = qk(tokens=len(positions))
+    hf_q = q.view(1, len(positions), 4, 64).transpose(1, 2)
+    hf_k = k.view(1, len(positions), 2, 64).transpose(1, 2)
+    cos, sin = LlamaRotaryEmbedding(config)(hf_q, positions[None])
+    expected_q, expected_k = apply_rotary_pos_emb(hf_q, hf_k, cos, sin)
+    got_q, got_k = ours(positions, q, k, torch.full((len(positions),), factor), rope_type)
+    torch.testing.assert_close(got_q, expected_q.transpose(1, 2).reshape_as(q), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got_k, expected_k.transpose(1, 2).reshape_as(k), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype, atol", [(torch.float16, 1e-2), (torch.bfloat16, 6e-2)])
+def test_half_precision_stays_close_to_fp32(dtype, atol):
+    positions = torch.arange(12) * 50
+    scales = torch.tensor([1.0, 2.0, 3.0] * 4)
+    q, k = qk()
+    ref_q, ref_k = ours(positions, q, k, scales, "yarn")
+    got_q, got_k = ours(positions, q.to(dtype), k.to(dtype), scales, "yarn")
+    assert got_q.dtype == dtype
+    torch.testing.assert_close(got_q.float(), ref_q, rtol=0, atol=atol)
+    torch.testing.assert_close(got_k.float(), ref_k, rtol=0, atol=atol)
