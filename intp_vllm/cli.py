@@ -81,10 +81,37 @@ def _run_demo(args) -> None:
     run_demo(args.workdir, frames=args.frames, max_tokens=args.max_tokens)
 
 
+def _add_serve(sub) -> None:
+    from .serve import add_intp_arguments
+
+    p = sub.add_parser(
+        "serve",
+        help="OpenAI-compatible server (vLLM's) with the plugin and INTP settings",
+        description="Start vLLM's OpenAI-compatible server for a Video-LLaVA checkpoint, with video_url "
+        "parts (http(s), data:video/mp4;base64, file:// under --allowed-local-media-path) and the "
+        "Video-LLaVA chat template built in. Every flag not listed here is passed to vLLM's server "
+        "unchanged (e.g. --port, --dtype, --max-model-len, --allowed-local-media-path, "
+        "--trust-request-mm-kwargs, --tensor-parallel-size); see vLLM's `serve --help`.",
+        epilog="example: intp-vllm serve /models/Video-LLaVA-7B-hf --frames 32 --port 8000 "
+        "--allowed-local-media-path /data/videos",
+    )
+    p.add_argument("model", help="local HF-format Video-LLaVA checkpoint directory")
+    add_intp_arguments(p)
+
+
+def _run_serve(args, vllm_args) -> None:
+    from .serve import intp_section, run_server
+
+    run_server(args.model, intp_section(args), vllm_args)
+
+
 COMMANDS = {
     "make-tiny-model": (_add_make_tiny_model, _run_make_tiny_model),
     "demo": (_add_demo, _run_demo),
+    "serve": (_add_serve, _run_serve),
 }
+PASSTHROUGH_COMMANDS = {"serve"}
+"""Commands whose unknown flags belong to vLLM."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -99,10 +126,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
     _, run = COMMANDS[args.command]
+    passthrough = args.command in PASSTHROUGH_COMMANDS
+    if extra and not passthrough:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
-        run(args)
+        run(args, extra) if passthrough else run(args)
     except KeyboardInterrupt:
         sys.exit(130)
 

@@ -38,10 +38,10 @@ def test_groups_hold_every_frame_once_and_order_is_restored(fn, grouping):
 
 
 @settings(max_examples=200, deadline=None)
-@given(frames_and_window(), st.integers(1, 5))
-def test_token_permutation_moves_whole_frames(fn, tokens):
+@given(frames_and_window(), st.integers(1, 5), st.sampled_from(sorted(GROUPINGS)))
+def test_token_permutation_moves_whole_frames(fn, tokens, grouping):
     f, n = fn
-    groups = interleaved_groups(f, n)
+    groups = GROUPINGS[grouping](f, n)
     rows = np.repeat(groups.ravel(), tokens) * 100 + np.tile(np.arange(tokens), f)
     restored = rows[token_permutation(groups, tokens)]
     assert (restored == np.repeat(np.arange(f), tokens) * 100 + np.tile(np.arange(tokens), f)).all()
@@ -55,6 +55,31 @@ def test_each_interleaved_group_spans_the_whole_video(fn):
     groups = interleaved_groups(f, n)
     for j, group in enumerate(groups):
         assert group.tolist() == list(range(j, f, k))
+
+
+@settings(max_examples=200, deadline=None)
+@given(frames_and_window())
+def test_consecutive_group_j_is_the_jth_chunk(fn):
+    f, n = fn
+    for j, group in enumerate(consecutive_groups(f, n)):
+        assert group.tolist() == list(range(j * n, (j + 1) * n))
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(1, 10_000), st.integers(1, 300))
+def test_uniform_indices_follow_vllms_linspace(total, wanted):
+    indices = uniform_frame_indices(total, wanted)
+    assert (indices == np.linspace(0, total - 1, min(total, wanted), dtype=int)).all()
+    assert indices[0] == 0 and len(set(indices.tolist())) == len(indices) == min(total, wanted)
+    assert len(indices) == 1 or indices[-1] == total - 1
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(1, 256), st.integers(1, 16))
+def test_padded_frames_can_always_be_grouped(frames, n):
+    indices = pad_frame_indices(frames, n)
+    assert len(indices) == padded_frame_count(frames, n) < frames + n
+    assert interleaved_groups(len(indices), n).shape == (len(indices) // n, n)
 
 
 def test_examples():
@@ -77,8 +102,10 @@ def test_padding_repeats_the_last_frame(frames, padded):
     "call, message",
     [
         (lambda: interleaved_groups(30, 8), r"num_frames \(30\) must be a multiple of encoder_frames \(8\)"),
+        (lambda: consecutive_groups(12, 8), r"num_frames \(12\) must be a multiple of encoder_frames \(8\)"),
         (lambda: uniform_frame_indices(0, 8), "total_frames must be a positive integer, got 0"),
         (lambda: uniform_frame_indices(10, -1), "num_frames must be a positive integer, got -1"),
+        (lambda: pad_frame_indices(0, 8), "num_frames must be a positive integer, got 0"),
         (lambda: padded_frame_count(4, 0), "encoder_frames must be a positive integer, got 0"),
         (lambda: time_order_permutation(np.array([[0, 0], [1, 2]])), "every frame index 0..F-1 exactly once"),
         (lambda: token_permutation(interleaved_groups(8, 8), 0), "tokens_per_frame must be a positive integer"),

@@ -8,7 +8,7 @@ from transformers import LlamaConfig
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
-from intp_vllm.rope_scaling import hf_rope_parameters, ntk_base, rope_inv_freq
+from intp_vllm.rope_scaling import ROPE_SCALING_FUNCTIONS, auto_factor, hf_rope_parameters, rope_inv_freq
 
 ORIGINAL = 4096
 FACTORS = [1.0, 2.0, 4.0, 7.75]
@@ -16,7 +16,8 @@ DIMS = [32, 64, 128]
 BASES = [10000.0, 500000.0]
 
 
-def hf_inv_freq(rope_parameters: dict, head_dim: int, seq_len=None):
+def hf_inv_freq(rope_parameters: dict, head_dim: int, seq_len=None) -> tuple[torch.Tensor, float]:
+    """transformers' (inv_freq, attention factor) for a small Llama with these rope_parameters."""
     config = LlamaConfig(hidden_size=head_dim * 4, num_attention_heads=4, head_dim=head_dim,
                          max_position_embeddings=ORIGINAL, rope_parameters=rope_parameters)
     rope_type = rope_parameters["rope_type"]
@@ -25,61 +26,122 @@ def hf_inv_freq(rope_parameters: dict, head_dim: int, seq_len=None):
     return ROPE_INIT_FUNCTIONS[rope_type](config, "cpu", seq_len=seq_len)
 
 
-def ours(rope_type, base, dim, factor):
-    return rope_inv_freq(rope_type, base=base, rotary_dim=dim, factor=factor, original_max_position=ORIGINAL)
+def reference(rope_type: str, base: float, dim: int, factor: float) -> tuple[torch.Tensor, float]:
+    """transformers' numbers for our type, written out here rather than via hf_rope_parameters."""
+    if rope_type == "none":
+        return hf_inv_freq({"rope_type": "default", "rope_theta": base}, dim)
+    if rope_type == "ntk":  # the paper's formula, as plain RoPE at the scaled base
+        return hf_inv_freq({"rope_type": "default", "rope_theta": base * factor ** (dim / (dim - 2))}, dim)
+    if rope_type == "dynamic":  # our default length: the context the factor was chosen for
+        return hf_inv_freq({"rope_type": "dynamic", "factor": factor, "rope_theta": base}, dim,
+                           seq_len=int(factor * ORIGINAL))
+    if rope_type == "linear":
+        return hf_inv_freq({"rope_type": "linear", "factor": factor, "rope_theta": base}, dim)
+    return hf_inv_freq({"rope_type": "yarn", "factor": factor, "rope_theta": base,
+                        "original_max_position_embeddings": ORIGINAL}, dim)
+
+
+def ours(rope_type, base, dim, factor, **kwargs):
+    return rope_inv_freq(rope_type, base=base, rotary_dim=dim, factor=factor, original_max_position=ORIGINAL,
+                         **kwargs)
 
 
 @pytest.mark.parametrize("factor", FACTORS)
 @pytest.mark.parametrize("dim", DIMS)
 @pytest.mark.parametrize("base", BASES)
-@pytest.mark.parametrize("rope_type", ["none", "linear", "ntk", "yarn"])
+@pytest.mark.parametrize("rope_type", sorted(ROPE_SCALING_FUNCTIONS))
 def test_equals_transformers(rope_type, base, dim, factor):
     inv_freq, attention = ours(rope_type, base, dim, factor)
-    params = hf_rope_parameters(rope_type, base=base, rotary_dim=dim, factor=factor, original_max_position=ORIGINAL)
-    expected, expected_attention = hf_inv_freq(params, dim)
+    expected, expected_attention = reference(rope_type, base, dim, factor)
     assert inv_freq.dtype == torch.float32 and inv_freq.shape == (dim // 2,)
     torch.testing.assert_close(inv_freq, expected.float(), rtol=1e-6, atol=0)
     assert attention == pytest.approx(expected_attention, rel=1e-9)
 
 
-@pytest.mark.parametrize("factor", [2.0, 4.0])
-def test_ntk_is_transformers_dynamic_at_the_scaled_length(factor):
-    """NTK-aware = transformers' dynamic NTK (factor 1) evaluated at s * L tokens."""
-    inv_freq, _ = ours("ntk", 10000.0, 64, factor)
-    expected, _ = hf_inv_freq({"rope_type": "dynamic", "factor": 1.0, "rope_theta": 10000.0}, 64,
-                              seq_len=int(factor * ORIGINAL))
+@pytest.mark.parametrize("factor", FACTORS)
+@pytest.mark.parametrize("dim", DIMS)
+@pytest.mark.parametrize("base", BASES)
+@pytest.mark.parametrize("rope_type", sorted(ROPE_SCALING_FUNCTIONS))
+def test_hf_rope_parameters_round_trip(rope_type, base, dim, factor):
+    """The rope_parameters we give HF reference models make transformers compute our inv_freq."""
+    inv_freq, attention = ours(rope_type, base, dim, factor)
+    params = hf_rope_parameters(rope_type, base=base, rotary_dim=dim, factor=factor, original_max_position=ORIGINAL)
+    expected, expected_attention = hf_inv_freq(params, dim)
     torch.testing.assert_close(inv_freq, expected.float(), rtol=1e-6, atol=0)
+    assert attention == pytest.approx(expected_attention, rel=1e-9)
 
 
-@pytest.mark.parametrize("rope_type", ["none", "linear", "ntk", "yarn", "dynamic"])
-def test_factor_one_is_the_original_model_exactly(rope_type):
-    plain, _ = ours("none", 10000.0, 128, 1.0)
-    inv_freq, attention = ours(rope_type, 10000.0, 128, 1.0)
+@pytest.mark.parametrize("factor", [1.0, 2.0])
+@pytest.mark.parametrize("seq_len", [ORIGINAL // 2, ORIGINAL, 3 * ORIGINAL, 10_000])
+def test_dynamic_equals_transformers_at_a_sequence_length(factor, seq_len):
+    inv_freq, _ = ours("dynamic", 10000.0, 64, factor, seq_len=seq_len)
+    expected, _ = hf_inv_freq({"rope_type": "dynamic", "factor": factor, "rope_theta": 10000.0}, 64, seq_len=seq_len)
+    torch.testing.assert_close(inv_freq, expected.float(), rtol=1e-6, atol=0)
+    params = hf_rope_parameters("dynamic", base=10000.0, rotary_dim=64, factor=factor,
+                                original_max_position=ORIGINAL, seq_len=seq_len)
+    torch.testing.assert_close(inv_freq, hf_inv_freq(params, 64)[0].float(), rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("scale", [2.0, 4.0, 7.75])
+def test_per_request_dynamic_is_ntk_at_the_request_scale(scale):
+    """Dynamic at factor 1 and a request of s * L tokens is the paper's NTK at s."""
+    dynamic, _ = ours("dynamic", 10000.0, 64, 1.0, seq_len=scale * ORIGINAL)
+    ntk, _ = ours("ntk", 10000.0, 64, scale)
+    torch.testing.assert_close(dynamic, ntk, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("rope_type", sorted(ROPE_SCALING_FUNCTIONS))
+@pytest.mark.parametrize("dim", DIMS)
+def test_factor_one_is_the_original_model_exactly(rope_type, dim):
+    plain, _ = ours("none", 10000.0, dim, 1.0)
+    inv_freq, attention = ours(rope_type, 10000.0, dim, 1.0)
     assert torch.equal(inv_freq, plain) and attention == 1.0
+    params = hf_rope_parameters(rope_type, base=10000.0, rotary_dim=dim, factor=1.0, original_max_position=ORIGINAL)
+    assert params == {"rope_type": "default", "rope_theta": 10000.0}
 
 
-@pytest.mark.parametrize("rope_type", ["linear", "ntk", "yarn"])
+def test_dynamic_below_the_trained_context_is_unscaled():
+    plain, _ = ours("none", 10000.0, 64, 1.0)
+    assert torch.equal(ours("dynamic", 10000.0, 64, 2.0, seq_len=ORIGINAL // 2)[0], plain)
+
+
+@pytest.mark.parametrize("rope_type", ["linear", "ntk", "yarn", "dynamic"])
 def test_a_wrong_factor_changes_inv_freq(rope_type):
-    """Negative control for the equality tests above."""
+    """Negative control for the equality tests above: they can fail."""
     right, _ = ours(rope_type, 10000.0, 64, 4.0)
-    params = hf_rope_parameters(rope_type, base=10000.0, rotary_dim=64, factor=3.0, original_max_position=ORIGINAL)
-    wrong, _ = hf_inv_freq(params, 64)
+    wrong, _ = reference(rope_type, 10000.0, 64, 3.0)
     assert not torch.allclose(right, wrong.float(), rtol=1e-4)
 
 
-def test_ntk_base_is_the_papers_formula():
-    assert ntk_base(10000.0, 128, 4.0) == pytest.approx(10000.0 * 4.0 ** (128 / 126))
+def test_yarn_attention_factor():
+    assert ours("yarn", 10000.0, 64, 4.0)[1] == pytest.approx(0.1 * torch.log(torch.tensor(4.0)).item() + 1)
+
+
+@pytest.mark.parametrize("needed, trained, factor", [(100, 4096, 1.0), (4096, 4096, 1.0), (8192, 4096, 2.0),
+                                                     (31744, 4096, 7.75)])
+def test_auto_factor(needed, trained, factor):
+    assert auto_factor(needed, trained) == factor
 
 
 @pytest.mark.parametrize(
-    "kwargs, message",
+    "rope_type, kwargs, message",
     [
-        (dict(rope_type="ntk-aware", factor=2.0, rotary_dim=64), "rope_type 'ntk-aware' is not one of none, linear"),
-        (dict(rope_type="linear", factor=0.5, rotary_dim=64), "RoPE factor must be >= 1, got 0.5"),
-        (dict(rope_type="linear", factor=2.0, rotary_dim=63), "rotary_dim must be an even number >= 4, got 63"),
+        ("ntk-aware", {}, "rope_type 'ntk-aware' is not one of none, linear, ntk, yarn, dynamic"),
+        ("linear", {"factor": 0.5}, "RoPE factor must be >= 1, got 0.5"),
+        ("linear", {"rotary_dim": 63}, "rotary_dim must be an even number >= 4, got 63"),
+        ("linear", {"original_max_position": 0}, "original_max_position must be > 0, got 0"),
+        ("ntk", {"seq_len": 8192}, "seq_len applies only to rope_type 'dynamic', got seq_len=8192 for 'ntk'"),
+        ("dynamic", {"seq_len": 0}, "seq_len must be > 0, got 0"),
     ],
 )
-def test_errors(kwargs, message):
+def test_errors_name_the_bad_input(rope_type, kwargs, message):
+    params = {"base": 10000.0, "rotary_dim": 64, "factor": 2.0, "original_max_position": ORIGINAL, **kwargs}
     with pytest.raises(ValueError, match=message):
-        rope_inv_freq(kwargs["rope_type"], base=10000.0, rotary_dim=kwargs["rotary_dim"], factor=kwargs["factor"],
-                      original_max_position=ORIGINAL)
+        rope_inv_freq(rope_type, **params)
+    with pytest.raises(ValueError, match=message):
+        hf_rope_parameters(rope_type, **params)
+
+
+def test_auto_factor_rejects_an_empty_context():
+    with pytest.raises(ValueError, match="trained_context must be > 0, got 0"):
+        auto_factor(10, 0)

@@ -1,0 +1,113 @@
+"""A live `intp-vllm serve` on 127.0.0.1 driven by the openai client."""
+
+from __future__ import annotations
+
+import base64
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import requests
+from vllm import SamplingParams
+
+from conftest import ENGINE_KV_BYTES
+from intp_vllm.synthetic import moving_shapes_video
+from intp_vllm.video_io import write_video
+
+QUESTION = "What is happening in this video?"
+STARTUP_TIMEOUT_S = 240
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model_dir, tiny_llm):
+    """The server shares the offline engine's media directory, so both read the same files."""
+    port = free_port()
+    command = [
+        sys.executable, "-m", "intp_vllm.cli", "serve", str(tiny_model_dir),
+        "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32", "--enforce-eager",
+        "--kv-cache-memory-bytes", str(ENGINE_KV_BYTES), "--max-num-seqs", "4", "--seed", "0",
+        "--allowed-local-media-path", str(tiny_llm.media_dir),
+    ]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    while True:
+        if process.poll() is not None:
+            pytest.fail(f"server exited with {process.returncode}: {process.stderr.read()[-3000:]}")
+        try:
+            if requests.get(f"{base}/health", timeout=2).status_code == 200:
+                break
+        except requests.ConnectionError:
+            pass
+        if time.monotonic() > deadline:
+            process.kill()
+            pytest.fail("server did not become healthy in time")
+        time.sleep(1)
+    yield base
+    process.terminate()
+    try:
+        process.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        process.kill()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    from openai import OpenAI
+
+    return OpenAI(base_url=f"{server}/v1", api_key="unused")
+
+
+@pytest.fixture(scope="module")
+def video_path(tiny_llm):
+    return write_video(tiny_llm.media_dir / "server-clip.mp4", moving_shapes_video(num_frames=24, height=72,
+                                                                                   width=100, seed=7))
+
+
+def messages(url: str) -> list[dict]:
+    return [{"role": "user", "content": [{"type": "video_url", "video_url": {"url": url}},
+                                         {"type": "text", "text": QUESTION}]}]
+
+
+def ask(client, url: str, **kwargs):
+    return client.chat.completions.create(model=client.models.list().data[0].id, messages=messages(url),
+                                          max_tokens=12, temperature=0.0, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def offline_answer(tiny_llm, video_path):
+    params = SamplingParams(temperature=0.0, max_tokens=12)
+    return tiny_llm.chat(messages(f"file://{video_path}"), params, use_tqdm=False)[0].outputs[0].text
+
+
+def test_file_url_answer_equals_offline_generate(client, video_path, offline_answer):
+    reply = ask(client, f"file://{video_path}")
+    assert reply.choices[0].message.content == offline_answer
+    assert reply.usage.prompt_tokens > 8 * 17
+
+
+def test_data_url_gives_the_same_answer(client, video_path, offline_answer):
+    data_url = "data:video/mp4;base64," + base64.b64encode(video_path.read_bytes()).decode()
+    assert ask(client, data_url).choices[0].message.content == offline_answer
+
+
+def test_streamed_answer_equals_the_whole_one(client, video_path, offline_answer):
+    chunks = ask(client, f"file://{video_path}", stream=True)
+    streamed = "".join(chunk.choices[0].delta.content or "" for chunk in chunks if chunk.choices)
+    assert streamed == offline_answer
+
+
+def test_file_outside_the_allowed_directory_is_a_400_and_the_server_goes_on(client, video_path, offline_answer):
+    from openai import BadRequestError
+
+    with pytest.raises(BadRequestError, match="must be a subpath of `--allowed-local-media-path"):
+        ask(client, "file:///etc/passwd")
+    assert ask(client, f"file://{video_path}").choices[0].message.content == offline_answer
