@@ -1,0 +1,129 @@
+"""`intp-vllm eval-needle`: the needle model on 8-128 frame videos, through vLLM with the plugin.
+
+Each cell (frames x RoPE type x task) answers the same held-out clips (fixed seed, needles
+at random frames of the whole video). The baseline is what the model could do without
+INTP: sample 8 frames uniformly and hope they include the needles. Accuracy comes with
+95% Wilson intervals; results go to JSON and a PNG heatmap.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .needle import PROMPT, TASKS, TRAIN_FRAMES, make_clips
+from .rearrange import uniform_frame_indices
+
+SAMPLING_ROW = "8-frame sampling"
+
+
+def wilson_interval(correct: int, total: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval of a proportion."""
+    if total == 0:
+        return 0.0, 1.0
+    p = correct / total
+    centre = (p + z * z / (2 * total)) / (1 + z * z / total)
+    half = z * math.sqrt(p * (1 - p) / total + z * z / (4 * total * total)) / (1 + z * z / total)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def cell_clips(frames: int, task: str, count: int, seed: int):
+    return make_clips(seed * 1_000_003 + frames * 31 + list(TASKS).index(task), count, frames, (task,))
+
+
+def machine_name() -> str:
+    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                  if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
+    import os
+
+    return f"{model} ({os.cpu_count()} cores), {platform.system()} {platform.machine()}"
+
+
+def _ask(llm, videos: list[np.ndarray], tasks: list[str]) -> list[str]:
+    from vllm import SamplingParams
+
+    requests = [{"prompt": PROMPT.format(question=TASKS[task]), "multi_modal_data": {"video": video}}
+                for video, task in zip(videos, tasks)]
+    outputs = llm.generate(requests, SamplingParams(temperature=0.0, max_tokens=1), use_tqdm=False)
+    return [output.outputs[0].text.strip() for output in outputs]
+
+
+def _score(answers: list[str], clips) -> dict:
+    correct = sum(answer == clip.answer for answer, clip in zip(answers, clips))
+    low, high = wilson_interval(correct, len(clips))
+    return {"accuracy": correct / len(clips), "ci95": [low, high], "n": len(clips)}
+
+
+def evaluate(model_dir: str, frames: list[int], rope_types: list[str], factor="auto", clips_per_cell: int = 300,
+             tasks: tuple[str, ...] = tuple(TASKS), seed: int = 1234, grouping: str = "interleaved",
+             engine_kwargs: dict | None = None, log=print) -> dict:
+    """Accuracy per (task, method, frames); method is each RoPE type or the 8-frame sampling baseline."""
+    from vllm import LLM
+
+    engine = dict(dtype="float32", kv_cache_memory_bytes=512 << 20, max_num_seqs=32,
+                  limit_mm_per_prompt={"video": 1}, seed=0)
+    engine.update(engine_kwargs or {})
+    cells = {(f, t): cell_clips(f, t, clips_per_cell, seed) for f in frames for t in tasks}
+    results: dict = {task: {} for task in tasks}
+    started = time.perf_counter()
+    for index, rope_type in enumerate(rope_types):
+        llm = LLM(model=model_dir, hf_overrides={"intp": {"frames": max(frames), "rope_type": rope_type,
+                                                          "factor": factor, "grouping": grouping}}, **engine)
+        try:
+            for (f, task), clips in cells.items():
+                answers = _ask(llm, [c.frames for c in clips], [task] * len(clips))
+                results[task].setdefault(rope_type, {})[str(f)] = _score(answers, clips)
+                log(f"{rope_type:>8} {task:>5} {f:>4} frames: {results[task][rope_type][str(f)]['accuracy']:.3f}")
+                if index == 0:
+                    sampled = uniform_frame_indices(f, TRAIN_FRAMES)
+                    answers = _ask(llm, [c.frames[sampled] for c in clips], [task] * len(clips))
+                    score = _score(answers, clips)
+                    score["needles_caught"] = float(np.mean([set(c.needle_frames) <= set(sampled.tolist())
+                                                             for c in clips]))
+                    results[task].setdefault(SAMPLING_ROW, {})[str(f)] = score
+                    log(f"{SAMPLING_ROW} {task:>5} {f:>4} frames: {score['accuracy']:.3f} "
+                        f"(needles caught {score['needles_caught']:.2f})")
+        finally:
+            llm.llm_engine.engine_core.shutdown()
+            del llm
+    return {"model": str(model_dir), "machine": machine_name(), "factor": factor, "grouping": grouping,
+            "frames": frames, "rope_types": rope_types, "clips_per_cell": clips_per_cell, "seed": seed,
+            "seconds": round(time.perf_counter() - started, 1), "results": results}
+
+
+def plot_heatmap(report: dict, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = list(report["results"])
+    fig, axes = plt.subplots(1, len(tasks), figsize=(5.5 * len(tasks), 3.2), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        rows = [SAMPLING_ROW] + [r for r in report["rope_types"]]
+        grid = np.array([[report["results"][task][row][str(f)]["accuracy"] for f in report["frames"]]
+                         for row in rows])
+        ax.imshow(grid, vmin=0, vmax=1, cmap="viridis")
+        ax.set_xticks(range(len(report["frames"])), [str(f) for f in report["frames"]])
+        ax.set_yticks(range(len(rows)), rows)
+        ax.set_xlabel("frames in the video")
+        ax.set_title(f"{task}: {TASKS[task]}")
+        for (i, j), value in np.ndenumerate(grid):
+            ax.text(j, i, f"{value:.2f}", ha="center", va="center", color="white" if value < 0.6 else "black")
+    fig.suptitle(f"needle accuracy, n={report['clips_per_cell']} per cell ({report['machine']})", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def write_report(report: dict, output_dir: Path) -> tuple[Path, Path]:
+    output_dir.mkdir(parents=True, exist_ok=True)
+    json_path = output_dir / "needle_eval.json"
+    json_path.write_text(json.dumps(report, indent=2))
+    return json_path, plot_heatmap(report, output_dir / "needle_eval.png")
