@@ -71,8 +71,6 @@ class PerRequestRotaryEmbedding(torch.nn.Module):
         self.register_buffer("attention_by_code", attention, persistent=False)
 
     def forward(self, positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor | None = None):
-        if positions.ndim == 2:  # M-RoPE layout [channels, tokens]; all channels are equal
-            positions = positions[0]
         plain, codes = decode_positions(positions)
         return rotate_with_inv_freq(plain, query, key, self.inv_freq_by_code[codes], self.attention_by_code[codes],
                                     head_size=self.head_size, rotary_dim=self.rotary_dim,

@@ -305,6 +305,10 @@ class VideoLlavaForConditionalGeneration(nn.Module, SupportsMultiModal, Supports
     ) -> torch.Tensor | IntermediateTensors:
         if intermediate_tensors is not None:
             inputs_embeds = None
+        if positions.ndim == 2:
+            # M-RoPE layout [3, tokens] (per-request scale): the channels are equal, and vLLM's
+            # Llama marks positions' dim 0 as the dynamic token dim for torch.compile.
+            positions = positions[0]
         return self.language_model.model(input_ids, positions, intermediate_tensors, inputs_embeds=inputs_embeds)
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
