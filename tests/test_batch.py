@@ -1,0 +1,225 @@
+"""`intp-vllm batch`: the CLI run as a subprocess with real engines on the tiny checkpoint.
+
+Engine starts dominate the time, so the uninterrupted single-engine run is made once (module
+fixture) and is the reference for the kill/resume and Ray runs. That reference run uses vLLM's
+default engine-core process; the others run the engine core in-process
+(VLLM_ENABLE_V1_MULTIPROCESSING=0), which starts about 15 s faster here and must give the
+same answers.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+MAX_TOKENS = 32
+"""Enough decoding (~0.5 s a job here) that the killed run is still busy when its 2nd record lands."""
+ENGINE_FLAGS = ["--dtype", "float32", "--enforce-eager", "--kv-cache-memory-bytes", str(64 << 20),
+                "--max-num-seqs", "4", "--max-tokens", str(MAX_TOKENS)]
+RUN_TIMEOUT_S = 240
+IN_PROCESS_ENGINE = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+JOB_IDS = {"j0", "j1", "broken", 3, "j4", "j5"}
+
+
+def batch_cmd(model_dir, jobs, output, *extra):
+    return [sys.executable, "-m", "intp_vllm.cli", "batch", "--model", str(model_dir),
+            "--input", str(jobs), "--output", str(output), *ENGINE_FLAGS, *extra]
+
+
+def run_batch(model_dir, jobs, output, *extra, env=None, check=True):
+    proc = subprocess.run(batch_cmd(model_dir, jobs, output, *extra), capture_output=True, text=True,
+                          timeout=RUN_TIMEOUT_S, env={**os.environ, **(env or {})})
+    if check:
+        assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc
+
+
+def read_records(path):
+    text = path.read_text()
+    assert text.endswith("\n")
+    return [json.loads(line) for line in text.splitlines()]
+
+
+def by_id(records):
+    ids = [r["id"] for r in records]
+    assert len(ids) == len(set(ids)), f"duplicate ids in {ids}"
+    return {r["id"]: r for r in records}
+
+
+def answers(records):
+    return {job_id: r.get("answer") for job_id, r in records.items()}
+
+
+@pytest.fixture(scope="module")
+def batch_inputs(tmp_path_factory):
+    """6 jobs: mp4 files as relative, absolute, file:// and data: URLs (clip3 twice), one broken file."""
+    from intp_vllm.synthetic import moving_shapes_video
+    from intp_vllm.video_io import write_video
+
+    root = tmp_path_factory.mktemp("batch")
+    videos = root / "videos"
+    videos.mkdir()
+    for i in range(4):
+        write_video(videos / f"clip{i}.mp4", moving_shapes_video(num_frames=12 + 6 * i, height=56, width=72, seed=i))
+    (videos / "broken.mp4").write_text("this is not a video\n")
+    data_url = "data:video/mp4;base64," + base64.b64encode((videos / "clip3.mp4").read_bytes()).decode()
+    jobs = [
+        {"id": "j0", "video": "videos/clip0.mp4", "question": "What is moving?"},
+        {"id": "j1", "video": str(videos / "clip1.mp4"), "question": "What colour is the square?"},
+        {"id": "broken", "video": "videos/broken.mp4", "question": "What is moving?"},
+        {"id": 3, "video": "videos/clip2.mp4", "question": "Describe the video.", "frames": 4},
+        {"id": "j4", "video": data_url, "question": "What is moving?"},
+        {"id": "j5", "video": "file://" + str(videos / "clip3.mp4"), "question": "What is moving?", "max_tokens": 3},
+    ]
+    path = root / "jobs.jsonl"
+    path.write_text("".join(json.dumps(job) + "\n" for job in jobs))
+    return path
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_model_dir, batch_inputs):
+    """The uninterrupted single-engine run: (records by id, stderr)."""
+    output = batch_inputs.parent / "reference.jsonl"
+    started = time.perf_counter()
+    proc = run_batch(tiny_model_dir, batch_inputs, output)
+    print(f"\nuninterrupted run: {time.perf_counter() - started:.1f} s")
+    return by_id(read_records(output)), proc.stderr
+
+
+def test_answers_and_error_record(reference):
+    records, stderr = reference
+    assert set(records) == JOB_IDS
+    assert set(records["broken"]) == {"id", "error"}
+    assert "broken.mp4" in records["broken"]["error"] and "not a video" in records["broken"]["error"]
+    for job_id in JOB_IDS - {"broken"}:
+        record = records[job_id]
+        assert set(record) == {"id", "answer", "finish_reason", "prompt_tokens", "output_tokens", "frames"}
+        assert isinstance(record["answer"], str) and 1 <= record["output_tokens"] <= MAX_TOKENS
+        assert record["prompt_tokens"] > 8 * 17  # 8 frames' placeholders (17 tokens a frame) + the question
+    assert records[3]["frames"] == 4 and records["j0"]["frames"] == 8
+    assert records["j5"]["output_tokens"] <= 3
+    # the same file as a data: URL and as a file:// URL: same prompt, same greedy start
+    assert records["j4"]["prompt_tokens"] == records["j5"]["prompt_tokens"]
+    assert records["j4"]["answer"].startswith(records["j5"]["answer"])
+    assert "batch: 100%" in stderr and '"invalid": 0, "run": 6' in stderr  # tqdm bar, summary
+
+
+def kill_after_records(cmd, output, count: int) -> None:
+    """Start the run and SIGKILL it (and its engine processes) once `output` has `count` lines."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+                            env={**os.environ, **IN_PROCESS_ENGINE})
+    try:
+        deadline = time.monotonic() + RUN_TIMEOUT_S
+        while proc.poll() is None and time.monotonic() < deadline:
+            if output.exists() and output.read_bytes().count(b"\n") >= count:
+                break
+            time.sleep(0.01)
+        assert proc.poll() is None, "the run ended before it could be killed"
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+
+
+def test_kill_resume_and_cut_line_repair(tiny_model_dir, batch_inputs, reference):
+    """SIGKILL after 2 results, then a record cut mid-write; the re-run repairs and completes the file."""
+    output = batch_inputs.parent / "killed.jsonl"
+    kill_after_records(batch_cmd(tiny_model_dir, batch_inputs, output, "--batch-size", "1"), output, 2)
+    partial = by_id(read_records(output))
+    assert 2 <= len(partial) < 6, f"{len(partial)} records after the kill"
+    missing = next(job_id for job_id in reference[0] if job_id not in partial)
+    with open(output, "a") as handle:  # as a kill in the middle of writing a record leaves it
+        handle.write(json.dumps(reference[0][missing])[:25])
+
+    rerun = run_batch(tiny_model_dir, batch_inputs, output, "--batch-size", "1", env=IN_PROCESS_ENGINE)
+    assert "dropped a cut last line" in rerun.stderr
+    assert f"{len(partial)} job(s) already in" in rerun.stderr
+    records = by_id(read_records(output))
+    assert len(records) == 6
+    assert answers(records) == answers(reference[0])
+
+
+def test_ray_two_workers_match_one(tiny_model_dir, batch_inputs, reference):
+    output = batch_inputs.parent / "ray.jsonl"
+    started = time.perf_counter()
+    proc = run_batch(tiny_model_dir, batch_inputs, output, "--ray-workers", "2", "--batch-size", "2",
+                     env=IN_PROCESS_ENGINE)
+    print(f"\n2 Ray workers: {time.perf_counter() - started:.1f} s")
+    assert len(set(re.findall(r"\(Runner pid=(\d+)\)", proc.stderr))) == 2  # two engine actors logged
+    records = by_id(read_records(output))
+    assert answers(records) == answers(reference[0])
+    assert "broken.mp4" in records["broken"]["error"]
+
+
+# ---- no engine needed
+
+
+def test_faulty_jobs_file_stops_before_the_engine(tiny_model_dir, tmp_path):
+    jobs = tmp_path / "jobs.jsonl"
+    lines = [{"id": i, "video": "v.mp4", "question": "q"} for i in ("a", "b", "a", 7, 7)]
+    jobs.write_text("".join(json.dumps(line) + "\n" for line in lines) + '{"video": "v.mp4"}\n[1]\n{oops\n')
+    proc = run_batch(tiny_model_dir, jobs, tmp_path / "out.jsonl", check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    for fault in ('duplicate id "a" on lines 1, 3', "duplicate id 7 on lines 4, 5", ":6: missing 'id'",
+                  ":7: a job must be a JSON object", ":8: not valid JSON"):
+        assert fault in proc.stderr
+    assert str(jobs) in proc.stderr and not (tmp_path / "out.jsonl").exists()
+
+
+def test_bad_job_fields_become_error_records(tmp_path):
+    from intp_vllm.batch import parse_jobs
+
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text("\n".join(json.dumps(job) for job in [
+        {"id": "ok", "video": "v.mp4", "question": "q", "frames": 16},
+        {"id": "extra", "video": "v.mp4", "question": "q", "fps": 2},
+        {"id": "noq", "video": "v.mp4"},
+        {"id": "badtok", "video": "v.mp4", "question": "q", "max_tokens": "many"},
+        {"id": "badtemp", "video": "v.mp4", "question": "q", "temperature": True},
+    ]) + "\n")
+    parsed, bad = parse_jobs(jobs)
+    assert [j.id for j in parsed] == ["ok"] and parsed[0].video == str(tmp_path / "v.mp4")
+    assert parsed[0].options == {"frames": 16}
+    errors = {r["id"]: r["error"] for r in bad}
+    assert "unknown key(s) ['fps']" in errors["extra"]
+    assert "missing 'question'" in errors["noq"]
+    assert "'max_tokens' must be an integer" in errors["badtok"]
+    assert "'temperature' must be a number" in errors["badtemp"]
+    assert errors["extra"].startswith(f"{jobs}:2: ")
+
+
+def test_results_file_repair(tmp_path):
+    from intp_vllm.batch import BatchError, load_results
+
+    output = tmp_path / "out.jsonl"
+    output.write_text('{"id": "a", "answer": "x"}\n{garbage\n{"id": "b", "error": "e"}\n')
+    with pytest.raises(BatchError, match=r"out.jsonl:2 is not a result record"):
+        load_results(output)
+    output.write_text('{"id": "a", "answer": "x"}\n{"id": "b", "err')
+    done = load_results(output)
+    assert done.keys == {'"a"'} and done.repaired and output.read_text() == '{"id": "a", "answer": "x"}\n'
+    output.write_text('{"id": 1, "answer": "x"}')  # whole record, only its newline lost: kept
+    assert load_results(output).keys == {"1"} and output.read_text() == '{"id": 1, "answer": "x"}\n'
+    output.write_text('{"id": "a", "answer": "x"}\n{"id": "b", "error": "e"}\n')
+    assert load_results(output).keys == {'"a"', '"b"'}
+    done = load_results(output, retry_errors=True)
+    assert done.keys == {'"a"'} and done.rewritten and output.read_text() == '{"id": "a", "answer": "x"}\n'
+
+
+def test_help_explains_jobs_results_resume_and_ray(capsys):
+    from intp_vllm.cli import build_parser
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["batch", "--help"])
+    text = capsys.readouterr().out
+    for phrase in ("required: id", "optional: max_tokens", "data:video/mp4;base64", '"error"', "resuming:",
+                   "--retry-errors", "--ray-workers", "--ray-address", "--tensor-parallel-size", "--frames"):
+        assert phrase in text
