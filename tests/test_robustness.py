@@ -1,0 +1,396 @@
+"""Hostile and heavy input against one live `intp-vllm serve` (real files, real HTTP).
+
+Every bad request gets a 4xx whose message names the problem, and a valid request right
+after it still succeeds; a burst beyond the in-flight limit gets 503s, not a hang; decoding
+a long video holds only the sampled frames. Limits are set small so the cases stay cheap.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import os
+import re
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import requests
+
+from conftest import ENGINE_KV_BYTES
+from intp_vllm.serve import IntpVideoLoader, ServeLimits
+from intp_vllm.synthetic import moving_shapes_video
+from intp_vllm.video_io import VideoLimits, read_video, write_video
+from intp_vllm_benchmarks.load_test import QUESTION, chat_request, run_load, serve, served_model
+from test_fuzz_video import malformed_dref_mp4
+
+MAX_FRAMES = 16
+MAX_VIDEO_BYTES = 2_000_000
+FETCH_TIMEOUT_S = 3
+MAX_IN_FLIGHT = 8
+
+
+@pytest.fixture(scope="module")
+def media_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("robustness-media")
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model_dir, media_dir):
+    args = ["--dtype", "float32", "--enforce-eager", "--kv-cache-memory-bytes", str(ENGINE_KV_BYTES),
+            "--max-num-seqs", "4", "--seed", "0", "--allowed-local-media-path", str(media_dir),
+            "--trust-request-mm-kwargs", "--max-frames", str(MAX_FRAMES), "--max-video-frames", str(MAX_FRAMES),
+            "--max-video-bytes", str(MAX_VIDEO_BYTES), "--video-fetch-timeout", str(FETCH_TIMEOUT_S),
+            "--max-in-flight-requests", str(MAX_IN_FLIGHT)]
+    with serve(tiny_model_dir, args) as base_url:
+        yield base_url
+
+
+@pytest.fixture(scope="module")
+def model(server) -> str:
+    return served_model(server)
+
+
+@pytest.fixture(scope="module")
+def clip(media_dir) -> Path:
+    return write_video(media_dir / "clip.mp4", moving_shapes_video(num_frames=24, height=72, width=100, seed=7))
+
+
+@pytest.fixture(scope="module")
+def silent_url():
+    """An http server that accepts connections and never answers."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    held = []
+
+    def accept_forever():
+        try:
+            while True:
+                held.append(listener.accept()[0])
+        except OSError:  # the listener was closed
+            pass
+
+    threading.Thread(target=accept_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{listener.getsockname()[1]}/clip.mp4"
+    listener.close()
+    for conn in held:
+        conn.close()
+
+
+def data_url(data: bytes) -> str:
+    return "data:video/mp4;base64," + base64.b64encode(data).decode()
+
+
+def video_request(model: str, url: str, text: str = QUESTION, videos: int = 1, **extra) -> dict:
+    return {**chat_request(model, url, max_tokens=4, text=text, videos=videos), **extra}
+
+
+def post(server: str, body: dict) -> tuple[int, dict]:
+    response = requests.post(f"{server}/v1/chat/completions", json=body, timeout=120)
+    return response.status_code, response.json()
+
+
+def assert_served(server: str, model: str, clip: Path) -> dict:
+    status, reply = post(server, video_request(model, f"file://{clip}"))
+    assert status == 200, reply
+    return reply
+
+
+# ------------------------------------------------------------------------------ hostile input
+# Each builder gets (media_dir, clip) and returns (video_url, request extras).
+
+
+def corrupt_mp4(media, clip):
+    """A real mp4 header followed by garbage."""
+    return data_url(clip.read_bytes()[:64] + np.random.default_rng(0).bytes(4000)), {}
+
+
+def text_named_mp4(media, clip):
+    (media / "notes.mp4").write_text("not a video\n" * 50)
+    return f"file://{media / 'notes.mp4'}", {}
+
+
+def zero_frame_mp4(media, clip):
+    """What OpenCV writes when a writer is closed before any frame."""
+    writer = cv2.VideoWriter(str(media / "empty.mp4"), cv2.VideoWriter_fourcc(*"mp4v"), 8, (64, 48))
+    writer.release()
+    return f"file://{media / 'empty.mp4'}", {}
+
+
+def eight_k_mp4(media, clip):
+    """7680x4320: rejected from the header, before any frame is decoded."""
+    write_video(media / "8k.mp4", np.zeros((1, 4320, 7680, 3), np.uint8))
+    return f"file://{media / '8k.mp4'}", {}
+
+
+def too_many_decoded_frames(media, clip):
+    return f"file://{clip}", {"media_io_kwargs": {"video": {"num_frames": MAX_FRAMES + 1}}}
+
+
+def all_frames_requested(media, clip):
+    """num_frames=-1 makes vLLM's own loader decode the whole video."""
+    return f"file://{clip}", {"media_io_kwargs": {"video": {"num_frames": -1}}}
+
+
+def too_many_processed_frames(media, clip):
+    return f"file://{clip}", {"mm_processor_kwargs": {"frames": MAX_FRAMES + 1}}
+
+
+def unsupported_loader_option(media, clip):
+    return f"file://{clip}", {"media_io_kwargs": {"video": {"fps": 2}}}
+
+
+def outside_allowed_dir(media, clip):
+    return "file:///etc/passwd", {}
+
+
+def dot_dot_out_of_allowed_dir(media, clip):
+    return f"file://{media}/../{media.name}-outside.mp4", {}
+
+
+def symlink_out_of_allowed_dir(media, clip):
+    outside = write_video(media.parent / "outside.mp4", moving_shapes_video(num_frames=8, height=32, width=32))
+    link = media / "link.mp4"
+    if not link.is_symlink():
+        link.symlink_to(outside)
+    return f"file://{link}", {}
+
+
+def missing_file(media, clip):
+    return f"file://{media / 'missing.mp4'}", {}
+
+
+def broken_base64(media, clip):
+    return "data:video/mp4;base64,AAAA%%%%" + base64.b64encode(clip.read_bytes()).decode(), {}
+
+
+def data_url_not_base64(media, clip):
+    """vLLM itself answers this with a 501."""
+    return "data:video/mp4,hello", {}
+
+
+def jpeg_frame_list(media, clip):
+    """vLLM decodes these itself, with no frame or pixel limit."""
+    return "data:video/jpeg;base64,AAAA", {}
+
+
+def file_over_byte_limit(media, clip):
+    (media / "big.mp4").write_bytes(bytes(MAX_VIDEO_BYTES + 1))
+    return f"file://{media / 'big.mp4'}", {}
+
+
+def data_url_over_byte_limit(media, clip):
+    return data_url(bytes(MAX_VIDEO_BYTES + 1)), {}
+
+
+def body_over_request_limit(media, clip):
+    """Refused from Content-Length, before the body is read."""
+    return data_url(bytes(2 * MAX_VIDEO_BYTES)), {}
+
+
+HOSTILE = [
+    pytest.param(corrupt_mp4, 400, "not a video OpenCV can open", id="corrupt-mp4"),
+    pytest.param(text_named_mp4, 400, "not a video OpenCV can open", id="text-named-mp4"),
+    pytest.param(zero_frame_mp4, 400, "not a video OpenCV can open.*at least one frame", id="zero-frames"),
+    pytest.param(eight_k_mp4, 400, r"7680x4320 frames \(33177600 pixels\); at most 2073600 pixels", id="8k"),
+    pytest.param(too_many_decoded_frames, 400, "num_frames=17: expected an integer from 1 to 16",
+                 id="num-frames-over-max"),
+    pytest.param(all_frames_requested, 400, "num_frames=-1: expected an integer from 1 to 16", id="all-frames"),
+    pytest.param(too_many_processed_frames, 400, r"frames=17: expected an integer from 1 to 16",
+                 id="processor-frames-over-max"),
+    pytest.param(unsupported_loader_option, 400, r"\['fps'\] are not supported", id="loader-option"),
+    pytest.param(outside_allowed_dir, 400, "must be a subpath of `--allowed-local-media-path", id="outside"),
+    pytest.param(dot_dot_out_of_allowed_dir, 400, "must be a subpath of `--allowed-local-media-path", id="dot-dot"),
+    pytest.param(symlink_out_of_allowed_dir, 400, "must be a subpath of `--allowed-local-media-path", id="symlink"),
+    pytest.param(missing_file, 422, "could not be fetched: FileNotFoundError", id="missing-file"),
+    pytest.param(broken_base64, 400, "video_url 'data:video/mp4;base64,AAAA%%%%.*base64", id="broken-base64"),
+    pytest.param(data_url_not_base64, 400, "expected a base64 encoded video", id="data-url-not-base64"),
+    pytest.param(jpeg_frame_list, 400, "video/jpeg frame lists are not accepted", id="jpeg-frame-list"),
+    pytest.param(file_over_byte_limit, 400, f"{MAX_VIDEO_BYTES + 1} bytes; at most {MAX_VIDEO_BYTES} bytes",
+                 id="file-too-big"),
+    pytest.param(data_url_over_byte_limit, 400, f"{MAX_VIDEO_BYTES + 1} bytes; at most {MAX_VIDEO_BYTES} bytes",
+                 id="data-url-too-big"),
+    pytest.param(body_over_request_limit, 413, "request body of .* bytes is over this server's limit",
+                 id="body-too-big"),
+]
+
+
+@pytest.mark.parametrize("build, status, message", HOSTILE)
+def test_hostile_video_is_a_4xx_naming_the_problem_and_the_next_request_succeeds(
+        server, model, media_dir, clip, build, status, message):
+    url, extra = build(media_dir, clip)
+    got, reply = post(server, video_request(model, url, **extra))
+    assert got == status, reply
+    assert re.search(message, reply["error"]["message"]), reply["error"]["message"]
+    assert_served(server, model, clip)
+
+
+def test_more_videos_than_allowed_is_a_400(server, model, clip):
+    status, reply = post(server, video_request(model, f"file://{clip}", videos=2))
+    assert status == 400 and "At most 1 video(s) may be provided" in reply["error"]["message"]
+    assert_served(server, model, clip)
+
+
+@pytest.mark.parametrize("text", ["hello world " * 3000, "a " * 4000], ids=["over-char-bound", "over-token-bound"])
+def test_prompt_and_video_longer_than_max_model_len_is_a_400(server, model, clip, text):
+    """vLLM checks characters before tokenizing, then tokens with the video's placeholders."""
+    status, reply = post(server, video_request(model, f"file://{clip}", text=text))
+    assert status == 400 and "maximum context length" in reply["error"]["message"], reply
+    assert_served(server, model, clip)
+
+
+def test_frame_counts_beyond_the_decoder_limit_are_refused_at_startup():
+    args = argparse.Namespace(max_video_frames=16, max_frame_pixels=100, max_video_bytes=100,
+                              video_fetch_timeout=1.0, max_in_flight_requests=1)
+    assert ServeLimits.from_args(args, {"frames": 16}).video.max_frames == 16
+    with pytest.raises(ValueError, match="--frames/--max-frames 32 exceeds --max-video-frames 16"):
+        ServeLimits.from_args(args, {"frames": 8, "max_frames": 32})
+
+
+def test_silent_http_host_is_given_up_on_at_the_fetch_timeout(server, model, silent_url):
+    """vLLM alone retries a dead host 3 times with growing timeouts: 30 + 120 + 480 s."""
+    start = time.monotonic()
+    status, reply = post(server, video_request(model, silent_url))
+    assert status == 422 and time.monotonic() - start < FETCH_TIMEOUT_S + 3
+    expected = f"video_url '{silent_url}' was not fetched and decoded within {FETCH_TIMEOUT_S} s"
+    assert expected in reply["error"]["message"]
+
+
+def test_one_frame_video_is_padded_to_the_encoder_window(server, model, media_dir, clip):
+    """One frame is a video: it is repeated up to the 8-frame window, like any short clip."""
+    one = write_video(media_dir / "one.mp4", moving_shapes_video(num_frames=1, height=72, width=100))
+    status, reply = post(server, video_request(model, f"file://{one}"))
+    assert status == 200, reply
+    assert reply["usage"]["prompt_tokens"] == assert_served(server, model, clip)["usage"]["prompt_tokens"]
+
+
+def test_mp4_that_crashes_opencv_stream_reader_is_served(server, model, media_dir, clip):
+    data = malformed_dref_mp4(clip.read_bytes())
+    status, reply = post(server, video_request(model, data_url(data)))
+    assert status == 200, reply
+    assert_served(server, model, clip)
+
+
+def test_ffconcat_script_cannot_make_the_server_decode_a_file_beside_its_temp_file(server, model, clip):
+    """FFmpeg would take these bytes as a concat script and decode the named video from the
+    server's temp directory (shown first without the demuxer whitelist)."""
+    secret = Path(tempfile.gettempdir()) / f"intp-vllm-secret-{os.getpid()}.mp4"
+    script = Path(tempfile.gettempdir()) / f"intp-vllm-script-{os.getpid()}.video"
+    secret.write_bytes(clip.read_bytes())
+    script.write_text(f"ffconcat version 1.0\nfile {secret.name}\nduration 3\n")
+    try:
+        env = {k: v for k, v in os.environ.items() if k != "OPENCV_FFMPEG_CAPTURE_OPTIONS"}
+        code = "import cv2, sys; print(cv2.VideoCapture(sys.argv[1], cv2.CAP_FFMPEG).read()[0])"
+        unrestricted = subprocess.run([sys.executable, "-c", code, str(script)], env=env, capture_output=True,
+                                      text=True)
+        status, reply = post(server, video_request(model, data_url(script.read_bytes())))
+    finally:
+        secret.unlink()
+        script.unlink()
+    assert unrestricted.stdout.strip() == "True"
+    assert status == 400 and "not a video OpenCV can open" in reply["error"]["message"]
+
+
+def test_opencv_stream_reader_does_crash_on_that_mp4(tmp_path, clip):
+    """Negative control: the reader vLLM's own loader uses dies on it (so we decode from a file)."""
+    path = tmp_path / "dref.mp4"
+    path.write_bytes(malformed_dref_mp4(clip.read_bytes()))
+    code = ("import cv2, io, sys; stream = io.BytesIO(open(sys.argv[1], 'rb').read()); "
+            "cv2.VideoCapture(stream, cv2.CAP_FFMPEG, []).read()")
+    assert subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True).returncode < 0
+
+
+# ------------------------------------------------------------------------------ load
+
+
+def test_small_load_has_no_failures(server, model, clip):
+    result = asyncio.run(run_load(server, chat_request(model, f"file://{clip}"), clients=MAX_IN_FLIGHT,
+                                  requests_per_client=5, max_seconds=120))
+    assert result.failed == 0, result.summary()
+
+
+def test_burst_over_the_in_flight_limit_gets_503s_then_the_server_recovers(server, model, clip, silent_url):
+    """Slow requests (a silent video host) fill every slot; a burst then gets 503 at once."""
+
+    async def hold_and_burst():
+        holders = asyncio.ensure_future(run_load(server, chat_request(model, silent_url), MAX_IN_FLIGHT, 1))
+        await asyncio.sleep(1.0)
+        burst = await run_load(server, chat_request(model, f"file://{clip}"), 3 * MAX_IN_FLIGHT, 1)
+        return await holders, burst
+
+    holders, burst = asyncio.run(hold_and_burst())
+    assert holders.statuses == {422: MAX_IN_FLIGHT}, holders.summary()
+    assert burst.statuses == {503: 3 * MAX_IN_FLIGHT}, burst.summary()
+    assert f"server busy: {MAX_IN_FLIGHT} requests in flight, the limit is {MAX_IN_FLIGHT}" in burst.errors[0]
+    assert requests.get(f"{server}/health", timeout=5).status_code == 200
+    assert_served(server, model, clip)
+
+
+# ------------------------------------------------------------------------------ bounded decoding
+
+
+@pytest.fixture(scope="module")
+def long_video(tmp_path_factory) -> Path:
+    """3000 frames of 160x120: 173 MB if decoded whole."""
+    frames = moving_shapes_video(num_frames=3000, height=120, width=160, seed=3)
+    return write_video(tmp_path_factory.mktemp("long") / "long.mp4", frames, fps=30)
+
+
+PEAK_RSS_SCRIPT = """
+import sys
+import cv2
+from intp_vllm.video_io import VideoLimits, sample_video
+
+def peak_rss():  # VmHWM: this process's own peak (ru_maxrss would include the parent's at fork)
+    status = open("/proc/self/status").read()
+    return int(status.split("VmHWM:")[1].split()[0]) * 1024
+
+path, max_frames, max_pixels, whole = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4] == "whole"
+data = open(path, "rb").read()
+limits = VideoLimits(max_frames=max_frames, max_frame_pixels=max_pixels)
+sample_video(data, 1, limits)  # load the codec before measuring
+before = peak_rss()
+if whole:  # negative control: every frame in memory
+    capture, kept = cv2.VideoCapture(path), []
+    while (frame := capture.read()[1]) is not None:
+        kept.append(frame)
+else:
+    kept = sample_video(data, max_frames, limits)  # as the server's loader decodes a video_url
+print(peak_rss() - before)
+"""
+
+
+def peak_rss_growth(path: Path, limits: VideoLimits, whole: bool = False) -> int:
+    """Bytes the peak RSS of a fresh process grows by while decoding `path` (Linux)."""
+    args = [sys.executable, "-c", PEAK_RSS_SCRIPT, str(path), str(limits.max_frames), str(limits.max_frame_pixels),
+            "whole" if whole else "sampled"]
+    return int(subprocess.run(args, capture_output=True, text=True, check=True).stdout.split()[-1])
+
+
+def test_long_video_decoding_holds_only_the_sampled_frames(long_video):
+    limits = VideoLimits(max_frames=64, max_frame_pixels=160 * 120)
+    decoder_overhead = 16 << 20
+    growth = peak_rss_growth(long_video, limits)
+    assert growth < limits.decoded_bytes_bound + decoder_overhead, growth
+    whole = peak_rss_growth(long_video, limits, whole=True)  # the measurement does see a whole decode
+    assert whole > 100 << 20 and whole > 4 * (limits.decoded_bytes_bound + decoder_overhead), whole
+
+
+def test_server_loader_gives_vllm_loader_frames(long_video):
+    """Swapping vLLM's OpenCV loader for ours changes no pixel and no index, only the cost."""
+    from vllm.multimodal.video import VIDEO_LOADER_REGISTRY
+
+    data = long_video.read_bytes()
+    theirs, their_meta = VIDEO_LOADER_REGISTRY.load("opencv").load_bytes(data, num_frames=8)
+    ours, our_meta = IntpVideoLoader.load_bytes(data, num_frames=8)
+    np.testing.assert_array_equal(ours, theirs)
+    assert our_meta["frames_indices"] == their_meta["frames_indices"]
+    assert our_meta["total_num_frames"] == their_meta["total_num_frames"] == 3000
+    np.testing.assert_array_equal(read_video(long_video, 8), ours)
