@@ -105,10 +105,35 @@ def _run_serve(args, vllm_args) -> None:
     run_server(args.model, intp_section(args), vllm_args)
 
 
+def _add_bench(sub) -> None:
+    from intp_vllm_benchmarks.bench_throughput import add_bench_arguments
+
+    p = sub.add_parser(
+        "bench",
+        help="offline throughput: HF generate vs the plugin at 8 frames vs INTP at Kx8 frames, with MFU",
+        description="Answer the same questions about the same videos four ways, each in a fresh process: "
+        "HF transformers generate (8 frames), the plugin at the encoder window (8 frames), INTP at Kx8 "
+        "frames (YaRN), and Kx8 frames without RoPE scaling (INTP's overhead). Reports req/s, video "
+        "frames/s, prompt and output tokens/s, TTFT, peak memory, model FLOPs (counted analytically) and "
+        "MFU against the matmul peak measured in the same run; names the machine; writes throughput.json "
+        "and throughput.png. Without --model it generates a small random-weight checkpoint.",
+        epilog="examples: intp-vllm bench | intp-vllm bench --quick | "
+        "VLLM_CPU_NUM_OF_RESERVED_CPU=0 intp-vllm bench --runs plugin_8f,intp_32f,unscaled_32f",
+    )
+    add_bench_arguments(p)
+
+
+def _run_bench(args) -> None:
+    from intp_vllm_benchmarks.bench_throughput import main_bench
+
+    main_bench(args)
+
+
 COMMANDS = {
     "make-tiny-model": (_add_make_tiny_model, _run_make_tiny_model),
     "demo": (_add_demo, _run_demo),
     "serve": (_add_serve, _run_serve),
+    "bench": (_add_bench, _run_bench),
 }
 PASSTHROUGH_COMMANDS = {"serve"}
 """Commands whose unknown flags belong to vLLM."""
