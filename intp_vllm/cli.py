@@ -62,23 +62,25 @@ def _run_make_tiny_model(args) -> None:
 
 
 def _add_demo(sub) -> None:
-    from .demo import DEFAULT_DEMO_DIR
+    from .demo import DEFAULT_DEMO_DIR, DEMO_FRAMES
 
     p = sub.add_parser(
         "demo",
-        help="answer one question about a synthetic video through vLLM",
-        description="Build the tiny checkpoint if absent, write a synthetic video with OpenCV, ask one "
-        "question through vLLM with the intp_vllm plugin, print answer, frames, tokens and timings.",
+        help="ask about a 64-frame video through vLLM; the answer is checkable",
+        description="Write a 64-frame video with OpenCV (grey noise, one frame flashes a coloured square), "
+        "ask the needle Video-LLaVA (trained here on 8-frame clips) which colour flashed, through vLLM "
+        "with INTP reading all frames, and show what 8 uniformly sampled frames would have given. "
+        "Prints the answer, the truth, video tokens and timings.",
     )
-    p.add_argument("--workdir", type=Path, default=DEFAULT_DEMO_DIR, help="where checkpoint and video go")
-    p.add_argument("--frames", type=int, default=8, help="frames sampled from the video")
-    p.add_argument("--max-tokens", type=int, default=24)
+    p.add_argument("--workdir", type=Path, default=DEFAULT_DEMO_DIR, help="where the video (and a model "
+                   "trained on first use) go")
+    p.add_argument("--frames", type=int, default=DEMO_FRAMES, help="frames read from the video")
 
 
 def _run_demo(args) -> None:
     from .demo import run_demo
 
-    run_demo(args.workdir, frames=args.frames, max_tokens=args.max_tokens)
+    run_demo(args.workdir, frames=args.frames)
 
 
 def _add_serve(sub) -> None:
@@ -103,6 +105,84 @@ def _run_serve(args, vllm_args) -> None:
     from .serve import intp_section, run_server
 
     run_server(args.model, intp_section(args), vllm_args)
+
+
+def _add_batch(sub) -> None:
+    from .batch import EXAMPLE, add_batch_arguments
+
+    p = sub.add_parser(
+        "batch",
+        help="answer a JSONL of video questions offline (resumable; Ray replicas optional)",
+        description="Offline batch inference: read jobs (one JSON object a line: id, video, question), "
+        "decode the videos ahead of the engine, run them through vLLM in chunks and append one JSON "
+        "result a line to --output, fsync'd per chunk. Re-running the same command resumes. "
+        "With --ray-workers N, N engine replicas run as Ray actors.",
+        epilog=EXAMPLE,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_batch_arguments(p)
+
+
+def _run_batch(args) -> None:
+    from .batch import main_batch
+
+    main_batch(args)
+
+
+def _add_train_needle(sub) -> None:
+    from .needle import TrainConfig
+
+    defaults = TrainConfig()
+    p = sub.add_parser(
+        "train-needle",
+        help="train the tiny needle Video-LLaVA on 8-frame synthetic clips (CPU, minutes)",
+        description="Train a tiny HF Video-LLaVA from scratch on synthetic 8-frame clips (grey noise, "
+        "coloured squares flashed in one or two frames; questions 'What colour flashed?' and 'Which came "
+        "first?') until both tasks reach --target on held-out clips, and save an HF checkpoint that "
+        "`intp-vllm serve`/`eval-needle` load.",
+    )
+    p.add_argument("dir", type=Path, help="output checkpoint directory")
+    p.add_argument("--seed", type=int, default=defaults.seed)
+    p.add_argument("--max-steps", type=int, default=defaults.max_steps)
+    p.add_argument("--target", type=float, default=defaults.target_accuracy,
+                   help="stop when both tasks reach this 8-frame accuracy")
+
+
+def _run_train_needle(args) -> None:
+    from .needle import TrainConfig, train_needle
+
+    report = train_needle(args.dir, TrainConfig(seed=args.seed, max_steps=args.max_steps,
+                                                target_accuracy=args.target))
+    print(f"wrote {args.dir} after {report['steps']} steps ({report['seconds']} s): {report['accuracy_8_frames']}")
+
+
+def _add_eval_needle(sub) -> None:
+    p = sub.add_parser(
+        "eval-needle",
+        help="needle accuracy at 8-128 frames through vLLM, against 8-frame sampling",
+        description="Ask the needle model about held-out videos of each frame count, through vLLM with the "
+        "plugin, once per RoPE type, and with 8 uniformly sampled frames as the baseline. Writes "
+        "needle_eval.json and needle_eval.png (accuracy, 95%% Wilson intervals, needles caught by sampling).",
+    )
+    p.add_argument("--model", required=True, help="a checkpoint from train-needle")
+    p.add_argument("--frames", default="8,32,64,128", help="comma-separated frame counts")
+    p.add_argument("--rope", default="none,linear,ntk,yarn", help="comma-separated RoPE types")
+    p.add_argument("--factor", default="auto", help='"auto" or a number >= 1')
+    p.add_argument("--grouping", default="interleaved", choices=["interleaved", "consecutive"])
+    p.add_argument("--clips", type=int, default=300, help="held-out clips per cell")
+    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--output-dir", type=Path, default=Path("runs/needle-eval"))
+
+
+def _run_eval_needle(args) -> None:
+    from .needle_eval import evaluate, write_report
+    from .serve import parse_factor
+
+    report = evaluate(args.model, [int(f) for f in args.frames.split(",")], args.rope.split(","),
+                      factor=parse_factor(args.factor), clips_per_cell=args.clips, seed=args.seed,
+                      grouping=args.grouping)
+    for path in write_report(report, args.output_dir):
+        print(f"wrote {path}")
 
 
 def _add_bench(sub) -> None:
@@ -133,6 +213,9 @@ COMMANDS = {
     "make-tiny-model": (_add_make_tiny_model, _run_make_tiny_model),
     "demo": (_add_demo, _run_demo),
     "serve": (_add_serve, _run_serve),
+    "train-needle": (_add_train_needle, _run_train_needle),
+    "eval-needle": (_add_eval_needle, _run_eval_needle),
+    "batch": (_add_batch, _run_batch),
     "bench": (_add_bench, _run_bench),
 }
 PASSTHROUGH_COMMANDS = {"serve"}

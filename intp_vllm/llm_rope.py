@@ -5,13 +5,16 @@ allowing a longer max_model_len (IndexError past it), and a custom `rope_type` i
 rejected by `get_rope`. So the checkpoint's `rope_parameters` stay untouched and the
 model swaps its Llama's rotary module after building it: one shared module whose
 table covers every position up to max_model_len, computed from `rope_scaling`'s inv_freq
-and attention factor. The rotation itself is vLLM's op (C++ on CPU, CUDA on GPU).
+and attention factor, for a fixed `intp.factor` (the rotation is then vLLM's own op), or
+a per-request module for `factor: "auto"` (the Triton kernel on GPU, torch ops on CPU).
 """
 
 from __future__ import annotations
 
 import torch
 from vllm.model_executor.layers.rotary_embedding import RotaryEmbedding
+
+from intp_vllm_kernels.scaled_rotary import HAS_TRITON, scaled_rotary_op
 
 from .config import IntpConfig
 from .request_scale import all_code_scales, decode_positions
@@ -53,7 +56,9 @@ class PerRequestRotaryEmbedding(torch.nn.Module):
     8-frame request runs at s = 1, the original model) for prefill and decode alike.
     inv_freq is looked up per scale code (a small [codes, rotary_dim / 2] table built with
     `rope_scaling`, so each scale's numbers equal a model built for that scale alone) and
-    cos/sin are computed on the fly from (position, inv_freq).
+    cos/sin are computed on the fly from (position, inv_freq). On a GPU the Triton kernel
+    does the same from (position, scale) in one in-place pass; on CPU torch ops do it, which
+    vLLM's torch.compile fuses.
     """
 
     def __init__(self, *, head_size: int, rotary_dim: int, base: float, rope_type: str, original_max_position: int,
@@ -69,9 +74,14 @@ class PerRequestRotaryEmbedding(torch.nn.Module):
                                                  rotary_dim=rotary_dim, original_max_position=original_max_position)
         self.register_buffer("inv_freq_by_code", inv_freq, persistent=False)
         self.register_buffer("attention_by_code", attention, persistent=False)
+        self.register_buffer("scale_by_code", torch.tensor(all_code_scales(), dtype=torch.float32), persistent=False)
 
     def forward(self, positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor | None = None):
         plain, codes = decode_positions(positions)
+        if query.is_cuda and key is not None and HAS_TRITON:
+            scaled_rotary_op(plain, query, key, self.scale_by_code[codes], self.head_size, self.rotary_dim,
+                             self.is_neox_style, self.rope_type, self.base, self.original_max_position)
+            return query, key
         return rotate_with_inv_freq(plain, query, key, self.inv_freq_by_code[codes], self.attention_by_code[codes],
                                     head_size=self.head_size, rotary_dim=self.rotary_dim,
                                     is_neox=self.is_neox_style)

@@ -94,13 +94,21 @@ def _yarn_correction_dim(rotations: float, rotary_dim: int, base: float, origina
     return (rotary_dim * math.log(original_max_position / (rotations * 2 * math.pi))) / (2 * math.log(base))
 
 
-def yarn_interpolation_ramp(*, base: float, rotary_dim: int, original_max_position: int,
-                            beta_fast: float = YARN_BETA_FAST, beta_slow: float = YARN_BETA_SLOW) -> torch.Tensor:
-    """Per-frequency weight of interpolation (inv_freq / s) against extrapolation; independent of s."""
+def yarn_ramp_bounds(*, base: float, rotary_dim: int, original_max_position: int,
+                     beta_fast: float = YARN_BETA_FAST, beta_slow: float = YARN_BETA_SLOW) -> tuple[float, float]:
+    """(low, high): the frequency indices where YaRN's ramp leaves 0 and reaches 1; independent of s."""
     low = max(math.floor(_yarn_correction_dim(beta_fast, rotary_dim, base, original_max_position)), 0)
     high = min(math.ceil(_yarn_correction_dim(beta_slow, rotary_dim, base, original_max_position)), rotary_dim - 1)
     if low == high:
         high += 0.001  # a zero-width ramp would divide by zero
+    return float(low), float(high)
+
+
+def yarn_interpolation_ramp(*, base: float, rotary_dim: int, original_max_position: int,
+                            beta_fast: float = YARN_BETA_FAST, beta_slow: float = YARN_BETA_SLOW) -> torch.Tensor:
+    """Per-frequency weight of interpolation (inv_freq / s) against extrapolation; independent of s."""
+    low, high = yarn_ramp_bounds(base=base, rotary_dim=rotary_dim, original_max_position=original_max_position,
+                                 beta_fast=beta_fast, beta_slow=beta_slow)
     return torch.clamp((torch.arange(rotary_dim // 2, dtype=torch.float32) - low) / (high - low), 0, 1)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from intp_vllm.rope_scaling import rope_inv_freq
 from intp_vllm.rotary import apply_scaled_rotary
 
 BASE = 10000.0
@@ -110,3 +111,80 @@ def test_half_precision_stays_close_to_fp32(dtype, atol):
     assert got_q.dtype == dtype
     torch.testing.assert_close(got_q.float(), ref_q, rtol=0, atol=atol)
     torch.testing.assert_close(got_k.float(), ref_k, rtol=0, atol=atol)
+
+
+def per_token_reference(positions, x, scales, *, rope_type, head_size, rotary_dim, is_neox):
+    """Straightforward reference: for each token, rope_inv_freq at its own scale, the textbook rotation, fp64."""
+    out = x.double().clone().view(len(positions), -1, head_size)
+    half = rotary_dim // 2
+    for t in range(len(positions)):
+        inv, att = rope_inv_freq(rope_type, base=BASE, rotary_dim=rotary_dim, factor=float(scales[t]),
+                                 original_max_position=ORIGINAL)
+        angle = float(positions[t]) * inv.double()
+        cos, sin = angle.cos() * att, angle.sin() * att
+        for h in range(out.shape[1]):
+            idx1 = torch.arange(half) if is_neox else torch.arange(0, rotary_dim, 2)
+            idx2 = idx1 + half if is_neox else idx1 + 1
+            x1, x2 = out[t, h, idx1].clone(), out[t, h, idx2].clone()
+            out[t, h, idx1] = x1 * cos - x2 * sin
+            out[t, h, idx2] = x2 * cos + x1 * sin
+    return out.view(x.shape)
+
+
+CASES = [  # (head_size, rotary_dim, q_heads, k_heads)
+    (64, 64, 4, 2),
+    (64, 32, 3, 1),
+    (80, 48, 5, 5),
+]
+
+
+@pytest.mark.parametrize("is_neox", [True, False])
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("rope_type", ["none", "linear", "ntk", "yarn"])
+def test_mixed_scales_equal_a_per_token_reference(rope_type, case, is_neox):
+    head_size, rotary_dim, q_heads, k_heads = case
+    g = torch.Generator().manual_seed(1)
+    tokens = 11
+    positions = torch.randint(0, 3000, (tokens,), generator=g)
+    scales = torch.tensor([1.0, 2.0, 4.5, 8.0])[torch.randint(0, 4, (tokens,), generator=g)]
+    qkv = torch.randn(tokens, (q_heads + 2 * k_heads) * head_size, generator=g)
+    q, k, _ = qkv.split([q_heads * head_size, k_heads * head_size, k_heads * head_size], dim=-1)  # strided views
+    kw = dict(head_size=head_size, rotary_dim=rotary_dim, is_neox=is_neox, rope_type=rope_type, base=BASE,
+              original_max_position=ORIGINAL)
+    expected_q = per_token_reference(positions, q, scales, **{k: v for k, v in kw.items() if k not in ("base", "original_max_position")})
+    expected_k = per_token_reference(positions, k, scales, **{k: v for k, v in kw.items() if k not in ("base", "original_max_position")})
+    before = qkv.clone()
+    got_q, got_k = apply_scaled_rotary(positions, q, k, scales, **kw)
+    assert torch.equal(qkv, before)  # inputs untouched
+    # fp32 angles of positions < 3000 carry ~3000 * 2**-24 of rounding; the reference is fp64
+    torch.testing.assert_close(got_q.double(), expected_q, rtol=0, atol=2e-3)
+    torch.testing.assert_close(got_k.double(), expected_k, rtol=0, atol=2e-3)
+    if rope_type != "none":  # negative control: the same batch at one scale differs
+        wrong_q, _ = apply_scaled_rotary(positions, q, k, torch.full((tokens,), 2.0), **kw)
+        assert (wrong_q.double() - expected_q).abs().max() > 1e-2
+
+
+def test_key_none_and_empty_batch():
+    positions = torch.arange(6)
+    q, _ = qk(tokens=6)
+    kw = dict(head_size=64, rotary_dim=64, is_neox=True, rope_type="linear", base=BASE, original_max_position=ORIGINAL)
+    got_q, none_k = apply_scaled_rotary(positions, q, None, torch.full((6,), 2.0), **kw)
+    assert none_k is None and got_q.shape == q.shape and not torch.equal(got_q, q)
+    empty = torch.empty(0, 256)
+    got_q, got_k = apply_scaled_rotary(torch.empty(0, dtype=torch.long), empty, empty[:, :128], torch.empty(0), **kw)
+    assert got_q.shape == (0, 256) and got_k.shape == (0, 128)
+
+
+def test_bad_inputs_raise():
+    q, k = qk(tokens=4)
+    kw = dict(head_size=64, rotary_dim=64, is_neox=True, rope_type="yarn", base=BASE, original_max_position=ORIGINAL)
+    with pytest.raises(TypeError, match="positions must be a 1-D integer"):
+        apply_scaled_rotary(torch.arange(4.0), q, k, torch.ones(4), **kw)
+    with pytest.raises(ValueError, match="scales must be a 1-D float tensor of length T=4"):
+        apply_scaled_rotary(torch.arange(4), q, k, torch.ones(3), **kw)
+    with pytest.raises(ValueError, match="rope_type 'llama3' is not one of none, linear, ntk, yarn"):
+        apply_scaled_rotary(torch.arange(4), q, k, torch.ones(4), **{**kw, "rope_type": "llama3"})
+    with pytest.raises(ValueError, match="rotary_dim must be even"):
+        apply_scaled_rotary(torch.arange(4), q, k, torch.ones(4), **{**kw, "rotary_dim": 65})
+    with pytest.raises(TypeError, match="query dtype must be one of"):
+        apply_scaled_rotary(torch.arange(4), q.double(), k, torch.ones(4), **kw)
