@@ -193,16 +193,22 @@ def _read_frames(capture, wanted: np.ndarray, pixels: int) -> tuple[list[np.ndar
     return frames, indices
 
 
+WRITE_CODECS = {".mp4": "mp4v", ".mkv": "FFV1", ".avi": "MJPG"}  # FFV1 is lossless
+
+
 def write_video(path: str | os.PathLike, frames: np.ndarray, fps: float = 8.0) -> Path:
-    """Write RGB frames as an mp4 (mp4v), as tests and the demo need real files."""
+    """Write RGB frames with the codec of the file's extension, as tests and the demo need real files."""
     import cv2
 
     frames = as_frames(frames)
     path = Path(path)
+    codec = WRITE_CODECS.get(path.suffix.lower())
+    if codec is None:
+        raise ValueError(f"cannot write {str(path)!r}: the extension must be one of {', '.join(WRITE_CODECS)}")
     height, width = frames.shape[1:3]
-    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), fps, (width, height))
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*codec), fps, (width, height))
     if not writer.isOpened():
-        raise ValueError(f"OpenCV cannot write an mp4 to {str(path)!r}")
+        raise ValueError(f"OpenCV cannot write {codec} to {str(path)!r}")
     try:
         for frame in frames:
             writer.write(cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))
