@@ -84,7 +84,7 @@ def _run_demo(args) -> None:
 
 
 def _add_serve(sub) -> None:
-    from .serve import add_intp_arguments
+    from .serve import add_intp_arguments, add_limit_arguments
 
     p = sub.add_parser(
         "serve",
@@ -99,12 +99,18 @@ def _add_serve(sub) -> None:
     )
     p.add_argument("model", help="local HF-format Video-LLaVA checkpoint directory")
     add_intp_arguments(p)
+    add_limit_arguments(p)
 
 
 def _run_serve(args, vllm_args) -> None:
-    from .serve import intp_section, run_server
+    from .serve import ServeLimits, intp_section, run_server
 
-    run_server(args.model, intp_section(args), vllm_args)
+    intp = intp_section(args)
+    try:
+        limits = ServeLimits.from_args(args, intp)
+    except ValueError as exc:
+        sys.exit(f"intp-vllm serve: error: {exc}")
+    run_server(args.model, intp, vllm_args, limits)
 
 
 def _add_batch(sub) -> None:

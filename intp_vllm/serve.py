@@ -101,8 +101,8 @@ def vllm_server_argv(model: str, intp: dict, vllm_args: list[str]) -> list[str]:
     return argv + rest
 
 
-def run_server(model: str, intp: dict, vllm_args: list[str]) -> None:
-    """vLLM's server with our limits: their flags are parsed here, beside vLLM's."""
+def run_server(model: str, intp: dict, vllm_args: list[str], limits: "ServeLimits") -> None:
+    """vLLM's server with the plugin's INTP section, chat template and resource limits."""
     import uvloop
     from vllm.entrypoints.launchers.api_server.entry import run_server as vllm_run_server
     from vllm.entrypoints.launchers.cli_args import make_arg_parser, validate_parsed_serve_args
@@ -112,12 +112,7 @@ def run_server(model: str, intp: dict, vllm_args: list[str]) -> None:
 
     cli_env_setup()
     parser = make_arg_parser(FlexibleArgumentParser(prog="intp-vllm serve", description=__doc__))
-    add_limit_arguments(parser)
     args = parser.parse_args(vllm_server_argv(model, intp, vllm_args) + ["--middleware", MIDDLEWARE])
-    try:
-        limits = ServeLimits.from_args(args, intp)
-    except ValueError as exc:
-        parser.error(str(exc))
     configure_logging_from_args(args)
     validate_parsed_serve_args(args)
     install_media_limits(limits)
