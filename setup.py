@@ -11,6 +11,7 @@ COMMON = [
     "opencv-python-headless",
     "tqdm",
     "matplotlib",
+    "psutil",
 ]
 
 setup(
