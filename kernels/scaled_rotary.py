@@ -89,7 +89,8 @@ if HAS_TRITON:
         if ROPE_TYPE == 0:
             inv = inv0
         elif ROPE_TYPE == 1:
-            inv = tl.math.div_rn(inv0, tl.zeros([HALF_PAD], tl.float32) + s)
+            # tl.full, not tl.zeros (a @jit helper): builtins still interpret after vLLM imported Triton compiled
+            inv = tl.math.div_rn(inv0, tl.full([HALF_PAD], 0.0, tl.float32) + s)
         elif ROPE_TYPE == 2:
             # base'^(2i/d) in fp64 (a few flops per program), rounded once: within ~1 ulp of torch's fp32 pow
             log2_base = tl.load(consts_ptr)  # fp64
@@ -100,7 +101,7 @@ if HAS_TRITON:
         else:
             yarn_low = tl.load(consts_ptr + 2).to(tl.float32)
             yarn_span = tl.load(consts_ptr + 3).to(tl.float32)
-            ramp = tl.math.div_rn(i.to(tl.float32) - yarn_low, tl.zeros([HALF_PAD], tl.float32) + yarn_span)
+            ramp = tl.math.div_rn(i.to(tl.float32) - yarn_low, tl.full([HALF_PAD], 0.0, tl.float32) + yarn_span)
             ramp = tl.minimum(tl.maximum(ramp, 0.0), 1.0)
             extrapolation = 1.0 - ramp
             interpolated = tl.math.div_rn(tl.full([HALF_PAD], 1.0, tl.float32), s * pos_freq)

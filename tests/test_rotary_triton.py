@@ -7,6 +7,10 @@ for each test here, because Triton also reads it lazily at launch: other tests i
 pytest process (and the vLLM workers they spawn) never see the variable, and a copy of the
 module imported elsewhere without interpret mode is left alone. Should a future Triton
 fix the mode at `import triton` instead, the tests rerun this file in a subprocess.
+
+vLLM is imported first, so Triton's own library is already built in compiled mode, as in
+the full suite: Triton's @jit library helpers (tl.zeros, tl.cdiv, ...) then cannot run under
+the interpreter, which is why the kernel calls only builtins (tl.full, not tl.zeros).
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import vllm  # noqa: F401  (imports Triton without TRITON_INTERPRET: see the module docstring)
 
 from intp_vllm.rotary import apply_scaled_rotary
 
