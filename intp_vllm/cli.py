@@ -152,13 +152,17 @@ def _add_train_needle(sub) -> None:
     p.add_argument("--max-steps", type=int, default=defaults.max_steps)
     p.add_argument("--target", type=float, default=defaults.target_accuracy,
                    help="stop when both tasks reach this 8-frame accuracy")
+    p.add_argument("--temporal-attention", action="store_true",
+                   help="give the video tower temporal attention over its 8-frame window (like LanguageBind's), "
+                   "so that which frames share a clip matters: the model for comparing --grouping values")
 
 
 def _run_train_needle(args) -> None:
     from .needle import TrainConfig, train_needle
 
     report = train_needle(args.dir, TrainConfig(seed=args.seed, max_steps=args.max_steps,
-                                                target_accuracy=args.target))
+                                                target_accuracy=args.target,
+                                                temporal_attention=args.temporal_attention))
     print(f"wrote {args.dir} after {report['steps']} steps ({report['seconds']} s): {report['accuracy_8_frames']}")
 
 
@@ -174,7 +178,9 @@ def _add_eval_needle(sub) -> None:
     p.add_argument("--frames", default="8,32,64,128", help="comma-separated frame counts")
     p.add_argument("--rope", default="none,linear,ntk,yarn", help="comma-separated RoPE types")
     p.add_argument("--factor", default="auto", help='"auto" or a number >= 1')
-    p.add_argument("--grouping", default="interleaved", choices=["interleaved", "consecutive"])
+    p.add_argument("--grouping", default="interleaved",
+                   help="comma-separated frame groupings: interleaved (INTP), consecutive (plain chunking); "
+                   "compare them on a --temporal-attention model")
     p.add_argument("--clips", type=int, default=300, help="held-out clips per cell")
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--output-dir", type=Path, default=Path("runs/needle-eval"))
@@ -186,7 +192,7 @@ def _run_eval_needle(args) -> None:
 
     report = evaluate(args.model, [int(f) for f in args.frames.split(",")], args.rope.split(","),
                       factor=parse_factor(args.factor), clips_per_cell=args.clips, seed=args.seed,
-                      grouping=args.grouping)
+                      groupings=tuple(args.grouping.split(",")))
     for path in write_report(report, args.output_dir):
         print(f"wrote {path}")
 

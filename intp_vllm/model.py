@@ -52,6 +52,7 @@ from .preprocess import ClipPreprocessConfig, preprocess_frames
 from .grouped_encoding import encode_in_groups
 from .rearrange import pad_frame_indices, uniform_frame_indices
 from .request_scale import encode_positions, position_offset, request_scale_code
+from .temporal_attention import TemporalAttention, TemporalAttentionSpec
 from .video_io import as_frames
 
 logger = logging.getLogger("intp_vllm")
@@ -211,7 +212,9 @@ class VideoLlavaForConditionalGeneration(nn.Module, SupportsMultiModal, Supports
             # in-memory transformers names (model.language_model.*, lm_head.*)
             re.compile(r"^model\.language_model\."): "language_model.model.",
             re.compile(r"^lm_head\."): "language_model.lm_head.",
-            re.compile(r"^model\.multi_modal_projector\."): "multi_modal_projector.",
+            re.compile(r"^model\.(multi_modal_projector|temporal_attention)\."): r"\1.",
+            # video only: the image tower is not loaded (see README)
+            re.compile(r"^(model\.)?image_tower\."): None,
         }
     )
 
@@ -246,6 +249,7 @@ class VideoLlavaForConditionalGeneration(nn.Module, SupportsMultiModal, Supports
                 config.projector_hidden_act,
                 getattr(config, "multimodal_projector_bias", True),
             )
+            self.temporal_attention = self._build_temporal_attention(config)
         with self._mark_language_model(vllm_config):
             self.language_model = init_vllm_registered_model(
                 vllm_config=vllm_config,
@@ -262,16 +266,28 @@ class VideoLlavaForConditionalGeneration(nn.Module, SupportsMultiModal, Supports
         )
         logger.info("intp_vllm: language model RoPE %s", self.rope.extra_repr())
 
+    def _build_temporal_attention(self, config) -> TemporalAttention | None:
+        spec = TemporalAttentionSpec.from_hf_config(config)
+        if spec is None:
+            return None
+        if spec.frames != self.intp.encoder_frames:
+            raise ValueError(
+                f"intp.encoder_frames ({self.intp.encoder_frames}) must equal temporal_attention.frames "
+                f"({spec.frames}): the tower's temporal embedding has exactly that many slots"
+            )
+        return TemporalAttention(spec, config.vision_config.hidden_size)
+
     def encode_clips(self, clips: torch.Tensor) -> torch.Tensor:
         """Frozen tower + projector on clips (K, N, 3, H, W) -> (K, N, tokens_per_frame, hidden).
 
-        The HF Video-LLaVA tower sees each frame on its own, so all K*N frames go through
-        in one batch; a tower that mixes frames would see each N-frame clip as one video.
+        The CLIP tower sees each frame on its own, so all K*N frames go through in one
+        batch; the temporal attention, when the checkpoint has one, then mixes the N frames
+        of each clip.
         """
-        num_clips, clip_len = clips.shape[:2]
-        features = self.video_tower(clips.flatten(0, 1).to(self.video_tower.dtype))
-        embeds = self.multi_modal_projector(features)
-        return embeds.view(num_clips, clip_len, *embeds.shape[1:])
+        features = self.video_tower(clips.flatten(0, 1).to(self.video_tower.dtype)).unflatten(0, clips.shape[:2])
+        if self.temporal_attention is not None:
+            features = self.temporal_attention(features)
+        return self.multi_modal_projector(features)
 
     def embed_video(self, pixels: torch.Tensor) -> torch.Tensor:
         """(F, 3, H, W) with F a multiple of N -> (F * tokens_per_frame, hidden) in frame-time order."""
@@ -315,5 +331,5 @@ class VideoLlavaForConditionalGeneration(nn.Module, SupportsMultiModal, Supports
         return self.language_model.compute_logits(hidden_states)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        loader = AutoWeightsLoader(self, ignore_unexpected_prefixes=["image_tower.", "model.image_tower."])
+        loader = AutoWeightsLoader(self)
         return loader.load_weights(weights, mapper=self.hf_to_vllm_mapper)

@@ -94,11 +94,15 @@ class TrainConfig:
     eval_every: int = 50
     eval_clips: int = 256
     target_accuracy: float = 0.98
+    temporal_attention: bool = False
+    """Give the tower temporal attention over its 8-frame window (temporal_attention.py)."""
 
 
-def build_model(tokenizer, seed: int):
+def build_model(tokenizer, seed: int, temporal_attention: bool = False):
     import torch
-    from transformers import CLIPVisionConfig, LlamaConfig, VideoLlavaConfig, VideoLlavaForConditionalGeneration
+    from transformers import CLIPVisionConfig, LlamaConfig, VideoLlavaConfig
+
+    from .hf_video_llava import hf_model_class
 
     tokens_per_frame = (FRAME_SIZE // 14) ** 2 + 1
     prompt_len = len(prompt_ids(tokenizer, "flash", TRAIN_FRAMES * tokens_per_frame))
@@ -114,9 +118,10 @@ def build_model(tokenizer, seed: int):
                               video_token_index=tokenizer.convert_tokens_to_ids("<video>"),
                               image_seq_length=tokens_per_frame - 1,
                               video_seq_length=tokens_per_frame * TRAIN_FRAMES)
-    config.architectures = ["VideoLlavaForConditionalGeneration"]
+    if temporal_attention:
+        config.temporal_attention = {"frames": TRAIN_FRAMES, "num_heads": 2}
     torch.manual_seed(seed)
-    return VideoLlavaForConditionalGeneration(config)
+    return hf_model_class(config)(config)
 
 
 def prompt_ids(tokenizer, task: str, video_tokens: int) -> list[int]:
@@ -166,7 +171,7 @@ def train_needle(output_dir: str | Path, cfg: TrainConfig = TrainConfig(), log=p
 
     output_dir = Path(output_dir)
     tokenizer = build_tokenizer()
-    model = build_model(tokenizer, cfg.seed)
+    model = build_model(tokenizer, cfg.seed, cfg.temporal_attention)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate)
     rng = np.random.default_rng(cfg.seed)
     validation = {task: make_clips(cfg.seed + 1000 + i, cfg.eval_clips // 2, TRAIN_FRAMES, (task,))

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .config import GROUPINGS, ROPE_TYPES
 from .needle import PROMPT, TASKS, TRAIN_FRAMES, make_clips
 from .rearrange import uniform_frame_indices
 
@@ -59,26 +60,39 @@ def _score(answers: list[str], clips) -> dict:
     return {"accuracy": correct / len(clips), "ci95": [low, high], "n": len(clips)}
 
 
+def method_label(rope_type: str, grouping: str, groupings: list[str]) -> str:
+    """A result row: the RoPE type, with the grouping when more than one is compared."""
+    return rope_type if len(groupings) == 1 else f"{rope_type}, {grouping}"
+
+
 def evaluate(model_dir: str, frames: list[int], rope_types: list[str], factor="auto", clips_per_cell: int = 300,
-             tasks: tuple[str, ...] = tuple(TASKS), seed: int = 1234, grouping: str = "interleaved",
+             tasks: tuple[str, ...] = tuple(TASKS), seed: int = 1234, groupings: tuple[str, ...] = ("interleaved",),
              engine_kwargs: dict | None = None, log=print) -> dict:
-    """Accuracy per (task, method, frames); method is each RoPE type or the 8-frame sampling baseline."""
+    """Accuracy per (task, method, frames); a method is a RoPE type (and grouping, when several are
+    compared), or the 8-frame sampling baseline."""
     from vllm import LLM
 
+    for name, values, allowed in (("rope type", rope_types, ROPE_TYPES), ("grouping", groupings, GROUPINGS)):
+        unknown = [value for value in values if value not in allowed]
+        if unknown:
+            raise ValueError(f"{name} {unknown} is not one of {', '.join(allowed)}")
     engine = dict(dtype="float32", kv_cache_memory_bytes=512 << 20, max_num_seqs=32,
                   limit_mm_per_prompt={"video": 1}, seed=0)
     engine.update(engine_kwargs or {})
     cells = {(f, t): cell_clips(f, t, clips_per_cell, seed) for f in frames for t in tasks}
     results: dict = {task: {} for task in tasks}
+    methods = []
     started = time.perf_counter()
-    for index, rope_type in enumerate(rope_types):
+    for index, (grouping, rope_type) in enumerate((g, r) for g in groupings for r in rope_types):
+        method = method_label(rope_type, grouping, list(groupings))
+        methods.append(method)
         llm = LLM(model=model_dir, hf_overrides={"intp": {"frames": max(frames), "rope_type": rope_type,
                                                           "factor": factor, "grouping": grouping}}, **engine)
         try:
             for (f, task), clips in cells.items():
                 answers = _ask(llm, [c.frames for c in clips], [task] * len(clips))
-                results[task].setdefault(rope_type, {})[str(f)] = _score(answers, clips)
-                log(f"{rope_type:>8} {task:>5} {f:>4} frames: {results[task][rope_type][str(f)]['accuracy']:.3f}")
+                results[task].setdefault(method, {})[str(f)] = _score(answers, clips)
+                log(f"{method:>8} {task:>5} {f:>4} frames: {results[task][method][str(f)]['accuracy']:.3f}")
                 if index == 0:
                     sampled = uniform_frame_indices(f, TRAIN_FRAMES)
                     answers = _ask(llm, [c.frames[sampled] for c in clips], [task] * len(clips))
@@ -91,9 +105,9 @@ def evaluate(model_dir: str, frames: list[int], rope_types: list[str], factor="a
         finally:
             llm.llm_engine.engine_core.shutdown()
             del llm
-    return {"model": str(model_dir), "machine": machine_name(), "factor": factor, "grouping": grouping,
-            "frames": frames, "rope_types": rope_types, "clips_per_cell": clips_per_cell, "seed": seed,
-            "seconds": round(time.perf_counter() - started, 1), "results": results}
+    return {"model": str(model_dir), "machine": machine_name(), "factor": factor, "groupings": list(groupings),
+            "frames": frames, "rope_types": rope_types, "methods": methods, "clips_per_cell": clips_per_cell,
+            "seed": seed, "seconds": round(time.perf_counter() - started, 1), "results": results}
 
 
 def plot_heatmap(report: dict, path: Path) -> Path:
@@ -105,7 +119,7 @@ def plot_heatmap(report: dict, path: Path) -> Path:
     tasks = list(report["results"])
     fig, axes = plt.subplots(1, len(tasks), figsize=(5.5 * len(tasks), 3.2), squeeze=False)
     for ax, task in zip(axes[0], tasks):
-        rows = [SAMPLING_ROW] + [r for r in report["rope_types"]]
+        rows = [SAMPLING_ROW] + report["methods"]
         grid = np.array([[report["results"][task][row][str(f)]["accuracy"] for f in report["frames"]]
                          for row in rows])
         ax.imshow(grid, vmin=0, vmax=1, cmap="viridis")

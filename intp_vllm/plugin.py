@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import logging
 
-ARCHITECTURE = "VideoLlavaForConditionalGeneration"
+ARCHITECTURES = ("VideoLlavaForConditionalGeneration", "TemporalVideoLlavaForConditionalGeneration")
+"""HF's Video-LLaVA, and ours with a frame-mixing tower (temporal_attention.py); one vLLM class serves both."""
 MODEL_CLASS = "intp_vllm.model:VideoLlavaForConditionalGeneration"
 
 logger = logging.getLogger("intp_vllm")
@@ -59,6 +60,7 @@ def register() -> None:
     from vllm import ModelRegistry
     from vllm.model_executor.models.config import MODELS_CONFIG_MAP
 
-    MODELS_CONFIG_MAP[ARCHITECTURE] = VideoLlavaConfigHook
-    if ARCHITECTURE not in ModelRegistry.get_supported_archs():
-        ModelRegistry.register_model(ARCHITECTURE, MODEL_CLASS)
+    for architecture in ARCHITECTURES:
+        MODELS_CONFIG_MAP[architecture] = VideoLlavaConfigHook
+        if architecture not in ModelRegistry.get_supported_archs():
+            ModelRegistry.register_model(architecture, MODEL_CLASS)

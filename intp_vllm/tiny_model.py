@@ -62,6 +62,8 @@ class TinyModelSpec:
     weight_std: float = 0.2
     seed: int = 0
     rope_theta: float = 10000.0
+    temporal_attention_heads: int = 0
+    """> 0: the tower mixes the frames of each clip (temporal_attention.py) with this many heads."""
 
 
 def real_shape_spec(text_layers: int = 1, vision_layers: int = 2) -> TinyModelSpec:
@@ -152,7 +154,8 @@ def build_config(spec: TinyModelSpec, tokenizer):
         vision_feature_layer=-2,
         vision_feature_select_strategy="default",
     )
-    config.architectures = ["VideoLlavaForConditionalGeneration"]
+    if spec.temporal_attention_heads:
+        config.temporal_attention = {"frames": spec.frames, "num_heads": spec.temporal_attention_heads}
     return config
 
 
@@ -207,14 +210,15 @@ def make_tiny_model(path: str | Path, spec: TinyModelSpec = TinyModelSpec(), hub
     `hub_names` writes tensor names as the published checkpoints have them.
     """
     import torch
-    from transformers import VideoLlavaForConditionalGeneration
+
+    from .hf_video_llava import hf_model_class
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer()
     config = build_config(spec, tokenizer)
     torch.manual_seed(spec.seed)
-    model = VideoLlavaForConditionalGeneration(config)
+    model = hf_model_class(config)(config)
     with torch.no_grad():
         for name, param in model.named_parameters():
             if "norm" in name:  # LayerNorm/RMSNorm weights near 1, biases near 0

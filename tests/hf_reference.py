@@ -9,17 +9,22 @@ import torch
 
 
 @functools.lru_cache(maxsize=4)
-def load_hf_model(model_dir: str, rope_parameters_json: str | None = None):
-    """The HF model in float32; optionally with other `rope_parameters` (JSON) on its Llama."""
+def load_hf_model(model_dir: str, rope_parameters_json: str | None = None, intp_json: str | None = None):
+    """The HF model in float32; optionally with other `rope_parameters` (JSON) on its Llama, and an
+    `intp` section (JSON) for the grouping (ours, hf_video_llava.py, when the tower has temporal attention)."""
     import json
 
-    from transformers import AutoConfig, VideoLlavaForConditionalGeneration
+    from transformers import AutoConfig
+
+    from intp_vllm.hf_video_llava import hf_model_class
 
     config = AutoConfig.from_pretrained(model_dir)
     if rope_parameters_json is not None:
         config.text_config.rope_parameters = json.loads(rope_parameters_json)
         config.text_config.max_position_embeddings = max(config.text_config.max_position_embeddings, 16384)
-    model = VideoLlavaForConditionalGeneration.from_pretrained(model_dir, config=config, dtype=torch.float32)
+    if intp_json is not None:
+        config.intp = json.loads(intp_json)
+    model = hf_model_class(config).from_pretrained(model_dir, config=config, dtype=torch.float32)
     model.generation_config.eos_token_id = None
     model.generation_config.pad_token_id = 0
     return model.eval()
