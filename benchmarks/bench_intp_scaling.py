@@ -47,9 +47,9 @@ def time_prefill(llm, frames: int, requests: int) -> tuple[float, int]:
     from vllm import SamplingParams
 
     from intp_vllm.synthetic import moving_shapes_video
-    from intp_vllm_benchmarks.bench_throughput import PROMPT
+    from intp_vllm.tiny_model import VIDEO_PROMPT
 
-    batch = [{"prompt": PROMPT.format(question="What is happening in this video?"),
+    batch = [{"prompt": VIDEO_PROMPT.format(question="What is happening in this video?"),
               "multi_modal_data": {"video": moving_shapes_video(frames, seed=seed)}} for seed in range(requests)]
     params = SamplingParams(temperature=0, max_tokens=1)
     started = time.perf_counter()

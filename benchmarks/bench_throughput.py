@@ -34,10 +34,7 @@ import traceback
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from intp_vllm.tiny_model import TinyModelSpec
-
-PROMPT = "USER: <video>\n{question} ASSISTANT:"
-"""What the Video-LLaVA chat template renders for one video and one question."""
+from intp_vllm.tiny_model import VIDEO_PROMPT, TinyModelSpec
 
 QUESTIONS = (
     "What is happening in this video?",
@@ -328,7 +325,7 @@ def run_hf(report, model_dir: str, rounds: list[list[Request]], frames: int, dev
             chosen = video[select_frames(len(video), frames, encoder_frames)]
             pixels = processor(images=list(chosen), return_tensors="pt")["pixel_values"][None]
             ids = []
-            for token in tokenizer(PROMPT.format(question=request.question))["input_ids"]:
+            for token in tokenizer(VIDEO_PROMPT.format(question=request.question))["input_ids"]:
                 ids += [video_id] * (len(chosen) * tokens_per_frame) if token == video_id else [token]
             streamer = FirstToken()
             with torch.no_grad():
@@ -352,7 +349,7 @@ def run_vllm(report, model_dir: str, rounds: list[list[Request]], intp: dict | N
     video_id = llm.llm_engine.model_config.hf_config.video_token_index
     results = []
     for requests in rounds:
-        prompts = [{"prompt": PROMPT.format(question=r.question), "multi_modal_data": {"video": make_video(r)}}
+        prompts = [{"prompt": VIDEO_PROMPT.format(question=r.question), "multi_modal_data": {"video": make_video(r)}}
                    for r in requests]
         params = [SamplingParams(temperature=0.0, max_tokens=r.max_tokens, ignore_eos=True) for r in requests]
         round_start = time.perf_counter()

@@ -42,8 +42,8 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-PROMPT = "USER: <video>\n{question} ASSISTANT:"
-"""Video-LLaVA's Vicuna prompt, as its chat template renders one video and one question."""
+from .tiny_model import VIDEO_PROMPT
+
 REQUIRED_KEYS = ("id", "video", "question")
 SAMPLING_KEYS = ("max_tokens", "temperature", "top_p", "seed")
 OPTIONAL_KEYS = (*SAMPLING_KEYS, "frames")
@@ -345,7 +345,7 @@ def prepare(job: Job, defaults: JobDefaults):
         video = load_video(job.video, frames, defaults.fetch_timeout)
     except Exception as exc:  # noqa: BLE001 - a bad job never stops the run
         return error_record(job, exc)
-    request = {"prompt": PROMPT.format(question=job.question), "multi_modal_data": {"video": video},
+    request = {"prompt": VIDEO_PROMPT.format(question=job.question), "multi_modal_data": {"video": video},
                "mm_processor_kwargs": {REQUEST_FRAMES_KWARG: frames}}
     return request, params, len(video)
 

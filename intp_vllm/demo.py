@@ -48,7 +48,8 @@ def demo_clip():
 def run_demo(workdir: Path = DEFAULT_DEMO_DIR, frames: int = DEMO_FRAMES) -> dict:
     from vllm import LLM, SamplingParams
 
-    from .needle import PROMPT, TASKS
+    from .needle import TASKS
+    from .tiny_model import VIDEO_PROMPT
     from .rearrange import uniform_frame_indices
     from .video_io import read_video, write_video
 
@@ -69,7 +70,7 @@ def run_demo(workdir: Path = DEFAULT_DEMO_DIR, frames: int = DEMO_FRAMES) -> dic
     decode_s = time.perf_counter() - started
     sampled = uniform_frame_indices(len(video), 8)
 
-    prompt = PROMPT.format(question=TASKS["flash"])
+    prompt = VIDEO_PROMPT.format(question=TASKS["flash"])
     params = SamplingParams(temperature=0.0, max_tokens=1)
     started = time.perf_counter()
     full, eight = llm.generate([{"prompt": prompt, "multi_modal_data": {"video": video}},

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from .preprocess import ClipPreprocessConfig, preprocess_frames
+from .tiny_model import SPECIAL_TOKENS, VIDEO_PROMPT
 
 COLOURS = {
     "red": (220, 40, 40),
@@ -31,9 +32,7 @@ COLOURS = {
 TASKS = {"flash": "What colour flashed?", "order": "Which came first?"}
 FRAME_SIZE = 56
 TRAIN_FRAMES = 8
-PROMPT = "USER: <video>\n{question} ASSISTANT:"
 WORDS = ["USER:", "ASSISTANT:", "What", "colour", "flashed?", "Which", "came", "first?"]
-SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<image>", "<video>", "<pad>"]
 
 
 @dataclass
@@ -126,7 +125,7 @@ def build_model(tokenizer, seed: int, temporal_attention: bool = False):
 
 def prompt_ids(tokenizer, task: str, video_tokens: int) -> list[int]:
     """Prompt token ids with the video placeholder expanded, as vLLM's processor does."""
-    ids = tokenizer(PROMPT.format(question=TASKS[task])).input_ids
+    ids = tokenizer(VIDEO_PROMPT.format(question=TASKS[task])).input_ids
     video = tokenizer.convert_tokens_to_ids("<video>")
     at = ids.index(video)
     return ids[:at] + [video] * video_tokens + ids[at + 1:]

@@ -17,8 +17,9 @@ from pathlib import Path
 import numpy as np
 
 from .config import GROUPINGS, ROPE_TYPES
-from .needle import PROMPT, TASKS, TRAIN_FRAMES, make_clips
+from .needle import TASKS, TRAIN_FRAMES, make_clips
 from .rearrange import uniform_frame_indices
+from .tiny_model import VIDEO_PROMPT
 
 SAMPLING_ROW = "8-frame sampling"
 
@@ -31,6 +32,19 @@ def wilson_interval(correct: int, total: int, z: float = 1.96) -> tuple[float, f
     centre = (p + z * z / (2 * total)) / (1 + z * z / total)
     half = z * math.sqrt(p * (1 - p) / total + z * z / (4 * total * total)) / (1 + z * z / total)
     return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def difference_interval(correct_a: int, total_a: int, correct_b: int, total_b: int,
+                        z: float = 1.96) -> tuple[float, float]:
+    """95% interval of proportion a minus proportion b (Newcombe's hybrid score method, built
+    from the two Wilson intervals). It treats the samples as independent, so for answers to the
+    same clips (positively correlated) it errs wide."""
+    p_a, p_b = correct_a / total_a, correct_b / total_b
+    low_a, high_a = wilson_interval(correct_a, total_a, z)
+    low_b, high_b = wilson_interval(correct_b, total_b, z)
+    difference = p_a - p_b
+    return (difference - math.hypot(p_a - low_a, high_b - p_b),
+            difference + math.hypot(high_a - p_a, p_b - low_b))
 
 
 def cell_clips(frames: int, task: str, count: int, seed: int):
@@ -48,7 +62,7 @@ def machine_name() -> str:
 def _ask(llm, videos: list[np.ndarray], tasks: list[str]) -> list[str]:
     from vllm import SamplingParams
 
-    requests = [{"prompt": PROMPT.format(question=TASKS[task]), "multi_modal_data": {"video": video}}
+    requests = [{"prompt": VIDEO_PROMPT.format(question=TASKS[task]), "multi_modal_data": {"video": video}}
                 for video, task in zip(videos, tasks)]
     outputs = llm.generate(requests, SamplingParams(temperature=0.0, max_tokens=1), use_tqdm=False)
     return [output.outputs[0].text.strip() for output in outputs]

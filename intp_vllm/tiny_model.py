@@ -29,6 +29,9 @@ VIDEO_LLAVA_CHAT_TEMPLATE = (
 )
 """Vicuna-style: `USER: <video>\\n{question} ASSISTANT:` (what Video-LLaVA was trained on)."""
 
+VIDEO_PROMPT = "USER: <video>\n{question} ASSISTANT:"
+"""A one-video question as the chat template renders it, for the offline `LLM.generate` API."""
+
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<image>", "<video>", "<pad>"]
 
 _TOKENIZER_CORPUS = """

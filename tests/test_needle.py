@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from intp_vllm.needle import TrainConfig, train_needle
-from intp_vllm.needle_eval import SAMPLING_ROW, evaluate, write_report
+from intp_vllm.needle_eval import SAMPLING_ROW, difference_interval, evaluate, wilson_interval, write_report
 
 CI_TRAINING = TrainConfig(max_steps=150, single_task_steps=150, eval_every=50, eval_clips=64)
 
@@ -31,3 +33,10 @@ def test_trained_model_reads_32_frames_better_than_8_frame_sampling(tmp_path):
     json_path, png_path = write_report(results, tmp_path / "report")
     assert json.loads(json_path.read_text())["results"]["flash"]["yarn"]["32"]["n"] == 40
     assert png_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_intervals_match_newcombes_published_examples():
+    """Newcombe (1998): Wilson interval of 81/263; hybrid score interval of 56/70 - 48/80 and 9/10 - 3/10."""
+    assert wilson_interval(81, 263) == pytest.approx((0.2553, 0.3662), abs=1e-4)
+    assert difference_interval(56, 70, 48, 80) == pytest.approx((0.0524, 0.3339), abs=1e-4)
+    assert difference_interval(9, 10, 3, 10) == pytest.approx((0.1705, 0.8090), abs=1e-4)

@@ -1,0 +1,118 @@
+"""The needle eval through HF transformers: does the plugin score what HF scores on each cell?
+
+Reads an `intp-vllm eval-needle` report and answers every cell's held-out clips again with
+HF transformers (`hf_video_llava.py`: frames in the same groups), the LM given the same RoPE
+at the same scale the plugin used for those clips (with factor "auto", the log-quantised
+per-request scale of request_scale.py) and the same numpy preprocessing. The 8-frame
+sampling row is answered from the same 8 frames. Per cell it writes both accuracies with
+their 95% Wilson intervals and the 95% interval of their difference; a cell agrees when that
+interval holds 0.
+
+    python benchmarks/needle_hf_parity.py --report benchmarks/results/needle/needle_eval.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from intp_vllm.needle import NeedleClip, TRAIN_FRAMES, accuracy, build_tokenizer, prompt_ids
+from intp_vllm.needle_eval import (SAMPLING_ROW, cell_clips, difference_interval, machine_name, method_label,
+                                   wilson_interval)
+from intp_vllm.rearrange import uniform_frame_indices
+
+
+def report_methods(report: dict) -> list[tuple[str, str, str]]:
+    """(row label, rope type, grouping) of each row of the report, in the order eval-needle ran them."""
+    groupings = report.get("groupings") or [report["grouping"]]
+    return [(method_label(rope, grouping, groupings), rope, grouping)
+            for grouping in groupings for rope in report["rope_types"]]
+
+
+def request_scale(report: dict, prompt_tokens: int, trained_context: int) -> float:
+    """The RoPE scale the plugin gave a prompt of this length."""
+    from intp_vllm.request_scale import code_scale, request_scale_code
+
+    if report["factor"] == "auto":
+        return code_scale(request_scale_code(prompt_tokens, trained_context))
+    return float(report["factor"])
+
+
+def load_reference(model_dir: str, rope_type: str, scale: float, frames: int, grouping: str):
+    """The HF model in float32 with the plugin's RoPE at `scale` and its frame grouping."""
+    import torch
+    from transformers import AutoConfig
+
+    from intp_vllm.hf_video_llava import hf_model_class
+    from intp_vllm.llm_rope import rope_geometry
+    from intp_vllm.rope_scaling import hf_rope_parameters
+
+    config = AutoConfig.from_pretrained(model_dir)
+    text = config.text_config
+    _, rotary_dim = rope_geometry(text)
+    base = text.rope_parameters["rope_theta"]
+    trained_context = text.max_position_embeddings
+    text.rope_parameters = hf_rope_parameters(rope_type, base=base, rotary_dim=rotary_dim, factor=scale,
+                                              original_max_position=trained_context)
+    text.max_position_embeddings = max(trained_context, 1 << 15)
+    config.intp = {"frames": max(frames, TRAIN_FRAMES), "grouping": grouping}
+    return hf_model_class(config).from_pretrained(model_dir, config=config, dtype=torch.float32).eval()
+
+
+def parity(report: dict, model_dir: str | None = None, log=print) -> dict:
+    from transformers import AutoConfig
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    model_dir = model_dir or report["model"]
+    tokenizer = build_tokenizer()
+    config = AutoConfig.from_pretrained(model_dir)
+    tokens_per_frame = (config.vision_config.image_size // config.vision_config.patch_size) ** 2 + 1
+    trained_context = config.text_config.max_position_embeddings
+    rows, started = [], time.perf_counter()
+    for task in report["results"]:
+        for frames in report["frames"]:
+            clips = cell_clips(frames, task, report["clips_per_cell"], report["seed"])
+            sampled = uniform_frame_indices(frames, TRAIN_FRAMES)
+            cells = [(label, rope, grouping, clips) for label, rope, grouping in report_methods(report)]
+            cells.append((SAMPLING_ROW, "none", "interleaved",
+                          [NeedleClip(c.frames[sampled], c.task, c.answer, c.needle_frames) for c in clips]))
+            for label, rope, grouping, cell in cells:
+                prompt_tokens = len(prompt_ids(tokenizer, task, len(cell[0].frames) * tokens_per_frame))
+                scale = request_scale(report, prompt_tokens, trained_context)
+                model = load_reference(model_dir, rope, scale, len(cell[0].frames), grouping)
+                hf_accuracy = accuracy(model, tokenizer, cell, batch_size=16)
+                plugin = report["results"][task][label][str(frames)]
+                n, hf_correct = len(cell), round(hf_accuracy * len(cell))
+                difference = difference_interval(round(plugin["accuracy"] * plugin["n"]), plugin["n"], hf_correct, n)
+                row = {"task": task, "frames": frames, "method": label, "scale": round(scale, 4), "n": n,
+                       "plugin": plugin["accuracy"], "plugin_ci95": plugin["ci95"],
+                       "hf": hf_accuracy, "hf_ci95": list(wilson_interval(hf_correct, n)),
+                       "difference_ci95": list(difference), "agree": difference[0] <= 0 <= difference[1]}
+                rows.append(row)
+                log(f"{task:>5} {frames:>4} {label:>18}: plugin {row['plugin']:.3f}  HF {hf_accuracy:.3f}"
+                    f"  {'agree' if row['agree'] else 'DIFFER'}")
+    return {"report": report.get("source"), "model": str(model_dir), "machine": machine_name(),
+            "seconds": round(time.perf_counter() - started, 1),
+            "cells_agreeing": sum(r["agree"] for r in rows), "cells": len(rows),
+            "largest_difference": max(abs(r["plugin"] - r["hf"]) for r in rows), "rows": rows}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--report", type=Path, required=True, help="needle_eval.json from intp-vllm eval-needle")
+    parser.add_argument("--model", help="checkpoint directory (default: the one named in the report)")
+    parser.add_argument("--out", type=Path, help="output JSON (default: needle_hf_parity.json next to the report)")
+    args = parser.parse_args()
+    report = json.loads(args.report.read_text())
+    report["source"] = str(args.report)
+    result = parity(report, args.model)
+    out = args.out or args.report.with_name("needle_hf_parity.json")
+    out.write_text(json.dumps(result, indent=2))
+    print(f"{result['cells_agreeing']}/{result['cells']} cells agree; wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
