@@ -193,8 +193,8 @@ def train_needle(output_dir: str | Path, cfg: TrainConfig = TrainConfig(), log=p
         if step % cfg.eval_every == 0:
             model.eval()
             scores = {task: accuracy(model, tokenizer, clips) for task, clips in validation.items()}
-            history.append({"step": step, "loss": float(loss), **scores})
-            log(f"step {step}: loss {float(loss):.3f}, 8-frame accuracy "
+            history.append({"step": step, "loss": loss.item(), **scores})
+            log(f"step {step}: loss {history[-1]['loss']:.3f}, 8-frame accuracy "
                 + ", ".join(f"{t} {a:.3f}" for t, a in scores.items()))
             if step > cfg.single_task_steps and min(scores.values()) >= cfg.target_accuracy:
                 break

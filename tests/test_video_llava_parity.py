@@ -7,6 +7,7 @@ import os
 import numpy as np
 import pytest
 from vllm import SamplingParams
+from vllm.exceptions import VLLMValidationError
 
 from hf_reference import hf_generate, hf_pixel_values, load_hf_model, vllm_prompt_logprobs
 from intp_vllm.synthetic import moving_shapes_video
@@ -96,3 +97,11 @@ def test_short_video_repeats_last_frame(tiny_llm, video):
     full = tiny_llm.generate({"prompt": PROMPT, "multi_modal_data": {"video": padded}}, greedy(8), use_tqdm=False)[0]
     assert short.prompt_token_ids == full.prompt_token_ids
     assert short.outputs[0].token_ids == full.outputs[0].token_ids
+
+
+def test_image_input_is_refused_video_only(tiny_llm):
+    """Only video is served (README "Images"): an image is refused, not silently dropped."""
+    image = np.zeros((56, 56, 3), np.uint8)
+    with pytest.raises(VLLMValidationError, match=r"At most 0 image\(s\)"):
+        tiny_llm.generate({"prompt": "USER: <image>\nWhat is this? ASSISTANT:", "multi_modal_data": {"image": image}},
+                          greedy(2), use_tqdm=False)
