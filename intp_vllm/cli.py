@@ -172,7 +172,7 @@ def _add_eval_needle(sub) -> None:
         help="needle accuracy at 8-128 frames through vLLM, against 8-frame sampling",
         description="Ask the needle model about held-out videos of each frame count, through vLLM with the "
         "plugin, once per RoPE type, and with 8 uniformly sampled frames as the baseline. Writes "
-        "needle_eval.json and needle_eval.png (accuracy, 95%% Wilson intervals, needles caught by sampling).",
+        "needle_eval.json and needle_eval.png (accuracy, 95% Wilson intervals, needles caught by sampling).",
     )
     p.add_argument("--model", required=True, help="a checkpoint from train-needle")
     p.add_argument("--frames", default="8,32,64,128", help="comma-separated frame counts")
