@@ -6,7 +6,8 @@ at the same scale the plugin used for those clips (with factor "auto", the log-q
 per-request scale of request_scale.py) and the same numpy preprocessing. The 8-frame
 sampling row is answered from the same 8 frames. Per cell it writes both accuracies with
 their 95% Wilson intervals and the 95% interval of their difference; a cell agrees when that
-interval holds 0.
+interval holds 0. For a report comparing two groupings it also writes, per cell, how many
+clips HF answers differently under the two groupings (a paired comparison the accuracies hide).
 
     python benchmarks/needle_hf_parity.py --report benchmarks/results/needle/needle_eval.json
 """
@@ -18,7 +19,7 @@ import json
 import time
 from pathlib import Path
 
-from intp_vllm.needle import NeedleClip, TRAIN_FRAMES, accuracy, build_tokenizer, prompt_ids
+from intp_vllm.needle import NeedleClip, TRAIN_FRAMES, build_tokenizer, predictions, prompt_ids
 from intp_vllm.needle_eval import (SAMPLING_ROW, cell_clips, difference_interval, machine_name, method_label,
                                    wilson_interval)
 from intp_vllm.rearrange import uniform_frame_indices
@@ -62,6 +63,7 @@ def load_reference(model_dir: str, rope_type: str, scale: float, frames: int, gr
 
 
 def parity(report: dict, model_dir: str | None = None, log=print) -> dict:
+    import torch
     from transformers import AutoConfig
     from transformers.utils import logging as hf_logging
 
@@ -71,10 +73,11 @@ def parity(report: dict, model_dir: str | None = None, log=print) -> dict:
     config = AutoConfig.from_pretrained(model_dir)
     tokens_per_frame = (config.vision_config.image_size // config.vision_config.patch_size) ** 2 + 1
     trained_context = config.text_config.max_position_embeddings
-    rows, started = [], time.perf_counter()
+    rows, answers_by_method, started = [], {}, time.perf_counter()
     for task in report["results"]:
         for frames in report["frames"]:
             clips = cell_clips(frames, task, report["clips_per_cell"], report["seed"])
+            targets = torch.tensor([tokenizer.convert_tokens_to_ids(c.answer) for c in clips])
             sampled = uniform_frame_indices(frames, TRAIN_FRAMES)
             cells = [(label, rope, grouping, clips) for label, rope, grouping in report_methods(report)]
             cells.append((SAMPLING_ROW, "none", "interleaved",
@@ -83,9 +86,11 @@ def parity(report: dict, model_dir: str | None = None, log=print) -> dict:
                 prompt_tokens = len(prompt_ids(tokenizer, task, len(cell[0].frames) * tokens_per_frame))
                 scale = request_scale(report, prompt_tokens, trained_context)
                 model = load_reference(model_dir, rope, scale, len(cell[0].frames), grouping)
-                hf_accuracy = accuracy(model, tokenizer, cell, batch_size=16)
+                answers = predictions(model, tokenizer, cell, batch_size=16)
+                answers_by_method[(task, frames, label)] = answers
+                n, hf_correct = len(cell), int((answers == targets).sum())
+                hf_accuracy = hf_correct / n
                 plugin = report["results"][task][label][str(frames)]
-                n, hf_correct = len(cell), round(hf_accuracy * len(cell))
                 difference = difference_interval(round(plugin["accuracy"] * plugin["n"]), plugin["n"], hf_correct, n)
                 row = {"task": task, "frames": frames, "method": label, "scale": round(scale, 4), "n": n,
                        "plugin": plugin["accuracy"], "plugin_ci95": plugin["ci95"],
@@ -94,10 +99,27 @@ def parity(report: dict, model_dir: str | None = None, log=print) -> dict:
                 rows.append(row)
                 log(f"{task:>5} {frames:>4} {label:>18}: plugin {row['plugin']:.3f}  HF {hf_accuracy:.3f}"
                     f"  {'agree' if row['agree'] else 'DIFFER'}")
-    return {"report": report.get("source"), "model": str(model_dir), "machine": machine_name(),
-            "seconds": round(time.perf_counter() - started, 1),
-            "cells_agreeing": sum(r["agree"] for r in rows), "cells": len(rows),
-            "largest_difference": max(abs(r["plugin"] - r["hf"]) for r in rows), "rows": rows}
+    result = {"report": report.get("source"), "model": str(model_dir), "machine": machine_name(),
+              "seconds": round(time.perf_counter() - started, 1),
+              "cells_agreeing": sum(r["agree"] for r in rows), "cells": len(rows),
+              "largest_difference": max(abs(r["plugin"] - r["hf"]) for r in rows), "rows": rows}
+    groupings = report.get("groupings") or [report["grouping"]]
+    if len(groupings) == 2:
+        result["groupings_answer_differently"] = grouping_disagreement(answers_by_method, report, groupings)
+    return result
+
+
+def grouping_disagreement(answers_by_method: dict, report: dict, groupings: list[str]) -> list[dict]:
+    """Per task, frame count and RoPE type: the fraction of clips whose HF answer changes with the grouping."""
+    rows = []
+    for task in report["results"]:
+        for frames in report["frames"]:
+            for rope in report["rope_types"]:
+                first, second = (answers_by_method[(task, frames, method_label(rope, g, groupings))]
+                                 for g in groupings)
+                rows.append({"task": task, "frames": frames, "rope": rope,
+                             "fraction": float((first != second).float().mean())})
+    return rows
 
 
 def main() -> None:

@@ -146,15 +146,23 @@ def answer_logits(model, ids, pixels):
     return model(input_ids=ids, pixel_values_videos=pixels, logits_to_keep=1).logits[:, -1]
 
 
+def predictions(model, tokenizer, clips: list[NeedleClip], batch_size: int = 64):
+    """The answer token id the model gives each clip (greedy, one token)."""
+    import torch
+
+    answers = []
+    with torch.no_grad():
+        for start in range(0, len(clips), batch_size):
+            ids, pixels, _ = _batch(model, tokenizer, clips[start:start + batch_size])
+            answers.append(answer_logits(model, ids, pixels).argmax(-1))
+    return torch.cat(answers)
+
+
 def accuracy(model, tokenizer, clips: list[NeedleClip], batch_size: int = 64) -> float:
     import torch
 
-    correct = 0
-    with torch.no_grad():
-        for start in range(0, len(clips), batch_size):
-            ids, pixels, targets = _batch(model, tokenizer, clips[start:start + batch_size])
-            correct += int((answer_logits(model, ids, pixels).argmax(-1) == targets).sum())
-    return correct / len(clips)
+    targets = torch.tensor([tokenizer.convert_tokens_to_ids(c.answer) for c in clips])
+    return int((predictions(model, tokenizer, clips, batch_size) == targets).sum()) / len(clips)
 
 
 def _learning_rate(step: int, cfg: TrainConfig) -> float:
