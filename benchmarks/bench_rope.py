@@ -2,8 +2,9 @@
 
 CPU (needs vLLM): vLLM's `RotaryEmbedding.forward_cpu` (its C++ op over a precomputed
 single-scale cos/sin table; what an engine without per-request scales runs) against our
-serving module `PerRequestRotaryEmbedding` (positions carry the scale code), eager and
-under `torch.compile` (how vLLM runs it by default), at one scale and mixed scales.
+serving module `PerRequestRotaryEmbedding` (positions carry the scale code; per-token cos/sin
+rows, then the same C++ op in place), eager and under `torch.compile` (how vLLM runs it by
+default, the token count dynamic), at one scale and mixed scales.
 
 GPU (needs only torch + Triton): our Triton kernel against the same table rotation compiled
 by Inductor (vLLM's default GPU path for a plain RoPE, custom ops off) and against the eager
@@ -115,11 +116,13 @@ def bench_cpu(args) -> list[dict]:
             ours = PerRequestRotaryEmbedding(head_size=head_size, rotary_dim=head_size, base=BASE,
                                              rope_type=args.rope_type, original_max_position=ORIGINAL,
                                              is_neox_style=is_neox)
-            compiled = torch.compile(ours, dynamic=True)
+            compiled = torch.compile(ours)
             for tokens in args.tokens:
                 for mixed in (False, True):
                     positions, codes, q, k = inputs(tokens, heads, kv_heads, head_size, dtype, mixed, "cpu")
                     encoded = positions | (codes << POSITION_BITS)  # what the M-RoPE hook hands the model
+                    for tensor in (encoded, q, k):  # as in vLLM: the token count varies, the widths do not
+                        torch._dynamo.mark_dynamic(tensor, 0)
                     ms = interleaved_medians({
                         "vllm_cpu_op_one_scale": lambda: plain.forward_cpu(positions, q, k),
                         "ours_eager": lambda: ours(encoded, q, k),

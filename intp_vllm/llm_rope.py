@@ -6,12 +6,14 @@ rejected by `get_rope`. So the checkpoint's `rope_parameters` stay untouched and
 model swaps its Llama's rotary module after building it: one shared module whose
 table covers every position up to max_model_len, computed from `rope_scaling`'s inv_freq
 and attention factor, for a fixed `intp.factor` (the rotation is then vLLM's own op), or
-a per-request module for `factor: "auto"` (the Triton kernel on GPU, torch ops on CPU).
+a per-request module for `factor: "auto"` (the Triton kernel on GPU; on CPU per-token
+cos/sin rows computed on the fly and vLLM's in-place rotary op).
 """
 
 from __future__ import annotations
 
 import torch
+from vllm import _custom_ops as vllm_ops
 from vllm.model_executor.layers.rotary_embedding import RotaryEmbedding
 
 from intp_vllm_kernels.scaled_rotary import HAS_TRITON, scaled_rotary_op
@@ -19,7 +21,7 @@ from intp_vllm_kernels.scaled_rotary import HAS_TRITON, scaled_rotary_op
 from .config import IntpConfig
 from .request_scale import all_code_scales, decode_positions
 from .rope_scaling import rope_inv_freq
-from .rotary import inv_freq_per_scale, rotate_with_inv_freq
+from .rotary import inv_freq_per_scale
 
 
 class ScaledRotaryEmbedding(RotaryEmbedding):
@@ -57,8 +59,9 @@ class PerRequestRotaryEmbedding(torch.nn.Module):
     inv_freq is looked up per scale code (a small [codes, rotary_dim / 2] table built with
     `rope_scaling`, so each scale's numbers equal a model built for that scale alone) and
     cos/sin are computed on the fly from (position, inv_freq). On a GPU the Triton kernel
-    does the same from (position, scale) in one in-place pass; on CPU torch ops do it, which
-    vLLM's torch.compile fuses.
+    does the same from (position, scale) in one in-place pass; on CPU the [T, rotary_dim]
+    cos/sin rows are computed (fused by vLLM's torch.compile) and vLLM's own in-place rotary
+    op applies row i to token i.
     """
 
     def __init__(self, *, head_size: int, rotary_dim: int, base: float, rope_type: str, original_max_position: int,
@@ -82,9 +85,16 @@ class PerRequestRotaryEmbedding(torch.nn.Module):
             scaled_rotary_op(plain, query, key, self.scale_by_code[codes], self.head_size, self.rotary_dim,
                              self.is_neox_style, self.rope_type, self.base, self.original_max_position)
             return query, key
-        return rotate_with_inv_freq(plain, query, key, self.inv_freq_by_code[codes], self.attention_by_code[codes],
-                                    head_size=self.head_size, rotary_dim=self.rotary_dim,
-                                    is_neox=self.is_neox_style)
+        # Elsewhere: each token's own cos/sin row (cos and sin computed once per token, not per
+        # head), then vLLM's in-place rotary op reading row i for token i. In place matters on
+        # CPU: an out-of-place rotation allocates q- and k-sized buffers on every layer, and those
+        # page faults alone made it 10x slower than the op.
+        freqs = plain.to(torch.float32)[:, None] * self.inv_freq_by_code[codes]
+        attention = self.attention_by_code[codes][:, None]
+        cos_sin = torch.cat((freqs.cos() * attention, freqs.sin() * attention), dim=-1).to(query.dtype)
+        rows = torch.arange(plain.shape[0], device=plain.device)
+        vllm_ops.rotary_embedding(rows, query, key, self.head_size, cos_sin, self.is_neox_style)
+        return query, key
 
     def extra_repr(self) -> str:
         return (f"rope_type={self.rope_type}, factor=per request, base={self.base:g}, "

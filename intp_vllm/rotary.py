@@ -10,10 +10,10 @@ the first `rotary_dim` dims of each head rotate (the rest pass through), NeoX st
 the two halves, GPT-J style rotates interleaved pairs. The rotation is done in fp32 and
 written back in the input dtype.
 
-- `rotate_with_inv_freq`: per-token inv_freq and attention factor given; tensor ops only, so
-  vLLM's torch.compile fuses it (the CPU serving path, `llm_rope.PerRequestRotaryEmbedding`).
-- `apply_scaled_rotary`: per-token scales given; the reference for the Triton kernel
-  (`intp_vllm_kernels.scaled_rotary`, the GPU serving path).
+- `rotate_with_inv_freq`: per-token inv_freq and attention factor given; tensor ops only.
+- `apply_scaled_rotary`: per-token scales given; the reference that both serving paths of
+  `llm_rope.PerRequestRotaryEmbedding` are tested against (the Triton kernel
+  `intp_vllm_kernels.scaled_rotary` on GPU, vLLM's rotary op over per-token cos/sin rows on CPU).
 """
 
 from __future__ import annotations

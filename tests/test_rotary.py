@@ -164,6 +164,39 @@ def test_mixed_scales_equal_a_per_token_reference(rope_type, case, is_neox):
         assert (wrong_q.double() - expected_q).abs().max() > 1e-2
 
 
+@pytest.mark.parametrize("is_neox", [True, False])
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("rope_type", ["linear", "ntk", "yarn"])
+def test_serving_module_on_cpu_equals_the_reference(rope_type, case, is_neox):
+    """`PerRequestRotaryEmbedding` as the engine calls it on CPU: scale codes inside the positions,
+    strided q/k views of one qkv tensor rotated in place (vLLM's op over per-token cos/sin rows)."""
+    from intp_vllm.llm_rope import PerRequestRotaryEmbedding
+    from intp_vllm.request_scale import POSITION_BITS, all_code_scales, scale_code
+
+    head_size, rotary_dim, q_heads, k_heads = case
+    g = torch.Generator().manual_seed(2)
+    tokens = 13
+    positions = torch.randint(0, 3000, (tokens,), generator=g)
+    codes = torch.tensor([scale_code(s) for s in (1.0, 2.0, 4.5, 8.0)])[torch.randint(0, 4, (tokens,), generator=g)]
+    scales = torch.tensor(all_code_scales())[codes]
+    qkv = torch.randn(tokens, (q_heads + 2 * k_heads) * head_size, generator=g)
+    q, k, v = qkv.split([q_heads * head_size, k_heads * head_size, k_heads * head_size], dim=-1)
+    expected_q, expected_k = apply_scaled_rotary(positions, q, k, scales, head_size=head_size, rotary_dim=rotary_dim,
+                                                 is_neox=is_neox, rope_type=rope_type, base=BASE,
+                                                 original_max_position=ORIGINAL)
+    original_q, v_before = q.clone(), v.clone()
+    module = PerRequestRotaryEmbedding(head_size=head_size, rotary_dim=rotary_dim, base=BASE, rope_type=rope_type,
+                                       original_max_position=ORIGINAL, is_neox_style=is_neox)
+    got_q, got_k = module(positions | (codes << POSITION_BITS), q, k)
+    assert got_q.data_ptr() == q.data_ptr() and got_k.data_ptr() == k.data_ptr()  # in place
+    torch.testing.assert_close(q, expected_q, rtol=0, atol=1e-5)
+    torch.testing.assert_close(k, expected_k, rtol=0, atol=1e-5)
+    assert torch.equal(v, v_before)
+
+    # negative control: without the codes (every token at scale 1) the rotation differs
+    module(positions, original_q, None)
+    assert (original_q - expected_q).abs().max() > 1e-2
+
 def test_key_none_and_empty_batch():
     positions = torch.arange(6)
     q, _ = qk(tokens=6)
