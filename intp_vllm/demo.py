@@ -49,8 +49,8 @@ def run_demo(workdir: Path = DEFAULT_DEMO_DIR, frames: int = DEMO_FRAMES) -> dic
     from vllm import LLM, SamplingParams
 
     from .needle import TASKS
-    from .tiny_model import VIDEO_PROMPT
     from .rearrange import uniform_frame_indices
+    from .tiny_model import VIDEO_PROMPT
     from .video_io import read_video, write_video
 
     workdir = Path(workdir)

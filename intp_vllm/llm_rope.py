@@ -85,10 +85,10 @@ class PerRequestRotaryEmbedding(torch.nn.Module):
             scaled_rotary_op(plain, query, key, self.scale_by_code[codes], self.head_size, self.rotary_dim,
                              self.is_neox_style, self.rope_type, self.base, self.original_max_position)
             return query, key
-        # Elsewhere: each token's own cos/sin row (cos and sin computed once per token, not per
-        # head), then vLLM's in-place rotary op reading row i for token i. In place matters on
-        # CPU: an out-of-place rotation allocates q- and k-sized buffers on every layer, and those
-        # page faults alone made it 10x slower than the op.
+        # Elsewhere: each token's own cos/sin row (computed once per token, not per head; in the
+        # query's dtype, as vLLM's op gets its table), then vLLM's in-place rotary op reading row
+        # i for token i. In place matters on CPU: an out-of-place rotation allocates q- and
+        # k-sized buffers on every layer, and their page faults made it ~10x slower than the op.
         freqs = plain.to(torch.float32)[:, None] * self.inv_freq_by_code[codes]
         attention = self.attention_by_code[codes][:, None]
         cos_sin = torch.cat((freqs.cos() * attention, freqs.sin() * attention), dim=-1).to(query.dtype)

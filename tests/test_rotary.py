@@ -197,6 +197,7 @@ def test_serving_module_on_cpu_equals_the_reference(rope_type, case, is_neox):
     module(positions, original_q, None)
     assert (original_q - expected_q).abs().max() > 1e-2
 
+
 def test_key_none_and_empty_batch():
     positions = torch.arange(6)
     q, _ = qk(tokens=6)
