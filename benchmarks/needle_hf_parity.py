@@ -79,8 +79,10 @@ def parity(report: dict, model_dir: str | None = None, log=print) -> dict:
             clips = cell_clips(frames, task, report["clips_per_cell"], report["seed"])
             targets = torch.tensor([tokenizer.convert_tokens_to_ids(c.answer) for c in clips])
             sampled = uniform_frame_indices(frames, TRAIN_FRAMES)
-            cells = [(label, rope, grouping, clips) for label, rope, grouping in report_methods(report)]
-            cells.append((SAMPLING_ROW, "none", "interleaved",
+            methods = report_methods(report)
+            cells = [(label, rope, grouping, clips) for label, rope, grouping in methods]
+            # eval-needle asked the sampling baseline through its first engine
+            cells.append((SAMPLING_ROW, *methods[0][1:],
                           [NeedleClip(c.frames[sampled], c.task, c.answer, c.needle_frames) for c in clips]))
             for label, rope, grouping, cell in cells:
                 prompt_tokens = len(prompt_ids(tokenizer, task, len(cell[0].frames) * tokens_per_frame))

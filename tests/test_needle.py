@@ -2,8 +2,9 @@
 
 Trains the needle model briefly (the "what colour flashed?" task only), serves it through
 the plugin, and checks that reading all 32 frames with scaled RoPE beats the 8-frame
-sampling baseline by a wide margin (sampling sees the flash in about 1 clip of 4). The full
-eval (both tasks, 8-128 frames, every RoPE type, n = 300) is `intp-vllm eval-needle`.
+sampling baseline by a wide margin (sampling sees the flash in about 1 clip of 4), and that
+HF transformers scores the same on the same clips. The full eval (both tasks, 8-128 frames,
+every RoPE type, n = 300) is `intp-vllm eval-needle`.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import pytest
 
 from intp_vllm.needle import TrainConfig, train_needle
 from intp_vllm.needle_eval import SAMPLING_ROW, difference_interval, evaluate, wilson_interval, write_report
+from intp_vllm_benchmarks.needle_hf_parity import parity
 
 CI_TRAINING = TrainConfig(max_steps=150, single_task_steps=150, eval_every=50, eval_clips=64)
 
@@ -33,6 +35,11 @@ def test_trained_model_reads_32_frames_better_than_8_frame_sampling(tmp_path):
     json_path, png_path = write_report(results, tmp_path / "report")
     assert json.loads(json_path.read_text())["results"]["flash"]["yarn"]["32"]["n"] == 40
     assert png_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # the same clips through HF transformers at the plugin's per-request scale score the same
+    hf = parity(results)
+    assert hf["cells_agreeing"] == hf["cells"] == 2, hf["rows"]
+    assert hf["largest_difference"] <= 0.05, hf["rows"]
 
 
 def test_intervals_match_newcombes_published_examples():
