@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from intp_vllm.request_scale import POSITION_BITS, all_code_scales, request_scale_code
-from intp_vllm.rotary import _rotate, apply_scaled_rotary, inv_freq_per_scale
+from intp_vllm.rotary import _rotate, apply_scaled_rotary, cos_sin_rows, inv_freq_per_scale
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE = 10000.0
@@ -97,8 +97,7 @@ def table_rotation(cache: torch.Tensor, head_size: int, is_neox: bool):
 def single_scale_table(head_size: int, max_position: int, scale: float, rope_type: str, device) -> torch.Tensor:
     inv_freq, attention = inv_freq_per_scale([scale], rope_type=rope_type, base=BASE, rotary_dim=head_size,
                                              original_max_position=ORIGINAL)
-    freqs = torch.outer(torch.arange(max_position, dtype=torch.float32), inv_freq[0])
-    return (torch.cat((freqs.cos(), freqs.sin()), dim=-1) * attention[0]).to(device)
+    return cos_sin_rows(torch.arange(max_position), inv_freq[0], attention[0]).to(device)
 
 
 def bench_cpu(args) -> list[dict]:

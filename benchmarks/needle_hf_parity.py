@@ -25,9 +25,14 @@ from intp_vllm.needle_eval import (SAMPLING_ROW, cell_clips, difference_interval
 from intp_vllm.rearrange import uniform_frame_indices
 
 
+def report_groupings(report: dict) -> list[str]:
+    """The groupings a report compares (reports before groupings were compared name one)."""
+    return report.get("groupings") or [report["grouping"]]
+
+
 def report_methods(report: dict) -> list[tuple[str, str, str]]:
     """(row label, rope type, grouping) of each row of the report, in the order eval-needle ran them."""
-    groupings = report.get("groupings") or [report["grouping"]]
+    groupings = report_groupings(report)
     return [(method_label(rope, grouping, groupings), rope, grouping)
             for grouping in groupings for rope in report["rope_types"]]
 
@@ -73,13 +78,13 @@ def parity(report: dict, model_dir: str | None = None, log=print) -> dict:
     config = AutoConfig.from_pretrained(model_dir)
     tokens_per_frame = (config.vision_config.image_size // config.vision_config.patch_size) ** 2 + 1
     trained_context = config.text_config.max_position_embeddings
+    methods = report_methods(report)
     rows, answers_by_method, started = [], {}, time.perf_counter()
     for task in report["results"]:
         for frames in report["frames"]:
             clips = cell_clips(frames, task, report["clips_per_cell"], report["seed"])
             targets = torch.tensor([tokenizer.convert_tokens_to_ids(c.answer) for c in clips])
             sampled = uniform_frame_indices(frames, TRAIN_FRAMES)
-            methods = report_methods(report)
             cells = [(label, rope, grouping, clips) for label, rope, grouping in methods]
             # eval-needle asked the sampling baseline through its first engine
             cells.append((SAMPLING_ROW, *methods[0][1:],
@@ -105,7 +110,7 @@ def parity(report: dict, model_dir: str | None = None, log=print) -> dict:
               "seconds": round(time.perf_counter() - started, 1),
               "cells_agreeing": sum(r["agree"] for r in rows), "cells": len(rows),
               "largest_difference": max(abs(r["plugin"] - r["hf"]) for r in rows), "rows": rows}
-    groupings = report.get("groupings") or [report["grouping"]]
+    groupings = report_groupings(report)
     if len(groupings) == 2:
         result["groupings_answer_differently"] = grouping_disagreement(answers_by_method, report, groupings)
     return result

@@ -21,7 +21,7 @@ from intp_vllm_kernels.scaled_rotary import HAS_TRITON, scaled_rotary_op
 from .config import IntpConfig
 from .request_scale import all_code_scales, decode_positions
 from .rope_scaling import rope_inv_freq
-from .rotary import inv_freq_per_scale
+from .rotary import cos_sin_rows, inv_freq_per_scale
 
 
 class ScaledRotaryEmbedding(RotaryEmbedding):
@@ -42,9 +42,7 @@ class ScaledRotaryEmbedding(RotaryEmbedding):
             factor=self.factor,
             original_max_position=self.original_max_position,
         )
-        positions = torch.arange(self.max_position_embeddings, dtype=torch.float)
-        freqs = torch.outer(positions, inv_freq.to(positions.device))
-        return torch.cat((freqs.cos() * attention_factor, freqs.sin() * attention_factor), dim=-1)
+        return cos_sin_rows(torch.arange(self.max_position_embeddings), inv_freq, attention_factor)
 
     def extra_repr(self) -> str:
         return (f"rope_type={self.rope_type}, factor={self.factor:g}, base={self.base:g}, "
@@ -89,11 +87,9 @@ class PerRequestRotaryEmbedding(torch.nn.Module):
         # query's dtype, as vLLM's op gets its table), then vLLM's in-place rotary op reading row
         # i for token i. In place matters on CPU: an out-of-place rotation allocates q- and
         # k-sized buffers on every layer, and their page faults made it ~10x slower than the op.
-        freqs = plain.to(torch.float32)[:, None] * self.inv_freq_by_code[codes]
-        attention = self.attention_by_code[codes][:, None]
-        cos_sin = torch.cat((freqs.cos() * attention, freqs.sin() * attention), dim=-1).to(query.dtype)
+        cos_sin = cos_sin_rows(plain, self.inv_freq_by_code[codes], self.attention_by_code[codes][:, None])
         rows = torch.arange(plain.shape[0], device=plain.device)
-        vllm_ops.rotary_embedding(rows, query, key, self.head_size, cos_sin, self.is_neox_style)
+        vllm_ops.rotary_embedding(rows, query, key, self.head_size, cos_sin.to(query.dtype), self.is_neox_style)
         return query, key
 
     def extra_repr(self) -> str:

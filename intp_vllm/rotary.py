@@ -10,6 +10,8 @@ the first `rotary_dim` dims of each head rotate (the rest pass through), NeoX st
 the two halves, GPT-J style rotates interleaved pairs. The rotation is done in fp32 and
 written back in the input dtype.
 
+- `cos_sin_rows`: cos/sin rows in vLLM's cache layout, for a table over positions (one scale)
+  or one row per token (its own scale); every cos/sin in the project comes from here.
 - `rotate_with_inv_freq`: per-token inv_freq and attention factor given; tensor ops only.
 - `apply_scaled_rotary`: per-token scales given; the reference that both serving paths of
   `llm_rope.PerRequestRotaryEmbedding` are tested against (the Triton kernel
@@ -69,14 +71,20 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, head_size: in
     return out.view(x.shape)
 
 
+def cos_sin_rows(positions: torch.Tensor, inv_freq: torch.Tensor, attention) -> torch.Tensor:
+    """[T, rotary_dim] fp32: cos then sin of each position's angles, times the attention factor;
+    the layout of vLLM's cos/sin cache. inv_freq is [d/2] (one scale) or [T, d/2] (each token's
+    own); attention a number or [T, 1]."""
+    freqs = positions.to(torch.float32)[:, None] * inv_freq
+    return torch.cat((freqs.cos(), freqs.sin()), dim=-1) * attention
+
+
 def rotate_with_inv_freq(positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor | None,
                          inv_freq: torch.Tensor, attention: torch.Tensor, *, head_size: int, rotary_dim: int,
                          is_neox: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Rotate query [T, Hq * head_size] and key [T, Hk * head_size] with per-token inv_freq [T, d/2]
     and attention factor [T]; positions int [T]. Out of place, tensor ops only (traceable)."""
-    freqs = positions.to(torch.float32)[:, None] * inv_freq
-    attention = attention[:, None]
-    cos, sin = freqs.cos() * attention, freqs.sin() * attention
+    cos, sin = cos_sin_rows(positions, inv_freq, attention[:, None]).chunk(2, dim=-1)
     query = _rotate(query, cos, sin, head_size, rotary_dim, is_neox)
     if key is not None:
         key = _rotate(key, cos, sin, head_size, rotary_dim, is_neox)
