@@ -8,6 +8,8 @@ COMMON = [
     "tokenizers",
     "safetensors",
     "numpy",
+    "av==18.1.0",
+    "pillow==13.0.0",
     "opencv-python-headless",
     "tqdm",
     "matplotlib",

@@ -1,8 +1,8 @@
 """Video-LLaVA for vLLM: processing info, dummy inputs, processor and model together.
 
 vLLM has no Video-LLaVA, and its LLaVA family cannot be imported without torchvision,
-so the model is assembled from vLLM's CLIP tower and Llama, with preprocessing in numpy
-(`preprocess.py`) instead of the HF processor. Video only: the image tower's weights
+so the model is assembled from vLLM's CLIP tower and Llama, with preprocessing by Pillow
+(`preprocess.py`, bit-exact with HF's processor) instead of the HF processor. Video only: the image tower's weights
 are skipped (see README).
 
 INTP lives in two places: the processor decides how many frames a request carries
@@ -69,7 +69,7 @@ def tokens_per_frame(vision_config) -> int:
 
 class VideoLlavaProcessingInfo(BaseProcessingInfo):
     def get_hf_processor(self, **kwargs: object):
-        raise RuntimeError("intp_vllm preprocesses video in numpy; the HF processor is never used")
+        raise RuntimeError("intp_vllm preprocesses video itself (preprocess.py); the HF processor is never used")
 
     def get_supported_mm_limits(self) -> Mapping[str, int | None]:
         return {"video": 1}
@@ -78,11 +78,7 @@ class VideoLlavaProcessingInfo(BaseProcessingInfo):
         return IntpConfig.from_hf_config(self.get_hf_config())
 
     def get_preprocess_config(self) -> ClipPreprocessConfig:
-        vision = self.get_hf_config().vision_config
-        cfg = ClipPreprocessConfig(shortest_edge=vision.image_size, crop_size=vision.image_size)
-        if cfg.crop_size != vision.image_size:
-            raise ValueError(f"crop size {cfg.crop_size} differs from the tower's image_size {vision.image_size}")
-        return cfg
+        return ClipPreprocessConfig.for_tower(self.get_hf_config().vision_config)
 
     def get_tokens_per_frame(self) -> int:
         return tokens_per_frame(self.get_hf_config().vision_config)

@@ -1,13 +1,16 @@
-"""CLIP frame preprocessing in numpy, without torchvision or PIL.
+"""CLIP frame preprocessing with Pillow, bit for bit as HF's `CLIPImageProcessor`.
 
-HF's `CLIPImageProcessor` (the numeric reference) resizes with Pillow's antialiased
-bicubic filter on uint8 images. A plain cv2 bicubic resize differs from it by one or
-more uint8 levels at edges (no antialiasing when shrinking), which is ~0.015 after CLIP
-normalisation. So the resize below reproduces Pillow's separable 8-bit resampler:
-same filter support, same fixed-point coefficients (22 fractional bits), horizontal
-pass then vertical pass, rounding and clipping to uint8 between the passes. The integer
-sums are computed in float64, which is exact for them, so the result equals Pillow's;
-the only residue against HF is float32 rounding in rescale+normalise (< 1e-6).
+Without torchvision (as here) transformers' `CLIPImageProcessor` is its Pillow backend: resize
+the short side to `shortest_edge` with `PIL.Image.resize(..., BICUBIC)`, centre-crop, rescale
+by 1/255 in float64 and cast to float32, normalise with the CLIP mean and std in float32. This
+module calls the same Pillow resize and repeats the same float operations (as a per-channel
+lookup table over the 256 uint8 levels), so its output equals HF's exactly.
+
+Frames are resized and cropped one at a time (`resize_and_crop`), as a decoder yields them:
+memory holds the cropped uint8 frames plus one resized frame. A frame whose long side is more
+than `MAX_ASPECT_RATIO` times its short side is refused before it is resized: resizing a
+3000x4 frame to a short side of 224 makes a 168000x224 image (Qwen2-VL's processor refuses
+aspect ratios above 200 for the same reason).
 """
 
 from __future__ import annotations
@@ -15,112 +18,110 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from PIL import Image
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+RESCALE_FACTOR = 1 / 255
+"""HF's `rescale_factor`; applied in float64, then cast to float32, as `image_transforms.rescale` does."""
+MAX_ASPECT_RATIO = 200
+"""Largest long side / short side of a frame that is resized (the resized frame has
+`shortest_edge` x `shortest_edge * ratio` pixels)."""
 
-_PRECISION_BITS = 32 - 8 - 2  # Pillow's fixed point for 8-bit images
-_BICUBIC_A = -0.5
-_BICUBIC_SUPPORT = 2.0
+_ROTATIONS = {90: Image.Transpose.ROTATE_90, 180: Image.Transpose.ROTATE_180, 270: Image.Transpose.ROTATE_270}
 
 
 @dataclass(frozen=True)
 class ClipPreprocessConfig:
-    """The parts of a checkpoint's `preprocessor_config.json` that frames go through."""
+    """What frames go through before the vision tower (a `preprocessor_config.json`'s CLIP part).
+
+    Raises ValueError when `shortest_edge` or `crop_size` is not a positive integer, or the
+    crop is larger than the resized short side (HF would pad; no Video-LLaVA checkpoint does).
+    """
 
     shortest_edge: int = 224
     crop_size: int = 224
     mean: tuple[float, float, float] = CLIP_MEAN
     std: tuple[float, float, float] = CLIP_STD
 
+    def __post_init__(self) -> None:
+        for name in ("shortest_edge", "crop_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"preprocessing {name} must be a positive integer, got {value!r}")
+        if self.crop_size > self.shortest_edge:
+            raise ValueError(f"preprocessing crop_size {self.crop_size} is larger than shortest_edge "
+                             f"{self.shortest_edge}; it must be at most the resized short side")
+
     @classmethod
-    def from_dict(cls, cfg: dict, default_size: int) -> "ClipPreprocessConfig":
-        size = cfg.get("size", {})
-        shortest = size.get("shortest_edge", default_size) if isinstance(size, dict) else int(size)
-        crop = cfg.get("crop_size", {})
-        crop_size = crop.get("height", shortest) if isinstance(crop, dict) else int(crop)
-        return cls(
-            shortest_edge=int(shortest),
-            crop_size=int(crop_size),
-            mean=tuple(cfg.get("image_mean", CLIP_MEAN)),
-            std=tuple(cfg.get("image_std", CLIP_STD)),
-        )
+    def for_tower(cls, vision_config) -> "ClipPreprocessConfig":
+        """Video-LLaVA's video processor: short side and crop both the tower's `image_size`."""
+        return cls(shortest_edge=vision_config.image_size, crop_size=vision_config.image_size)
 
 
-def _bicubic(x: np.ndarray) -> np.ndarray:
-    x = np.abs(x)
-    a = _BICUBIC_A
-    near = ((a + 2.0) * x - (a + 3.0)) * x * x + 1.0
-    far = (((x - 5.0) * x + 8.0) * x - 4.0) * a
-    return np.where(x < 1.0, near, np.where(x < 2.0, far, 0.0))
-
-
-def _resample_coefficients(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Pillow's `precompute_coeffs` + `normalize_coeffs_8bpc`: (first tap, fixed-point taps)."""
-    scale = in_size / out_size
-    filterscale = max(scale, 1.0)
-    support = _BICUBIC_SUPPORT * filterscale
-    taps = int(np.ceil(support)) * 2 + 1
-    centers = (np.arange(out_size) + 0.5) * scale
-    first = np.maximum((centers - support + 0.5).astype(np.int64), 0)
-    last = np.minimum((centers + support + 0.5).astype(np.int64), in_size)
-    offsets = np.arange(taps)
-    valid = offsets[None, :] < (last - first)[:, None]
-    weights = _bicubic((first[:, None] + offsets[None, :] - centers[:, None] + 0.5) / filterscale)
-    weights = np.where(valid, weights, 0.0)
-    totals = weights.sum(axis=1, keepdims=True)
-    weights = np.divide(weights, totals, out=np.zeros_like(weights), where=totals != 0)
-    fixed = np.where(
-        weights < 0,
-        np.trunc(-0.5 + weights * (1 << _PRECISION_BITS)),
-        np.trunc(0.5 + weights * (1 << _PRECISION_BITS)),
-    )
-    return first, fixed
-
-
-def _resample_axis(image: np.ndarray, out_size: int, axis: int) -> np.ndarray:
-    """One separable pass along `axis` of a uint8 (..., H, W, C) array, as Pillow does it."""
-    in_size = image.shape[axis]
-    first, fixed = _resample_coefficients(in_size, out_size)
-    taps = fixed.shape[1]
-    index = np.minimum(first[:, None] + np.arange(taps)[None, :], in_size - 1)
-    src = np.moveaxis(image, axis, -1).astype(np.float64)  # (..., C, in) after move
-    acc = np.full(src.shape[:-1] + (out_size,), float(1 << (_PRECISION_BITS - 1)))
-    for tap in range(taps):
-        acc += src[..., index[:, tap]] * fixed[:, tap]
-    out = np.clip(np.floor(acc / (1 << _PRECISION_BITS)), 0, 255).astype(np.uint8)
-    return np.moveaxis(out, -1, axis)
-
-
-def resize_bicubic(frames: np.ndarray, height: int, width: int) -> np.ndarray:
-    """Resize uint8 frames (T, H, W, 3) like `PIL.Image.resize(..., BICUBIC)`."""
-    out = frames
-    if width != frames.shape[2]:
-        out = _resample_axis(out, width, axis=2)
-    if height != frames.shape[1]:
-        out = _resample_axis(out, height, axis=1)
-    return out
+def check_aspect_ratio(width: int, height: int, label: str) -> None:
+    """Raise ValueError naming `label` when a `width` x `height` frame exceeds MAX_ASPECT_RATIO."""
+    if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
+        raise ValueError(f"{label} has {width}x{height} frames (aspect ratio {max(width, height) / min(width, height):.0f}"
+                         f":1); at most {MAX_ASPECT_RATIO}:1 is allowed")
 
 
 def shortest_edge_size(height: int, width: int, shortest_edge: int) -> tuple[int, int]:
-    """Output (height, width) with the short side at `shortest_edge`, as HF computes it."""
+    """Output (height, width) with the short side at `shortest_edge`, as HF computes it
+    (`get_resize_output_image_size(..., default_to_square=False)`)."""
     if width <= height:
         return int(shortest_edge * height / width), shortest_edge
     return shortest_edge, int(shortest_edge * width / height)
 
 
-def center_crop(frames: np.ndarray, size: int) -> np.ndarray:
-    height, width = frames.shape[1:3]
-    top, left = (height - size) // 2, (width - size) // 2
-    return frames[:, top : top + size, left : left + size]
+def rotate(image: Image.Image, rotation: int) -> Image.Image:
+    """`image` turned by a video's display rotation (0, 90, 180 or 270 degrees counter-clockwise),
+    losslessly. Raises ValueError for any other angle."""
+    if rotation == 0:
+        return image
+    if rotation not in _ROTATIONS:
+        raise ValueError(f"display rotation {rotation!r} is not one of 0, 90, 180, 270 degrees")
+    return image.transpose(_ROTATIONS[rotation])
+
+
+def resize_and_crop(frame: Image.Image | np.ndarray, config: ClipPreprocessConfig, rotation: int = 0) -> np.ndarray:
+    """One RGB frame -> uint8 (crop_size, crop_size, 3): HF's resize and centre crop.
+
+    `frame` is a PIL RGB image or a uint8 (H, W, 3) array. `rotation` (0, 90, 180, 270 degrees
+    counter-clockwise, a video's display rotation) is applied first, losslessly. A frame already
+    at the output size is returned unchanged (Pillow's resize copies it too). Raises ValueError
+    for an aspect ratio above MAX_ASPECT_RATIO.
+    """
+    if isinstance(frame, np.ndarray):
+        square = config.shortest_edge == config.crop_size
+        if square and frame.shape[:2] == (config.crop_size, config.crop_size) and not rotation:
+            return frame
+        frame = Image.fromarray(frame)
+    frame = rotate(frame, rotation)
+    width, height = frame.size
+    check_aspect_ratio(width, height, "a frame")
+    out_height, out_width = shortest_edge_size(height, width, config.shortest_edge)
+    resized = frame.resize((out_width, out_height), Image.Resampling.BICUBIC)
+    top, left = (out_height - config.crop_size) // 2, (out_width - config.crop_size) // 2
+    return np.asarray(resized.crop((left, top, left + config.crop_size, top + config.crop_size)))
+
+
+def normalize(frames: np.ndarray, config: ClipPreprocessConfig) -> np.ndarray:
+    """uint8 (T, H, W, 3) -> float32 (T, 3, H, W): HF's rescale then normalise, exactly.
+
+    Each output value depends only on its uint8 level and channel, so the float64 rescale,
+    float32 cast and float32 normalisation are computed once per level (a 3 x 256 table).
+    """
+    levels = (np.arange(256, dtype=np.float64) * RESCALE_FACTOR).astype(np.float32)
+    mean = np.asarray(config.mean, dtype=np.float32)[:, None]
+    std = np.asarray(config.std, dtype=np.float32)[:, None]
+    table = (levels[None, :] - mean) / std
+    out = np.empty((frames.shape[0], 3, *frames.shape[1:3]), dtype=np.float32)
+    for channel in range(3):
+        np.take(table[channel], frames[..., channel], out=out[:, channel])
+    return out
 
 
 def preprocess_frames(frames: np.ndarray, config: ClipPreprocessConfig) -> np.ndarray:
-    """uint8 RGB frames (T, H, W, 3) -> float32 pixel values (T, 3, crop, crop)."""
-    height, width = shortest_edge_size(frames.shape[1], frames.shape[2], config.shortest_edge)
-    resized = resize_bicubic(frames, height, width)
-    cropped = center_crop(resized, config.crop_size)
-    scaled = cropped.astype(np.float32) * np.float32(1 / 255)
-    mean = np.asarray(config.mean, dtype=np.float32)
-    std = np.asarray(config.std, dtype=np.float32)
-    return np.ascontiguousarray(((scaled - mean) / std).transpose(0, 3, 1, 2))
+    """uint8 RGB frames (T, H, W, 3) -> float32 pixel values (T, 3, crop, crop), equal to HF's."""
+    return normalize(np.stack([resize_and_crop(frame, config) for frame in frames]), config)
