@@ -18,8 +18,8 @@ run loses at most the chunks in flight. On start the output is read back: ids al
 are skipped (error records too, unless --retry-errors), and a last line cut by a kill
 mid-write is dropped, so its job runs again.
 
-Videos are decoded here with `video_io.read_video` (only the sampled frames), by threads that
-run ahead of the engine, and reach `LLM.generate` as frame arrays: every kind of `video` takes
+Videos are decoded here with `video_io.read_video` (only the sampled frames, each resized and
+cropped for the vision tower as it is decoded), by threads that run ahead of the engine, and reach `LLM.generate` as frame arrays: every kind of `video` takes
 the same path, a bad video fails only its own job, and no `allowed_local_media_path` is needed.
 """
 
@@ -42,6 +42,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .preprocess import ClipPreprocessConfig
 from .tiny_model import VIDEO_PROMPT
 
 REQUIRED_KEYS = ("id", "video", "question")
@@ -300,7 +301,9 @@ class JobDefaults:
     frames: int
     frame_limit: int
     sampling: dict
+    preprocess: ClipPreprocessConfig
     fetch_timeout: float = 60.0
+    decoder: str = "pyav"
 
 
 def _short(video: str) -> str:
@@ -308,19 +311,23 @@ def _short(video: str) -> str:
     return video if len(video) <= 100 else f"{video[:60]}...{video[-20:]}"
 
 
-def load_video(video: str, frames: int, fetch_timeout: float):
-    """Decode `frames` frames sampled uniformly from a path, an http(s) URL or a data: URL."""
+def load_video(video: str, frames: int, defaults: JobDefaults):
+    """Decode `frames` frames sampled uniformly from a path, an http(s) URL or a data: URL,
+    each resized and cropped for the vision tower as it is decoded (uint8 (T, crop, crop, 3))."""
     from .video_io import read_video
 
+    def decode(source):
+        return read_video(source, frames, decoder=defaults.decoder, preprocess=defaults.preprocess)
+
     if _scheme(video) not in FETCHED_SCHEMES:
-        return read_video(video, frames)
+        return decode(video)
     try:
-        with urllib.request.urlopen(video, timeout=fetch_timeout) as response:
+        with urllib.request.urlopen(video, timeout=defaults.fetch_timeout) as response:
             data = response.read()
     except Exception as exc:  # noqa: BLE001 - HTTP errors, timeouts, bad data: URLs all fail this job
         raise ValueError(f"cannot read {_short(video)!r}: {type(exc).__name__}: {exc}") from None
     try:
-        return read_video(data, frames)
+        return decode(data)
     except ValueError as exc:
         raise ValueError(f"{_short(video)!r}: {exc}") from None
 
@@ -342,7 +349,7 @@ def prepare(job: Job, defaults: JobDefaults):
                              "raise it with --max-frames")
         own = {k: job.options[k] for k in SAMPLING_KEYS if k in job.options}
         params = SamplingParams(**{**defaults.sampling, **own})
-        video = load_video(job.video, frames, defaults.fetch_timeout)
+        video = load_video(job.video, frames, defaults)
     except Exception as exc:  # noqa: BLE001 - a bad job never stops the run
         return error_record(job, exc)
     request = {"prompt": VIDEO_PROMPT.format(question=job.question), "multi_modal_data": {"video": video},
@@ -553,7 +560,7 @@ examples:
 
 
 def add_batch_arguments(parser: argparse.ArgumentParser) -> None:
-    from .serve import add_intp_arguments
+    from .serve import add_intp_arguments, add_video_decoder_argument
 
     parser.add_argument("--model", required=True, help="local HF-format Video-LLaVA checkpoint directory")
     parser.add_argument("--input", required=True, type=Path, help="jobs: JSONL, one job a line (see below)")
@@ -565,6 +572,7 @@ def add_batch_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--retry-errors", action="store_true",
                         help="also re-run jobs whose record in --output is an error (their old records are removed)")
     parser.add_argument("--decode-threads", type=int, default=2, help="video decoding threads per engine (default 2)")
+    add_video_decoder_argument(parser)
     parser.add_argument("--fetch-timeout", type=float, default=60.0,
                         help="seconds allowed for each http(s) video download (default 60)")
     sampling = parser.add_argument_group("sampling (defaults for jobs that do not set their own)")
@@ -626,8 +634,8 @@ def engine_kwargs_from(args, intp: dict) -> dict:
     return kwargs
 
 
-def resolve_intp(model: str, intp: dict):
-    """The IntpConfig the engine will use (checkpoint + flags), known before it starts."""
+def resolve_model(model: str, intp: dict) -> tuple:
+    """(IntpConfig, ClipPreprocessConfig) the engine will use (checkpoint + flags), known before it starts."""
     from transformers import AutoConfig
 
     from .config import IntpConfig
@@ -639,7 +647,7 @@ def resolve_intp(model: str, intp: dict):
     if intp:
         hf_config.intp = intp  # as vLLM's hf_overrides does: the flags replace the checkpoint's section
     try:
-        return IntpConfig.from_hf_config(hf_config)
+        return IntpConfig.from_hf_config(hf_config), ClipPreprocessConfig.for_tower(hf_config.vision_config)
     except ValueError as exc:
         raise BatchError(f"INTP flags: {exc}") from None
 
@@ -653,7 +661,7 @@ def run_batch(args) -> dict:
     _check_args(args)
     jobs, bad = parse_jobs(args.input)
     section = intp_section(args)
-    intp = resolve_intp(str(args.model), section)
+    intp, preprocess = resolve_model(str(args.model), section)
     writer = ResultWriter(args.output)
     try:
         done = load_results(args.output, retry_errors=args.retry_errors)
@@ -673,7 +681,8 @@ def run_batch(args) -> dict:
         if pending:
             sampling = {"max_tokens": args.max_tokens, "temperature": args.temperature, "top_p": args.top_p,
                         "seed": args.seed}
-            defaults = JobDefaults(intp.frames, intp.frame_limit, sampling, args.fetch_timeout)
+            defaults = JobDefaults(intp.frames, intp.frame_limit, sampling, preprocess, args.fetch_timeout,
+                                   args.video_decoder)
             replicas = ray_replicas if _uses_ray(args) else local_replicas
             started = time.perf_counter()
             with replicas(args, engine_kwargs_from(args, section), defaults) as submitters:

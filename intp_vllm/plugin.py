@@ -45,9 +45,14 @@ class VideoLlavaConfigHook:
             _, rotary_dim = rope_geometry(hf_config.text_config)
             hf_config.text_config.rope_parameters["mrope_section"] = [rotary_dim // 2]
         if model_config.multimodal_config is not None:
-            # Files and URLs are decoded at `frames` frames unless the operator says otherwise.
+            # Files and URLs are decoded at `frames` frames unless the operator says otherwise,
+            # by our loader, which resizes and crops each frame for the tower as it decodes it.
+            from .serve import MEDIA_HOOK_NAME
+
             video_io = model_config.multimodal_config.media_io_kwargs.setdefault("video", {})
             video_io.setdefault("num_frames", intp.frames)
+            if video_io.setdefault("video_backend", MEDIA_HOOK_NAME) == MEDIA_HOOK_NAME:
+                video_io.setdefault("frame_size", hf_config.vision_config.image_size)
         logger.info(
             "intp_vllm: %s; up to %d video tokens a request, max_model_len %d",
             intp.as_dict(),
@@ -59,7 +64,11 @@ class VideoLlavaConfigHook:
 def register() -> None:
     from vllm import ModelRegistry
     from vllm.model_executor.models.config import MODELS_CONFIG_MAP
+    from vllm.multimodal.video import VIDEO_LOADER_REGISTRY
 
+    from .serve import MEDIA_HOOK_NAME, IntpVideoLoader
+
+    VIDEO_LOADER_REGISTRY.register(MEDIA_HOOK_NAME)(IntpVideoLoader)
     for architecture in ARCHITECTURES:
         MODELS_CONFIG_MAP[architecture] = VideoLlavaConfigHook
         if architecture not in ModelRegistry.get_supported_archs():

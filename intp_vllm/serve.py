@@ -17,11 +17,12 @@ import asyncio
 import json
 import math
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from .tiny_model import VIDEO_LLAVA_CHAT_TEMPLATE
-from .video_io import VideoLimits, sample_video
+from .preprocess import ClipPreprocessConfig
+from .video_io import DECODERS, VideoLimits, sample_video
 
 LIMITS_ENV = "INTP_VLLM_SERVE_LIMITS"
 MEDIA_HOOK_NAME = "intp_vllm"
@@ -125,13 +126,16 @@ def run_server(model: str, intp: dict, vllm_args: list[str], limits: "ServeLimit
 @dataclass(frozen=True)
 class ServeLimits:
     """What one request may cost the server: its video (see VideoLimits), its fetch time,
-    and how many requests may be in flight at once."""
+    and how many requests may be in flight at once; and which decoder reads its video."""
 
     video: VideoLimits = field(default_factory=VideoLimits)
     fetch_timeout_s: float = 30.0
     max_in_flight: int = 64
+    video_decoder: str = "pyav"
 
     def __post_init__(self) -> None:
+        if self.video_decoder not in DECODERS:
+            raise ValueError(f"video decoder {self.video_decoder!r} is not one of {sorted(DECODERS)}")
         if not self.fetch_timeout_s > 0:
             raise ValueError(f"video fetch timeout must be > 0 seconds, got {self.fetch_timeout_s!r}")
         if isinstance(self.max_in_flight, bool) or not isinstance(self.max_in_flight, int) or self.max_in_flight < 1:
@@ -151,7 +155,8 @@ class ServeLimits:
         if frames > video.max_frames:
             raise ValueError(f"--frames/--max-frames {frames} exceeds --max-video-frames {video.max_frames}: "
                              "no video could be decoded at that many frames; raise --max-video-frames")
-        return cls(video, fetch_timeout_s=args.video_fetch_timeout, max_in_flight=args.max_in_flight_requests)
+        return cls(video, fetch_timeout_s=args.video_fetch_timeout, max_in_flight=args.max_in_flight_requests,
+                   video_decoder=args.video_decoder)
 
     @classmethod
     def from_env(cls) -> "ServeLimits":
@@ -177,12 +182,18 @@ def add_limit_arguments(parser: argparse.ArgumentParser) -> None:
                        help="seconds to fetch and decode one video_url, retries included")
     group.add_argument("--max-in-flight-requests", type=int, default=defaults.max_in_flight,
                        help="POST requests served at once, from arrival (video fetch included); more get a 503")
+    add_video_decoder_argument(parser)
+
+
+def add_video_decoder_argument(parser: argparse.ArgumentParser) -> None:
+    """--video-decoder, shared by serve and batch."""
+    parser.add_argument("--video-decoder", choices=sorted(DECODERS), default="pyav",
+                        help="how videos are decoded: " + "; ".join(f"{k}: {v}" for k, v in DECODERS.items()))
 
 
 def install_media_limits(limits: ServeLimits) -> None:
     """Route this process's video_url parts through our connector and loader, under `limits`."""
     from vllm.multimodal.media.connector import MEDIA_CONNECTOR_REGISTRY
-    from vllm.multimodal.video import VIDEO_LOADER_REGISTRY
 
     os.environ[LIMITS_ENV] = json.dumps(asdict(limits))
     os.environ["VLLM_MEDIA_CONNECTOR"] = MEDIA_HOOK_NAME
@@ -190,26 +201,44 @@ def install_media_limits(limits: ServeLimits) -> None:
     os.environ["VLLM_MAX_MEDIA_DOWNLOAD_SIZE_MB"] = str(
         min(download_mb, int(os.environ.get("VLLM_MAX_MEDIA_DOWNLOAD_SIZE_MB", download_mb))))
     MEDIA_CONNECTOR_REGISTRY.register(MEDIA_HOOK_NAME)(BoundedMediaConnector)
-    VIDEO_LOADER_REGISTRY.register(MEDIA_HOOK_NAME)(IntpVideoLoader)
 
 
 # ------------------------------------------------------------------------------ video input
 
 
 class IntpVideoLoader:
-    """vLLM video loader (VIDEO_LOADER_REGISTRY) that seeks to the sampled frames within the limits.
+    """vLLM video loader (VIDEO_LOADER_REGISTRY, name `intp_vllm`): `video_io.sample_video`,
+    each frame resized and cropped for the vision tower as it is decoded.
 
-    vLLM's own OpenCV loader decodes every frame up to the last sampled one, decodes all
-    of them for num_frames=-1, and reads bytes through OpenCV's in-memory stream, which
+    The plugin makes it the checkpoint's default loader (`plugin.py`), for the server and
+    offline `LLM.chat` alike; `media_io_kwargs.video` may set `num_frames`, `frame_size` (the
+    tower's input side, set by the plugin; 0 keeps full-size frames) and `decoder` (a key of
+    `video_io.DECODERS`). Under `intp-vllm serve` the server's `ServeLimits` apply (and its
+    decoder); elsewhere (offline `LLM.chat`) the default limits, with as many frames as asked for.
+    vLLM's own OpenCV loader decodes every frame up to the last sampled one, all of them for
+    num_frames=-1, at full size, and reads bytes through OpenCV's in-memory stream, which
     segfaults on some malformed mp4 headers (taking the server down).
     """
 
     @classmethod
-    def load_bytes(cls, data: bytes, num_frames: int = -1, **kwargs) -> tuple:
+    def load_bytes(cls, data: bytes, num_frames: int = -1, frame_size: int = 0, decoder: str = "pyav",
+                   **kwargs) -> tuple:
         if kwargs:
             raise ValueError(f"media_io_kwargs.video {sorted(kwargs)} are not supported: this server decodes "
-                             "video with the intp_vllm loader, which takes only 'num_frames'")
-        video = sample_video(data, num_frames, ServeLimits.from_env().video)
+                             "video with the intp_vllm loader, which takes 'num_frames', 'frame_size' and 'decoder'")
+        limits = ServeLimits.from_env().video
+        if LIMITS_ENV not in os.environ and isinstance(num_frames, int) and num_frames > limits.max_frames:
+            limits = replace(limits, max_frames=num_frames)
+        preprocess = None
+        if frame_size:
+            if isinstance(frame_size, int) and frame_size * frame_size > limits.max_frame_pixels:
+                raise ValueError(f"media_io_kwargs.video frame_size {frame_size} makes frames of more than "
+                                 f"{limits.max_frame_pixels} pixels, this server's limit")
+            try:
+                preprocess = ClipPreprocessConfig(shortest_edge=frame_size, crop_size=frame_size)
+            except ValueError as exc:
+                raise ValueError(f"media_io_kwargs.video frame_size: {exc}") from None
+        video = sample_video(data, num_frames, limits, decoder=decoder, preprocess=preprocess)
         metadata = {
             "total_num_frames": video.total_frames,
             "fps": video.fps,
@@ -227,8 +256,8 @@ class BoundedMediaConnector:
     Checks what vLLM does not: a file's or a data URL's size before reading or decoding
     it, a data URL's encoding, and a total deadline on fetching and decoding (vLLM retries
     a dead host three times with growing timeouts). Every failure becomes a 4xx naming the
-    URL: ValueError -> 400, fetch failures -> 422. Video decodes with IntpVideoLoader, whatever
-    video_backend a request asks for. Everything else is vLLM's connector unchanged.
+    URL: ValueError -> 400, fetch failures -> 422. Video decodes with IntpVideoLoader and the
+    server's decoder, whatever video_backend or decoder a request asks for. Everything else is vLLM's connector unchanged.
     """
 
     def __init__(self, media_io_kwargs: dict | None = None, **kwargs) -> None:
@@ -236,7 +265,8 @@ class BoundedMediaConnector:
 
         self.limits = ServeLimits.from_env()
         media_io_kwargs = dict(media_io_kwargs or {})
-        media_io_kwargs["video"] = {**media_io_kwargs.get("video", {}), "video_backend": MEDIA_HOOK_NAME}
+        media_io_kwargs["video"] = {**media_io_kwargs.get("video", {}), "video_backend": MEDIA_HOOK_NAME,
+                                    "decoder": self.limits.video_decoder}
         self.inner = MediaConnector(media_io_kwargs, **kwargs)
 
     def __getattr__(self, name: str):
@@ -271,12 +301,14 @@ class BoundedMediaConnector:
 
     def _check_data_url(self, url: str) -> None:
         """vLLM answers a non-base64 data URL with a 501 and decodes `video/jpeg` frame lists
-        itself, with no frame or pixel limit: only base64 encoded videos are let through."""
+        itself, with no frame or pixel limit: only base64 encoded videos (a `video/*` media
+        type) are let through. The container is then found from the bytes, not the subtype."""
         header, _, payload = url.partition(",")
         media_type = header[5:].partition(";")[0].lower()
-        if not header.lower().endswith(";base64") or media_type == "video/jpeg":
-            raise ValueError("expected a base64 encoded video file: data:video/mp4;base64,<data> "
-                             "(or video/webm, ...; video/jpeg frame lists are not accepted)")
+        if not header.lower().endswith(";base64") or not media_type.startswith("video/") or media_type == "video/jpeg":
+            raise ValueError(f"expected a base64 encoded video file, data:video/<type>;base64,<data> (video/mp4, "
+                             f"video/webm, video/quicktime, ...; video/jpeg frame lists are not accepted), "
+                             f"got data:{header[5:60]!s}")
         self.limits.video.check_size(len(payload.rstrip("=")) * 3 // 4, "the decoded data URL")
 
     def _check_file_url(self, url: str) -> None:

@@ -45,13 +45,14 @@ from .rearrange import uniform_frame_indices
 
 EXPECTED_FRAMES = "a uint8 RGB video of shape (T, H, W, 3) with T >= 1, or a list of (H, W, 3) frames"
 DEMUXERS = "mov,matroska,avi,mpegts,mpeg,flv,ogg,asf"
-"""The containers FFmpeg may open: mp4/mov/3gp, mkv/webm, avi, ts, mpeg-ps, flv, ogg, wmv.
-Left open, FFmpeg also probes scripts and playlists (concat, hls, ...): a few bytes of
+"""The containers FFmpeg may open (`CONTAINERS`). Left open, FFmpeg also probes scripts and playlists (concat, hls, ...): a few bytes of
 `ffconcat` make it decode another video file from the directory of the one it was given."""
+CONTAINERS = "mp4/mov/3gp, mkv/webm, avi, ts, mpeg-ps, flv, ogg, wmv"
+"""`DEMUXERS` as file types, for error messages."""
 DECODERS = {
     "pyav": "PyAV: frames uniform in presentation time, planned by keyframes (the default)",
-    "opencv": "OpenCV: frames uniform in frame index, one seek per frame; no display rotation "
-              "for bytes, no live-stream WebM (it needs a frame count)",
+    "opencv": "OpenCV: frames uniform in frame index, one seek per frame; no live-stream WebM "
+              "(it needs the frame count in the header)",
 }
 
 
@@ -239,8 +240,8 @@ def _open_pyav(source, label: str):
         return av.open(file, "r", container_options={"format_whitelist": DEMUXERS}), file
     except (av.FFmpegError, UnicodeDecodeError) as exc:
         file.close()
-        raise ValueError(f"{label} is not a video PyAV can open ({_reason(exc)}): expected a container "
-                         f"({DEMUXERS}) holding a video stream") from None
+        raise ValueError(f"{label} is not a video PyAV can open ({_reason(exc)}): expected a video file "
+                         f"({CONTAINERS})") from None
 
 
 def _reason(exc: Exception) -> str:

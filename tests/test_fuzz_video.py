@@ -12,13 +12,15 @@ from hypothesis import strategies as st
 
 from intp_vllm.serve import IntpVideoLoader
 from intp_vllm.synthetic import moving_shapes_video
-from intp_vllm.video_io import VideoLimits, read_video
+from intp_vllm.video_io import VideoLimits, read_video, write_video
 
 FRAMES = 8
 FUZZ = settings(max_examples=250, derandomize=True, database=None, deadline=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-CONTAINERS = {"mp4": "mp4v", "avi": "MJPG", "mkv": "XVID", "webm": "VP80"}
-"""Seed videos: each container and codec OpenCV writes here, so mutations reach each demuxer."""
+CONTAINERS = {"mp4": {"gop": 6, "b_frames": 2}, "mkv": {"codec": "libx265", "options": {"x265-params": "log-level=error"}},
+              "webm": {"gop": 6}, "avi": {}}
+"""Seed videos, written with PyAV's encoders (H.264 with B-frames, HEVC, VP9, MJPEG), so that
+mutations reach each demuxer and decoder a real upload would."""
 
 
 @functools.cache
@@ -27,16 +29,10 @@ def seed_video(container: str) -> bytes:
     import os
     import tempfile
 
-    import cv2
-
     with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, f"seed.{container}")
-        writer = cv2.VideoWriter(path, cv2.VideoWriter_fourcc(*CONTAINERS[container]), 8, (64, 48))
-        for frame in moving_shapes_video(num_frames=12, height=48, width=64):
-            writer.write(frame)
-        writer.release()
-        with open(path, "rb") as f:
-            return f.read()
+        path = write_video(os.path.join(tmp, f"seed.{container}"), moving_shapes_video(num_frames=12, height=48,
+                                                                                       width=64), **CONTAINERS[container])
+        return path.read_bytes()
 
 
 def malformed_dref_mp4(mp4: bytes) -> bytes:

@@ -130,6 +130,17 @@ def eight_k_mp4(media, clip):
     return f"file://{media / '8k.mp4'}", {}
 
 
+def extreme_aspect_ratio(media, clip):
+    """A few KB that would resize to 168000x224 per frame: refused from the header."""
+    write_video(media / "thin.mp4", np.zeros((8, 4, 3000, 3), np.uint8))
+    return f"file://{media / 'thin.mp4'}", {}
+
+
+def not_a_video_media_type(media, clip):
+    """mp4 bytes labelled as a PNG image."""
+    return "data:image/png;base64," + base64.b64encode(clip.read_bytes()).decode(), {}
+
+
 def too_many_decoded_frames(media, clip):
     return f"file://{clip}", {"media_io_kwargs": {"video": {"num_frames": MAX_FRAMES + 1}}}
 
@@ -196,9 +207,15 @@ def body_over_request_limit(media, clip):
 
 
 HOSTILE = [
-    pytest.param(corrupt_mp4, 400, "not a video OpenCV can open", id="corrupt-mp4"),
-    pytest.param(text_named_mp4, 400, "not a video OpenCV can open", id="text-named-mp4"),
-    pytest.param(zero_frame_mp4, 400, "not a video OpenCV can open.*at least one frame", id="zero-frames"),
+    pytest.param(corrupt_mp4, 400, r"video bytes \(4064 bytes\) (is not a video PyAV can open|failed to decode)",
+                 id="corrupt-mp4"),
+    pytest.param(text_named_mp4, 400, r"video bytes \(600 bytes\) is not a video PyAV can open \(Invalid data found "
+                 r"when processing input\): expected a video file \(mp4/mov/3gp, mkv/webm, avi", id="text-named-mp4"),
+    pytest.param(zero_frame_mp4, 400, r"video bytes \(\d+ bytes\) has no video frames", id="zero-frames"),
+    pytest.param(extreme_aspect_ratio, 400, r"3000x4 frames \(aspect ratio 750:1\); at most 200:1 is allowed",
+                 id="aspect-ratio"),
+    pytest.param(not_a_video_media_type, 400, "expected a base64 encoded video file.*got data:image/png;base64",
+                 id="data-url-image-type"),
     pytest.param(eight_k_mp4, 400, r"7680x4320 frames \(33177600 pixels\); at most 2073600 pixels", id="8k"),
     pytest.param(too_many_decoded_frames, 400, "num_frames=17: expected an integer from 1 to 16",
                  id="num-frames-over-max"),
@@ -248,7 +265,7 @@ def test_prompt_and_video_longer_than_max_model_len_is_a_400(server, model, clip
 
 def test_frame_counts_beyond_the_decoder_limit_are_refused_at_startup():
     args = argparse.Namespace(max_video_frames=16, max_frame_pixels=100, max_video_bytes=100,
-                              video_fetch_timeout=1.0, max_in_flight_requests=1)
+                              video_fetch_timeout=1.0, max_in_flight_requests=1, video_decoder="pyav")
     assert ServeLimits.from_args(args, {"frames": 16}).video.max_frames == 16
     with pytest.raises(ValueError, match="--frames/--max-frames 32 exceeds --max-video-frames 16"):
         ServeLimits.from_args(args, {"frames": 8, "max_frames": 32})
@@ -267,6 +284,38 @@ def test_one_frame_video_is_padded_to_the_encoder_window(server, model, media_di
     """One frame is a video: it is repeated up to the 8-frame window, like any short clip."""
     one = write_video(media_dir / "one.mp4", moving_shapes_video(num_frames=1, height=72, width=100))
     status, reply = post(server, video_request(model, f"file://{one}"))
+    assert status == 200, reply
+    assert reply["usage"]["prompt_tokens"] == assert_served(server, model, clip)["usage"]["prompt_tokens"]
+
+
+@pytest.fixture(scope="module")
+def live_webm(media_dir) -> tuple[Path, Path]:
+    """A VP9 WebM as browsers' MediaRecorder writes it (no duration, no cues), and the same
+    frames in an ordinary WebM."""
+    frames = moving_shapes_video(num_frames=40, height=72, width=100, seed=11)
+    return (write_video(media_dir / "live.webm", frames, fps=30, container_options={"live": "1"}),
+            write_video(media_dir / "indexed.webm", frames, fps=30))
+
+
+def test_live_stream_webm_is_served_like_the_indexed_one(server, model, live_webm):
+    live, indexed = live_webm
+    expected = assert_served(server, model, indexed)
+    for url in (f"file://{live}", "data:video/webm;base64," + base64.b64encode(live.read_bytes()).decode()):
+        status, reply = post(server, video_request(model, url))
+        assert status == 200, reply
+        assert reply["choices"][0]["message"]["content"] == expected["choices"][0]["message"]["content"]
+        assert reply["usage"] == expected["usage"]
+
+
+@pytest.mark.parametrize("kind", ["h264-720p-bframes", "hevc-10bit", "av1", "rotated"])
+def test_real_world_encodings_are_served(server, model, media_dir, clip, kind):
+    frames = moving_shapes_video(num_frames=60, height=720 if kind == "h264-720p-bframes" else 90, width=1280
+                                 if kind == "h264-720p-bframes" else 160, seed=5)
+    writers = {"h264-720p-bframes": dict(codec="libx264", gop=50, b_frames=3, options={"preset": "veryfast"}),
+               "hevc-10bit": dict(codec="libx265", pix_fmt="yuv420p10le", options={"x265-params": "log-level=error"}),
+               "av1": dict(codec="libsvtav1"), "rotated": dict(rotation=90)}
+    path = write_video(media_dir / f"{kind}.mkv", frames, fps=30, **writers[kind])
+    status, reply = post(server, video_request(model, f"file://{path}"))
     assert status == 200, reply
     assert reply["usage"]["prompt_tokens"] == assert_served(server, model, clip)["usage"]["prompt_tokens"]
 
@@ -295,7 +344,7 @@ def test_ffconcat_script_cannot_make_the_server_decode_a_file_beside_its_temp_fi
         secret.unlink()
         script.unlink()
     assert unrestricted.stdout.strip() == "True"
-    assert status == 400 and "not a video OpenCV can open" in reply["error"]["message"]
+    assert status == 400 and "not a video PyAV can open" in reply["error"]["message"]
 
 
 def test_opencv_stream_reader_does_crash_on_that_mp4(tmp_path, clip):
@@ -346,6 +395,7 @@ def long_video(tmp_path_factory) -> Path:
 PEAK_RSS_SCRIPT = """
 import sys
 import cv2
+from intp_vllm.preprocess import ClipPreprocessConfig
 from intp_vllm.video_io import VideoLimits, sample_video
 
 def peak_rss():  # VmHWM: this process's own peak (ru_maxrss would include the parent's at fork)
@@ -353,24 +403,25 @@ def peak_rss():  # VmHWM: this process's own peak (ru_maxrss would include the p
     return int(status.split("VmHWM:")[1].split()[0]) * 1024
 
 path, max_frames, max_pixels, whole = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4] == "whole"
+preprocess = ClipPreprocessConfig() if sys.argv[5] == "preprocess" else None
 data = open(path, "rb").read()
 limits = VideoLimits(max_frames=max_frames, max_frame_pixels=max_pixels)
-sample_video(data, 1, limits)  # load the codec before measuring
+sample_video(data, 1, limits, preprocess=preprocess)  # load the codec before measuring
 before = peak_rss()
 if whole:  # negative control: every frame in memory
     capture, kept = cv2.VideoCapture(path), []
     while (frame := capture.read()[1]) is not None:
         kept.append(frame)
 else:
-    kept = sample_video(data, max_frames, limits)  # as the server's loader decodes a video_url
+    kept = sample_video(data, max_frames, limits, preprocess=preprocess)  # as the server's loader decodes
 print(peak_rss() - before)
 """
 
 
-def peak_rss_growth(path: Path, limits: VideoLimits, whole: bool = False) -> int:
+def peak_rss_growth(path: Path, limits: VideoLimits, whole: bool = False, preprocess: bool = False) -> int:
     """Bytes the peak RSS of a fresh process grows by while decoding `path` (Linux)."""
     args = [sys.executable, "-c", PEAK_RSS_SCRIPT, str(path), str(limits.max_frames), str(limits.max_frame_pixels),
-            "whole" if whole else "sampled"]
+            "whole" if whole else "sampled", "preprocess" if preprocess else "full"]
     return int(subprocess.run(args, capture_output=True, text=True, check=True).stdout.split()[-1])
 
 
@@ -381,6 +432,17 @@ def test_long_video_decoding_holds_only_the_sampled_frames(long_video):
     assert growth < limits.decoded_bytes_bound + decoder_overhead, growth
     whole = peak_rss_growth(long_video, limits, whole=True)  # the measurement does see a whole decode
     assert whole > 100 << 20 and whole > 4 * (limits.decoded_bytes_bound + decoder_overhead), whole
+
+
+def test_hd_video_decoded_with_preprocessing_holds_only_the_crops(tmp_path):
+    """64 frames of 1080p H.264 as the server decodes them: 64 crops of 224x224 and one frame
+    in flight, not 64 full frames (380 MiB)."""
+    frames = np.repeat(moving_shapes_video(num_frames=8, height=1080, width=1920, seed=2), 10, axis=0)
+    path = write_video(tmp_path / "hd.mp4", frames, fps=30, gop=30, b_frames=2, options={"preset": "ultrafast"})
+    limits = VideoLimits(max_frames=64)
+    crops, frame, decoder = 64 * 224 * 224 * 3, 1920 * 1080 * 3, 48 << 20
+    growth = peak_rss_growth(path, limits, preprocess=True)
+    assert growth < crops + 4 * frame + decoder < limits.decoded_bytes_bound / 3, growth
 
 
 def test_server_loader_gives_vllm_loader_frames(long_video):

@@ -1,62 +1,217 @@
-"""Decoding real mp4 files written with OpenCV; validation of frame arrays."""
+"""Decoding videos written with PyAV's encoders, as real ones are: every sampled frame is read
+back from its content (frame k shows k), so frame-exactness is asserted, not assumed."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
+from intp_vllm.preprocess import ClipPreprocessConfig, preprocess_frames, resize_and_crop
 from intp_vllm.rearrange import uniform_frame_indices
-from intp_vllm.video_io import as_frames, read_video, write_video
+from intp_vllm.synthetic import decode_frame_index, index_coded_video
+from intp_vllm.video_io import as_frames, read_video, sample_video, uniform_time_targets, write_video
+
+FRAMES = 150
+QUIET_X265 = {"x265-params": "log-level=error"}
+NO_SCENECUT = {"x264-params": "scenecut=0"}
+"""x264 adds keyframes at scene cuts; the cost tests need the GOP they asked for."""
+
+CODECS = {
+    # name: (file name, write_video keyword arguments)
+    "h264-bframes-long-gop": ("h264.mp4", {"gop": 120, "b_frames": 3}),
+    "h264-10bit": ("h264-10bit.mkv", {"codec": "libx264", "pix_fmt": "yuv420p10le", "gop": 60}),
+    "hevc": ("hevc.mp4", {"codec": "libx265", "gop": 60, "options": QUIET_X265}),
+    "hevc-10bit": ("hevc-10bit.mkv", {"codec": "libx265", "pix_fmt": "yuv420p10le", "options": QUIET_X265}),
+    "vp9-webm": ("vp9.webm", {"gop": 60}),
+    "vp9-live-webm": ("vp9-live.webm", {"gop": 60, "container_options": {"live": "1"}}),
+    "av1": ("av1.mkv", {"codec": "libsvtav1", "gop": 60}),
+    "gray-ffv1": ("gray.mkv", {"codec": "ffv1", "pix_fmt": "gray"}),
+    "mjpeg-avi": ("mjpeg.avi", {}),
+}
 
 
-BITS = 6
+@pytest.fixture(scope="module")
+def videos(tmp_path_factory) -> dict:
+    """Each codec's 150-frame 320x180 index-coded video at 30 fps, written once."""
+    directory = tmp_path_factory.mktemp("codecs")
+    frames = index_coded_video(FRAMES, 180, 320)
+    return {name: write_video(directory / file, frames, fps=30, **kwargs) for name, (file, kwargs) in CODECS.items()}
 
 
-def numbered_video(num_frames: int) -> np.ndarray:
-    """Frame i shows i in binary as 6 black/white blocks: survives lossy mp4 coding."""
-    video = np.zeros((num_frames, 32, 8 * BITS, 3), np.uint8)
-    for i in range(num_frames):
-        for bit in range(BITS):
-            if i >> bit & 1:
-                video[i, :, 8 * bit : 8 * bit + 8] = 255
-    return video
+@pytest.mark.parametrize("codec", CODECS)
+@pytest.mark.parametrize("num_frames", [1, 8, 33, FRAMES + 10])
+def test_every_codec_gives_exactly_the_uniform_frames(videos, codec, num_frames):
+    video = sample_video(videos[codec], num_frames)
+    expected = uniform_frame_indices(FRAMES, num_frames).tolist()
+    assert video.indices == expected
+    assert decode_frame_index(video.frames) == expected
+    assert video.frames.shape == (len(expected), 180, 320, 3) and video.frames.dtype == np.uint8
+    assert video.total_frames == FRAMES and video.fps == pytest.approx(30, rel=1e-3)
+    assert video.timestamps == pytest.approx([i / 30 for i in expected], abs=1e-3)
+    assert video.decoded_frames <= FRAMES  # no frame decoded twice
 
 
-def decoded_indices(frames: np.ndarray) -> list[int]:
-    blocks = frames.reshape(len(frames), 32, BITS, 8, 3).mean(axis=(1, 3, 4)) > 128
-    return [int(sum(1 << bit for bit in range(BITS) if row[bit])) for row in blocks]
+@pytest.mark.parametrize("codec", ["h264-bframes-long-gop", "vp9-live-webm", "av1"])
+def test_bytes_and_path_give_the_same_frames(videos, codec):
+    from_path = sample_video(videos[codec], 8)
+    from_bytes = sample_video(videos[codec].read_bytes(), 8)
+    np.testing.assert_array_equal(from_bytes.frames, from_path.frames)
+    assert from_bytes.indices == from_path.indices
 
 
-def test_reads_only_uniformly_sampled_frames(tmp_path):
-    path = write_video(tmp_path / "numbered.mp4", numbered_video(60))
-    frames = read_video(path, 8)
-    assert frames.shape == (8, 32, 48, 3) and frames.dtype == np.uint8
-    assert decoded_indices(frames) == uniform_frame_indices(60, 8).tolist()
+def test_the_negative_control_sees_a_wrong_frame():
+    """decode_frame_index reads off the frame each decoded image shows, so a one-frame slip fails."""
+    frames = index_coded_video(40, 72, 96)
+    assert decode_frame_index(frames[[0, 13, 27, 39]]) == [0, 13, 27, 39]
+    assert decode_frame_index(frames[[0, 14, 27, 39]]) != [0, 13, 27, 39]
 
 
-def test_bytes_and_path_give_the_same_frames(tmp_path):
-    path = write_video(tmp_path / "numbered.mp4", numbered_video(20))
-    np.testing.assert_array_equal(read_video(path.read_bytes(), 5), read_video(path, 5))
+# ------------------------------------------------------------------------------------ the plan
 
 
-def test_shorter_video_returns_all_its_frames(tmp_path):
-    path = write_video(tmp_path / "short.mp4", numbered_video(3))
-    assert decoded_indices(read_video(path, 8)) == [0, 1, 2]
+@pytest.fixture(scope="module")
+def gop_video(tmp_path_factory):
+    """600 frames at 30 fps (20 s), a keyframe every 30 frames, B-frames."""
+    frames = index_coded_video(600, 72, 96)
+    return write_video(tmp_path_factory.mktemp("gop") / "gop30.mp4", frames, fps=30, gop=30, b_frames=2,
+                       options=NO_SCENECUT)
 
 
-def test_non_video_file_is_a_clear_error(tmp_path):
+def test_sparse_targets_seek_and_decode_at_most_a_gop_each(gop_video):
+    video = sample_video(gop_video, 8)
+    assert decode_frame_index(video.frames) == video.indices == uniform_frame_indices(600, 8).tolist()
+    assert video.decoded_frames <= 8 * 30
+    assert video.decoded_frames < 600 / 3
+
+
+def test_dense_targets_decode_one_pass_at_most(gop_video):
+    video = sample_video(gop_video, 128)
+    assert decode_frame_index(video.frames) == video.indices == uniform_frame_indices(600, 128).tolist()
+    assert 560 <= video.decoded_frames <= 600
+
+
+def test_one_long_gop_is_decoded_forward_not_sought_per_target(tmp_path):
+    frames = index_coded_video(240, 72, 96)
+    path = write_video(tmp_path / "one-gop.mp4", frames, fps=30, gop=240, b_frames=3, options=NO_SCENECUT)
+    video = sample_video(path, 16)
+    assert decode_frame_index(video.frames) == video.indices == uniform_frame_indices(240, 16).tolist()
+    assert video.decoded_frames <= 240  # a seek per target would decode 16 x ~120
+
+
+def test_sampling_stops_after_the_last_target(gop_video):
+    """Two frames of 600: the first and the last; everything between is sought over."""
+    video = sample_video(gop_video, 2)
+    assert video.indices == [0, 599] and decode_frame_index(video.frames) == [0, 599]
+    assert video.decoded_frames <= 1 + 30 + 2
+
+
+# ---------------------------------------------------------------------- time, rotation, sizes
+
+
+def test_variable_frame_rate_is_sampled_uniformly_in_time(tmp_path):
+    """60 frames in the first 2 s, then 60 frames over 12 s: uniform in time, not in index."""
+    timestamps = [k / 30 for k in range(60)] + [2 + k / 5 for k in range(60)]
+    path = write_video(tmp_path / "vfr.mp4", index_coded_video(120, 72, 96), fps=30, timestamps=timestamps,
+                       b_frames=2)
+    video = sample_video(path, 8)
+    span = timestamps[-1]
+    instants = [span * i / 7 for i in range(8)]
+    expected = [max(k for k, t in enumerate(timestamps) if t <= instant + 1e-9) for instant in instants]
+    assert video.indices == expected == [0, 59, 69, 79, 89, 99, 109, 119]
+    assert decode_frame_index(video.frames) == expected
+    assert video.timestamps == pytest.approx([timestamps[k] for k in expected], abs=1e-3)
+    assert expected != uniform_frame_indices(120, 8).tolist()
+
+
+def test_uniform_time_targets_at_a_constant_rate_are_vllms_indices():
+    """Timestamps rounded to milliseconds (WebM, 30 fps) still count as a constant frame rate."""
+    for total, wanted in [(300, 8), (301, 32), (1000, 7), (243, 95)]:
+        pts = np.round(np.arange(total) * 1000 / 30).astype(np.int64)
+        assert uniform_time_targets(pts, wanted).tolist() == uniform_frame_indices(total, wanted).tolist()
+
+
+@pytest.mark.parametrize("rotation", [90, 180, 270])
+def test_display_rotation_is_applied(tmp_path, rotation):
+    frames = index_coded_video(30, 72, 96)
+    path = write_video(tmp_path / f"rot{rotation}.mp4", frames, rotation=rotation)
+    video = sample_video(path, 8)
+    assert video.frames.shape[1:3] == ((96, 72) if rotation in (90, 270) else (72, 96))
+    upright = np.rot90(video.frames, k=-rotation // 90, axes=(1, 2))
+    assert decode_frame_index(upright) == uniform_frame_indices(30, 8).tolist()
+    if rotation != 180:  # the negative control: unrotated, the blocks are read in the wrong places
+        assert decode_frame_index(np.rot90(video.frames, k=rotation // 90, axes=(1, 2))) != video.indices
+
+
+def test_preprocessing_while_decoding_equals_preprocessing_the_decoded_frames(tmp_path):
+    """resize + crop per frame as it is decoded: the same pixels as the full frames resized after."""
+    frames = index_coded_video(40, 360, 640)
+    path = write_video(tmp_path / "hd.mp4", frames, fps=30, gop=20, b_frames=2)
+    config = ClipPreprocessConfig()
+    cropped = sample_video(path, 8, preprocess=config)
+    full = sample_video(path, 8)
+    assert cropped.frames.shape == (8, 224, 224, 3) and cropped.indices == full.indices
+    np.testing.assert_array_equal(cropped.frames, np.stack([resize_and_crop(f, config) for f in full.frames]))
+    np.testing.assert_array_equal(preprocess_frames(cropped.frames, config), preprocess_frames(full.frames, config))
+
+
+def test_rotated_video_is_rotated_before_it_is_cropped(tmp_path):
+    frames = index_coded_video(16, 96, 160)
+    path = write_video(tmp_path / "rot.mp4", frames, rotation=90)
+    config = ClipPreprocessConfig(shortest_edge=56, crop_size=56)
+    full = sample_video(path, 4)
+    np.testing.assert_array_equal(sample_video(path, 4, preprocess=config).frames,
+                                  np.stack([resize_and_crop(f, config) for f in full.frames]))
+
+
+def test_extreme_aspect_ratio_is_refused_before_decoding(tmp_path):
+    path = write_video(tmp_path / "thin.mp4", np.zeros((8, 4, 3000, 3), np.uint8))
+    with pytest.raises(ValueError, match=r"thin.mp4' has 3000x4 frames \(aspect ratio 750:1\); at most 200:1"):
+        sample_video(path, 8, preprocess=ClipPreprocessConfig())
+    assert sample_video(path, 8).frames.shape == (8, 4, 3000, 3)  # full-size frames are not resized
+
+
+# ------------------------------------------------------------------------------- OpenCV backend
+
+
+@pytest.mark.parametrize("codec", ["h264-bframes-long-gop", "vp9-webm", "mjpeg-avi"])
+def test_opencv_backend_gives_the_same_frames(videos, codec):
+    ours = sample_video(videos[codec], 8, decoder="opencv")
+    assert ours.indices == uniform_frame_indices(FRAMES, 8).tolist() == decode_frame_index(ours.frames)
+    preprocess = ClipPreprocessConfig(shortest_edge=56, crop_size=56)
+    assert sample_video(videos[codec], 8, decoder="opencv", preprocess=preprocess).frames.shape == (8, 56, 56, 3)
+
+
+def test_opencv_backend_cannot_read_a_live_stream_webm(videos):
+    with pytest.raises(ValueError, match="vp9-live.webm' has no video frames"):
+        sample_video(videos["vp9-live-webm"], 8, decoder="opencv")
+
+
+# ------------------------------------------------------------------------------------- errors
+
+
+@pytest.mark.parametrize("decoder", ["pyav", "opencv"])
+def test_non_video_file_is_a_clear_error(tmp_path, decoder):
     path = tmp_path / "notes.mp4"
     path.write_text("this is not a video\n" * 10)
-    with pytest.raises(ValueError, match="notes.mp4.*not a video|notes.mp4.*no video frames"):
-        read_video(path, 8)
-    with pytest.raises(ValueError, match="does not exist"):
-        read_video(tmp_path / "missing.mp4", 8)
+    with pytest.raises(ValueError, match="notes.mp4' is not a video (PyAV|OpenCV) can open"):
+        read_video(path, 8, decoder=decoder)
+    with pytest.raises(ValueError, match="missing.mp4' does not exist"):
+        read_video(tmp_path / "missing.mp4", 8, decoder=decoder)
+
+
+def test_bad_arguments_name_what_is_allowed(videos):
+    with pytest.raises(ValueError, match=r"video decoder 'decord' is not one of \['opencv', 'pyav'\]"):
+        read_video(videos["h264-bframes-long-gop"], 8, decoder="decord")
+    with pytest.raises(ValueError, match="num_frames must be a positive integer"):
+        read_video(videos["h264-bframes-long-gop"], 0)
+    with pytest.raises(ValueError, match="cannot write.*extension must be one of"):
+        write_video("clip.xyz", index_coded_video(2))
 
 
 def test_as_frames_accepts_arrays_lists_and_tensors():
     import torch
 
-    video = numbered_video(4)
+    video = index_coded_video(4)
     for given in (video, list(video), torch.from_numpy(video)):
         np.testing.assert_array_equal(as_frames(given), video)
 
