@@ -94,7 +94,7 @@ class VideoSpec:
     @property
     def label(self) -> str:
         codec = {"libx264": "H.264", "libx265": "HEVC", "libvpx-vp9": "VP9"}.get(self.codec, self.codec)
-        length = f"{self.seconds / 60:g} min" if self.seconds >= 60 else f"{self.seconds:g} s"
+        length = f"{self.seconds / 60:g} min" if self.seconds >= 60 else f"{self.seconds:.3g} s"
         bframes = f", {self.b_frames} B" if self.b_frames else ""
         return f"{codec} {self.height}p {length}, GOP {self.gop}{bframes}"
 
@@ -109,8 +109,8 @@ VP9 = {"deadline": "realtime", "cpu-used": "8"}
 
 def video_specs(quick: bool) -> list[VideoSpec]:
     if quick:
-        return [VideoSpec("h264_1080p", 1920, 1080, 1, "libx264", "mp4", 15, 2, X264),
-                VideoSpec("h264_360p_gop250", 640, 360, 10, "libx264", "mp4", 250, 2, X264),
+        return [VideoSpec("h264_1080p", 1920, 1080, 2 / 3, "libx264", "mp4", 10, 2, X264),
+                VideoSpec("h264_360p_long_gop", 640, 360, 5, "libx264", "mp4", 100, 2, X264),
                 VideoSpec("hevc_360p", 640, 360, 2, "libx265", "mp4", 30, 2, X265),
                 VideoSpec("vp9_360p", 640, 360, 2, "libvpx-vp9", "webm", 30, None, VP9)]
     return [VideoSpec("h264_1080p_20s", 1920, 1080, 20, "libx264", "mp4", 30, 2, X264),
@@ -306,7 +306,7 @@ def bench_decode(args, log=print) -> list[dict]:
                 "pyav_seek_per_target": lambda: pyav_seek_per_target(data, targets, index),
                 "pyav_packet_pass": lambda: pyav_packet_pass(data),
             }
-            if warm:  # codecs, OpenCV and vLLM imports loaded before anything is timed
+            if warm and not args.quick:  # codecs, OpenCV and vLLM imports loaded before anything is timed
                 interleaved(fns, 1)
                 warm = False
             info = {}
@@ -614,6 +614,15 @@ def bench_serve(args, log=print) -> dict:
     return result
 
 
+def _git_dirty() -> list[str]:
+    """Product files that differ from the commit (another change in progress is measured with them)."""
+    try:
+        return subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "intp_vllm"], capture_output=True,
+                              text=True, check=True).stdout.split("\n")[:-1]
+    except (OSError, subprocess.CalledProcessError):
+        return []
+
+
 def _git_head() -> str:
     try:
         return subprocess.run(["git", "-C", str(ROOT), "log", "-1", "--format=%h %s"], capture_output=True,
@@ -793,8 +802,8 @@ def versions() -> dict:
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true",
-                        help="smoke run (< 1 min once its videos are cached): 1-10 s videos (1080p, 360p GOP 250, "
-                        "HEVC and VP9 at 360p), 8 and 16 frames, 1 repeat, no server; writes to "
+                        help="smoke run (< 1 min once its videos are cached): 0.7-5 s videos (1080p, 360p GOP 100, "
+                        "HEVC and VP9 at 360p), 8 and 16 frames, 1 repeat, no warm-up, no server; writes to "
                         "runs/bench-video-input-quick/ unless --out is given. Not for numbers")
     parser.add_argument("--parts", nargs="+", choices=PARTS,
                         help="what to measure (default: all; quick: all but serve, whose server takes ~50 s to "
@@ -827,7 +836,7 @@ def main(argv=None) -> dict:
 
     report = {"benchmark": "video_input", "when": datetime.now(timezone.utc).isoformat(timespec="seconds"),
               "machine": {**machine(), "platform": platform.platform()}, "versions": versions(),
-              "commit": _git_head(), "quick": args.quick, "frames": args.frames, "repeats": args.repeats,
+              "commit": _git_head(), "uncommitted": _git_dirty(), "quick": args.quick, "frames": args.frames, "repeats": args.repeats,
               "videos": [{**asdict(spec), "label": spec.label} for spec in video_specs(args.quick)]}
     print(f"machine: {report['machine']['name']}", flush=True)
     started = time.perf_counter()
@@ -844,8 +853,10 @@ def main(argv=None) -> dict:
     for part, bench in (("decode", bench_decode), ("preprocess", bench_preprocess), ("memory", bench_memory),
                         ("serve", bench_serve)):
         if part in args.parts:
+            report.setdefault("load_average", {})[part] = os.getloadavg()
             report[part] = bench(args, log)
             save()  # a later part failing keeps the earlier ones
+    report["load_average"]["end"] = os.getloadavg()
     report["elapsed_s"] = round(time.perf_counter() - started, 1)
     save()
     plot(report, png_path)

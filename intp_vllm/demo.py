@@ -61,7 +61,7 @@ def run_demo(workdir: Path = DEFAULT_DEMO_DIR, frames: int = DEMO_FRAMES) -> dic
     video_path = write_video(workdir / f"needle-{DEMO_FRAMES}-frames.mkv", clip.frames)
 
     started = time.perf_counter()
-    llm = LLM(model=str(model_dir), dtype="float32", kv_cache_memory_bytes=256 << 20, max_num_seqs=4,
+    llm = LLM(model=str(model_dir), dtype="float32", max_num_seqs=4,
               limit_mm_per_prompt={"video": 1}, hf_overrides={"intp": {"frames": frames}})
     load_s = time.perf_counter() - started
 

@@ -55,7 +55,7 @@ from .request_scale import encode_positions, position_offset, request_scale_code
 from .temporal_attention import TemporalAttention, TemporalAttentionSpec
 from .video_io import as_frames
 
-logger = logging.getLogger("intp_vllm")
+logger = logging.getLogger("vllm.intp_vllm")  # under "vllm": its handler and level apply
 
 VIDEO_PLACEHOLDER = "<video>"
 REQUEST_FRAMES_KWARG = "frames"

@@ -90,7 +90,7 @@ def evaluate(model_dir: str, frames: list[int], rope_types: list[str], factor="a
         unknown = [value for value in values if value not in allowed]
         if unknown:
             raise ValueError(f"{name} {unknown} is not one of {', '.join(allowed)}")
-    engine = dict(dtype="float32", kv_cache_memory_bytes=512 << 20, max_num_seqs=32,
+    engine = dict(dtype="float32", max_num_seqs=32,
                   limit_mm_per_prompt={"video": 1}, seed=0)
     engine.update(engine_kwargs or {})
     cells = {(f, t): cell_clips(f, t, clips_per_cell, seed) for f in frames for t in tasks}

@@ -13,15 +13,26 @@ ARCHITECTURES = ("VideoLlavaForConditionalGeneration", "TemporalVideoLlavaForCon
 """HF's Video-LLaVA, and ours with a frame-mixing tower (temporal_attention.py); one vLLM class serves both."""
 MODEL_CLASS = "intp_vllm.model:VideoLlavaForConditionalGeneration"
 
-logger = logging.getLogger("intp_vllm")
+logger = logging.getLogger("vllm.intp_vllm")  # under "vllm": its handler and level apply
 
 
 class VideoLlavaConfigHook:
-    """Per-architecture config hook (vLLM's MODELS_CONFIG_MAP): validate `intp`, size max_model_len."""
+    """Per-architecture config hook (vLLM's MODELS_CONFIG_MAP): validate `intp`, size max_model_len,
+    and on CPU size the KV cache from what the configuration needs (`cpu_memory.py`)."""
 
     @staticmethod
     def verify_and_update_config(vllm_config) -> None:
-        return
+        """Refuse options that would misread per-request scale codes; size the CPU KV cache."""
+        from .config import IntpConfig
+        from .cpu_memory import size_cpu_kv_cache
+
+        if IntpConfig.from_hf_config(vllm_config.model_config.hf_config).factor == "auto":
+            if vllm_config.speculative_config is not None:
+                raise ValueError(
+                    "--speculative-config cannot be used with intp factor 'auto': each request's RoPE scale "
+                    "rides in its positions (request_scale.py), which vLLM's drafters read as KV-cache slots; "
+                    "set a fixed --factor (e.g. --factor 4) or drop --speculative-config")
+        size_cpu_kv_cache(vllm_config)
 
     @staticmethod
     def verify_and_update_model_config(model_config) -> None:

@@ -16,18 +16,19 @@ from pathlib import Path
 VIDEO_LLAVA_CHAT_TEMPLATE = (
     "{{ bos_token }}"
     "{% for message in messages %}"
-    "{% if message['role'] == 'system' %}{{ message['content'] + ' ' }}"
-    "{% elif message['role'] == 'user' %}{{ 'USER: ' }}"
+    "{% if message['role'] == 'user' %}{{ 'USER: ' }}{% elif message['role'] == 'assistant' %}{{ ' ' }}{% endif %}"
     "{% if message['content'] is string %}{{ message['content'] }}"
     "{% else %}{% for part in message['content'] %}"
     "{% if part['type'] in ['video', 'video_url'] %}{{ '<video>\\n' }}"
     "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
-    "{% endfor %}{% endif %}{{ ' ASSISTANT:' }}"
-    "{% elif message['role'] == 'assistant' %}{{ ' ' + message['content'] + eos_token }}"
-    "{% endif %}"
+    "{% endfor %}{% endif %}"
+    "{% if message['role'] == 'system' %}{{ ' ' }}{% elif message['role'] == 'user' %}{{ ' ASSISTANT:' }}"
+    "{% elif message['role'] == 'assistant' %}{{ eos_token }}{% endif %}"
     "{% endfor %}"
 )
-"""Vicuna-style: `USER: <video>\\n{question} ASSISTANT:` (what Video-LLaVA was trained on)."""
+"""Vicuna v1 style, what Video-LLaVA was trained on: `{system} USER: <video>\\n{question} ASSISTANT:
+{answer}</s>USER: ...`. Content may be a string or a list of parts (text, video, video_url), in
+any role; a system message is optional, turns may be text only."""
 
 VIDEO_PROMPT = "USER: <video>\n{question} ASSISTANT:"
 """A one-video question as the chat template renders it, for the offline `LLM.generate` API."""

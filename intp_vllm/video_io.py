@@ -50,9 +50,9 @@ DEMUXERS = "mov,matroska,avi,mpegts,mpeg,flv,ogg,asf"
 CONTAINERS = "mp4/mov/3gp, mkv/webm, avi, ts, mpeg-ps, flv, ogg, wmv"
 """`DEMUXERS` as file types, for error messages."""
 DECODERS = {
-    "pyav": "PyAV: frames uniform in presentation time, planned by keyframes (the default)",
-    "opencv": "OpenCV: frames uniform in frame index, one seek per frame; no live-stream WebM "
-              "(it needs the frame count in the header)",
+    "pyav": "PyAV, frames uniform in presentation time, decoding planned by keyframes (the default)",
+    "opencv": "OpenCV's FFmpeg, frames uniform in frame index, one seek per frame; cannot read a "
+              "live-stream WebM (it needs the frame count in the header)",
 }
 
 
@@ -322,7 +322,7 @@ def _sample_pyav(source, num_frames: int, check: _FrameCheck) -> SampledVideo:
             wanted = uniform_time_targets(index.pts, num_frames)
             frames, stamps = decoder.decode_planned(index, index.pts[wanted])
             indices, total = wanted.tolist()[: len(frames)], len(index.pts)
-            seconds = [float((stamp - stamps[0]) * time_base) for stamp in stamps]
+            seconds = [float((stamp - int(index.pts[0])) * time_base) for stamp in stamps]
     except av.FFmpegError as exc:
         raise ValueError(f"{check.label} failed to decode: {_reason(exc)}") from None
     finally:

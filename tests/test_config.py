@@ -54,3 +54,32 @@ def test_bad_settings_fail_at_engine_start(tiny_model_dir):
 
     with pytest.raises(ValueError, match=r"unknown intp key\(s\) \['frame'\]"):
         make_llm(tiny_model_dir, hf_overrides={"intp": {"frame": 32}})
+
+
+NGRAM_DRAFTER = {"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_max": 3}
+
+
+def test_speculative_decoding_is_refused_with_per_request_scales(tiny_model_dir):
+    """Drafters read positions as KV-cache slots; with factor auto they carry scale codes."""
+    from vllm.engine.arg_utils import EngineArgs
+
+    with pytest.raises(ValueError, match="--speculative-config cannot be used with intp factor 'auto'"):
+        EngineArgs(model=str(tiny_model_dir), speculative_config=NGRAM_DRAFTER).create_engine_config()
+    fixed = EngineArgs(model=str(tiny_model_dir), hf_overrides={"intp": {"factor": 4.0}},
+                       speculative_config=NGRAM_DRAFTER).create_engine_config()
+    assert fixed.speculative_config.method == "ngram"
+
+
+def test_cpu_kv_cache_is_sized_by_the_plugin_unless_given(tiny_model_dir):
+    from vllm.engine.arg_utils import EngineArgs
+
+    from intp_vllm.cpu_memory import KV_CACHE_FLOOR_BYTES, kv_bytes_per_token
+
+    config = EngineArgs(model=str(tiny_model_dir), dtype="float32", max_num_seqs=2).create_engine_config()
+    per_token = kv_bytes_per_token(config.model_config)
+    assert config.cache_config.kv_cache_memory_bytes == max(KV_CACHE_FLOOR_BYTES,
+                                                            2 * config.model_config.max_model_len * per_token)
+    given = EngineArgs(model=str(tiny_model_dir), kv_cache_memory_bytes=123 << 20).create_engine_config()
+    assert given.cache_config.kv_cache_memory_bytes == 123 << 20
+    share = EngineArgs(model=str(tiny_model_dir), gpu_memory_utilization=0.3).create_engine_config()
+    assert share.cache_config.kv_cache_memory_bytes is None

@@ -12,7 +12,6 @@ import pytest
 import requests
 from vllm import SamplingParams
 
-from conftest import ENGINE_KV_BYTES
 from intp_vllm.synthetic import moving_shapes_video
 from intp_vllm.video_io import write_video
 
@@ -33,7 +32,7 @@ def server(tiny_model_dir, tiny_llm):
     command = [
         sys.executable, "-m", "intp_vllm.cli", "serve", str(tiny_model_dir),
         "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32", "--enforce-eager",
-        "--kv-cache-memory-bytes", str(ENGINE_KV_BYTES), "--max-num-seqs", "4", "--seed", "0",
+        "--max-num-seqs", "4", "--seed", "0",  # no memory flag: the plugin sizes the KV cache on CPU
         "--allowed-local-media-path", str(tiny_llm.media_dir),
     ]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -111,3 +110,34 @@ def test_file_outside_the_allowed_directory_is_a_400_and_the_server_goes_on(clie
     with pytest.raises(BadRequestError, match="must be a subpath of `--allowed-local-media-path"):
         ask(client, "file:///etc/passwd")
     assert ask(client, f"file://{video_path}").choices[0].message.content == offline_answer
+
+
+SYSTEM = "You are a careful assistant. Answer briefly."
+
+
+@pytest.mark.parametrize("system_content", [SYSTEM, [{"type": "text", "text": SYSTEM}]], ids=["string", "parts"])
+def test_system_prompt_and_multi_turn_render_as_vicuna(client, tiny_llm, video_path, system_content):
+    """What OpenAI clients send: a system message (string or parts), earlier turns, a text-only
+    turn. The server's answer equals offline generate on the prompt written out by hand."""
+    from intp_vllm.video_io import read_video
+
+    conversation = [
+        {"role": "system", "content": system_content},
+        *messages(f"file://{video_path}"),
+        {"role": "assistant", "content": "A circle moves."},
+        {"role": "user", "content": [{"type": "text", "text": "And the square?"}]},
+    ]
+    reply = client.chat.completions.create(model=client.models.list().data[0].id, messages=conversation,
+                                           max_tokens=12, temperature=0.0)
+    prompt = f"{SYSTEM} USER: <video>\n{QUESTION} ASSISTANT: A circle moves.</s>USER: And the square? ASSISTANT:"
+    expected = tiny_llm.generate({"prompt": prompt, "multi_modal_data": {"video": read_video(video_path, 8)}},
+                                 SamplingParams(temperature=0.0, max_tokens=12), use_tqdm=False)[0]
+    assert reply.usage.prompt_tokens == len(expected.prompt_token_ids)
+    assert reply.choices[0].message.content == expected.outputs[0].text
+
+
+def test_text_only_request_is_served(client):
+    reply = client.chat.completions.create(model=client.models.list().data[0].id, max_tokens=4, temperature=0.0,
+                                           messages=[{"role": "system", "content": SYSTEM},
+                                                     {"role": "user", "content": "Hello?"}])
+    assert reply.choices[0].finish_reason in ("stop", "length") and reply.usage.prompt_tokens < 40

@@ -1,0 +1,87 @@
+"""KV cache size on vLLM's CPU backend: what the configuration needs, not 92% of a NUMA node.
+
+vLLM's CPU worker reserves `gpu_memory_utilization` (default 0.92) of NUMA node 0 and refuses
+to start when less than that is free (`v1/worker/cpu_worker.py`), which is the normal state
+of a machine in use. When neither `kv_cache_memory_bytes` nor `gpu_memory_utilization` was
+set, the plugin's config hook sets `kv_cache_memory_bytes` instead (`size_cpu_kv_cache`):
+
+    needed = max_num_seqs x max_model_len x KV bytes per token
+    size   = max(one full-length sequence, KV_CACHE_FLOOR_BYTES, min(needed, cap))
+    cap    = AVAILABLE_SHARE x (available memory - the checkpoint's weight files) / replicas
+
+where replicas is `CPU_REPLICAS_ENV` (engines started together on this machine, set by
+`intp-vllm batch` for its Ray replicas; default 1). A size above the cap is only chosen when
+one full-length sequence needs it (vLLM then says it does not fit). On GPUs, and when either
+setting was given, vLLM's defaults stand.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+logger = logging.getLogger("vllm.intp_vllm")  # under "vllm": its handler and level apply
+
+KV_CACHE_FLOOR_BYTES = 64 << 20
+AVAILABLE_SHARE = 0.5
+"""Share of the memory left after the weights that the KV cache may take by default."""
+CPU_REPLICAS_ENV = "INTP_VLLM_CPU_REPLICAS"
+VLLM_DEFAULT_MEMORY_UTILIZATION = 0.92
+"""`CacheConfig.gpu_memory_utilization`'s default: a value other than this one was set by the user."""
+
+
+def kv_bytes_per_token(model_config) -> int:
+    """Bytes of K and V that one token costs in every attention layer (`model_config.dtype`)."""
+    import torch
+
+    text = model_config.hf_text_config
+    layers = text.num_hidden_layers
+    kv_heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    element = torch.empty((), dtype=model_config.dtype).element_size()
+    return 2 * layers * kv_heads * head_dim * element
+
+
+def weight_bytes(model: str) -> int:
+    """Size of a local checkpoint's weight files (0 when `model` is not a local directory)."""
+    directory = Path(model)
+    if not directory.is_dir():
+        return 0
+    return sum(path.stat().st_size for pattern in ("*.safetensors", "*.bin", "*.pt")
+               for path in directory.glob(pattern))
+
+
+def cpu_kv_cache_bytes(needed_per_sequence: int, max_num_seqs: int, available: int, weights: int,
+                       replicas: int = 1) -> int:
+    """The KV cache size for the formula in this module's docstring (bytes)."""
+    cap = int(AVAILABLE_SHARE * max(available - weights, 0) / replicas)
+    return max(needed_per_sequence, KV_CACHE_FLOOR_BYTES, min(needed_per_sequence * max_num_seqs, cap))
+
+
+def size_cpu_kv_cache(vllm_config) -> None:
+    """On the CPU backend with no memory setting given, set `cache_config.kv_cache_memory_bytes`
+    from what the configuration needs (module docstring) and log the choice."""
+    from vllm.platforms import current_platform
+
+    cache = vllm_config.cache_config
+    if not current_platform.is_cpu() or cache.kv_cache_memory_bytes is not None:
+        return
+    if cache.gpu_memory_utilization != VLLM_DEFAULT_MEMORY_UTILIZATION:
+        return
+    from vllm.utils.cpu_resource_utils import get_memory_node_info
+
+    model_config = vllm_config.model_config
+    per_sequence = model_config.max_model_len * kv_bytes_per_token(model_config)
+    max_num_seqs = vllm_config.scheduler_config.max_num_seqs
+    available = get_memory_node_info(0).available_memory
+    weights = weight_bytes(model_config.model)
+    replicas = max(1, int(os.environ.get(CPU_REPLICAS_ENV, "1")))
+    size = cpu_kv_cache_bytes(per_sequence, max_num_seqs, available, weights, replicas)
+    cache.kv_cache_memory_bytes = size
+    logger.info("intp_vllm: CPU KV cache %.0f MiB (max_num_seqs %d x max_model_len %d x %d bytes a token = "
+                "%.0f MiB, capped at %.0f%% of the %.0f MiB available after %.0f MiB of weights, over %d "
+                "replica(s)); set --kv-cache-memory-bytes or --gpu-memory-utilization to choose", size / 2**20,
+                max_num_seqs, model_config.max_model_len, per_sequence // model_config.max_model_len,
+                per_sequence * max_num_seqs / 2**20, 100 * AVAILABLE_SHARE, available / 2**20, weights / 2**20,
+                replicas)
