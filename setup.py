@@ -25,6 +25,7 @@ setup(
     # `kernels/` and `benchmarks/` are folders of the repo; installed under distinct
     # import names because `kernels` is taken on PyPI.
     package_dir={"intp_vllm_kernels": "kernels", "intp_vllm_benchmarks": "benchmarks"},
+    package_data={"intp_vllm": ["*.jinja"]},
     install_requires=COMMON,
     extras_require={
         "cpu": CPU,

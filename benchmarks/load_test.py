@@ -126,15 +126,28 @@ def free_port() -> int:
 @contextmanager
 def serve(model_dir: str | Path, server_args: list[str], startup_timeout_s: float = STARTUP_TIMEOUT_S):
     """`intp-vllm serve` on 127.0.0.1 until the block ends; yields its base URL."""
+    with launch([sys.executable, "-m", "intp_vllm.cli", "serve", str(model_dir), *server_args],
+                startup_timeout_s) as (base_url, _):
+        yield base_url
+
+
+@contextmanager
+def launch(command: list[str], startup_timeout_s: float = STARTUP_TIMEOUT_S):
+    """A server `command` (given --host 127.0.0.1 --port P here) until the block ends; yields
+    (base URL, its log so far as a callable returning the text)."""
     port = free_port()
-    command = [sys.executable, "-m", "intp_vllm.cli", "serve", str(model_dir),
-               "--host", "127.0.0.1", "--port", str(port), *server_args]
+    command = [*command, "--host", "127.0.0.1", "--port", str(port)]
     with tempfile.TemporaryFile("w+") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, text=True)
+
+        def log_text() -> str:
+            log.seek(0)
+            return log.read()
+
         try:
             base_url = f"http://127.0.0.1:{port}"
             _wait_healthy(process, base_url, log, startup_timeout_s)
-            yield base_url
+            yield base_url, log_text
         finally:
             process.terminate()
             try:

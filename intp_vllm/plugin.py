@@ -12,6 +12,8 @@ import logging
 ARCHITECTURES = ("VideoLlavaForConditionalGeneration", "TemporalVideoLlavaForConditionalGeneration")
 """HF's Video-LLaVA, and ours with a frame-mixing tower (temporal_attention.py); one vLLM class serves both."""
 MODEL_CLASS = "intp_vllm.model:VideoLlavaForConditionalGeneration"
+VIDEO_LLAVA_MODEL_TYPE = "video_llava"
+"""`config.json` model_type of both; checkpoints without a chat template get ours from vLLM."""
 
 logger = logging.getLogger("vllm.intp_vllm")  # under "vllm": its handler and level apply
 
@@ -75,11 +77,20 @@ class VideoLlavaConfigHook:
 def register() -> None:
     from vllm import ModelRegistry
     from vllm.model_executor.models.config import MODELS_CONFIG_MAP
+    from vllm.multimodal.media.connector import MEDIA_CONNECTOR_REGISTRY
     from vllm.multimodal.video import VIDEO_LOADER_REGISTRY
+    from vllm.transformers_utils.chat_templates.registry import (
+        get_chat_template_fallback_path,
+        register_chat_template_fallback_path,
+    )
 
-    from .serve import MEDIA_HOOK_NAME, IntpVideoLoader
+    from .serve import MEDIA_HOOK_NAME, BoundedMediaConnector, IntpVideoLoader
+    from .tiny_model import VIDEO_LLAVA_CHAT_TEMPLATE_PATH
 
     VIDEO_LOADER_REGISTRY.register(MEDIA_HOOK_NAME)(IntpVideoLoader)
+    MEDIA_CONNECTOR_REGISTRY.register(MEDIA_HOOK_NAME)(BoundedMediaConnector)  # used where VLLM_MEDIA_CONNECTOR says
+    if get_chat_template_fallback_path(VIDEO_LLAVA_MODEL_TYPE, "") is None:
+        register_chat_template_fallback_path(VIDEO_LLAVA_MODEL_TYPE, VIDEO_LLAVA_CHAT_TEMPLATE_PATH)
     for architecture in ARCHITECTURES:
         MODELS_CONFIG_MAP[architecture] = VideoLlavaConfigHook
         if architecture not in ModelRegistry.get_supported_archs():

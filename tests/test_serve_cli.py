@@ -1,0 +1,82 @@
+"""`intp-vllm serve` is vLLM's own `serve` subcommand with our settings: every vLLM server flag
+works (several API servers, any spelling of --hf-overrides), and plain vLLM serves a checkpoint
+through the installed plugin with the built-in chat template."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import sys
+
+import pytest
+import requests
+
+from intp_vllm.serve import MIDDLEWARE, vllm_serve_args
+from intp_vllm.tiny_model import VIDEO_LLAVA_CHAT_TEMPLATE_PATH
+from intp_vllm.video_io import write_video
+from intp_vllm_benchmarks.load_test import chat_request, launch, served_model
+
+ENGINE = ["--dtype", "float32", "--enforce-eager", "--max-num-seqs", "4"]
+
+
+@pytest.mark.parametrize("spelling", [
+    ["--hf-overrides", json.dumps({"intp": {"frames": 16}, "vision_feature_layer": -2})],
+    ["--hf-overrides.intp.frames", "16", "--hf-overrides.vision_feature_layer", "-2"],
+    ["--hf_overrides.intp.frames=16", "--hf_overrides.vision_feature_layer=-2"],
+], ids=["json", "dotted", "underscored"])
+def test_hf_overrides_in_any_spelling_merge_with_our_flags(spelling):
+    args = vllm_serve_args("/models/x", {"frames": 8, "rope_type": "ntk"}, [*spelling, "--port", "9"])
+    assert args.hf_overrides == {"intp": {"frames": 16, "rope_type": "ntk"}, "vision_feature_layer": -2}
+    assert args.model_tag == "/models/x" and args.port == 9
+    assert args.chat_template == str(VIDEO_LLAVA_CHAT_TEMPLATE_PATH) and args.middleware == [MIDDLEWARE]
+
+
+def test_a_given_chat_template_and_middleware_are_kept():
+    args = vllm_serve_args("/models/x", {}, ["--chat-template", "/t.jinja", "--middleware", "my.Middleware"])
+    assert args.chat_template == "/t.jinja" and args.middleware == ["my.Middleware", MIDDLEWARE]
+    assert "intp" not in args.hf_overrides
+
+
+@pytest.fixture(scope="module")
+def thin_and_plain(tmp_path_factory):
+    """A video our limits refuse (3000x4 frames) and an ordinary one."""
+    import numpy as np
+
+    from intp_vllm.synthetic import moving_shapes_video
+
+    media = tmp_path_factory.mktemp("serve-cli-media")
+    return media, (write_video(media / "thin.mp4", np.zeros((8, 4, 3000, 3), np.uint8)),
+                   write_video(media / "plain.mp4", moving_shapes_video(num_frames=16, height=72, width=96)))
+
+
+def test_two_api_servers_both_apply_our_limits(tiny_model_dir, thin_and_plain):
+    """--api-server-count 2: vLLM starts two API-server processes; the plugin gives both our
+    media connector and limits (requests are spread over them by the kernel)."""
+    media, (thin, plain) = thin_and_plain
+    command = [sys.executable, "-m", "intp_vllm.cli", "serve", str(tiny_model_dir), *ENGINE,
+               "--api-server-count", "2", "--allowed-local-media-path", str(media)]
+    with launch(command) as (url, log):
+        model = served_model(url)
+        for _ in range(8):
+            reply = requests.post(f"{url}/v1/chat/completions", json=chat_request(model, f"file://{thin}"), timeout=60)
+            assert reply.status_code == 400 and "aspect ratio 750:1" in reply.json()["error"]["message"]
+        reply = requests.post(f"{url}/v1/chat/completions", json=chat_request(model, f"file://{plain}"), timeout=120)
+        assert reply.status_code == 200, reply.text
+        assert len(set(re.findall(r"\(ApiServer_(\d) pid=\d+\)", log()))) == 2
+
+
+def test_plain_vllm_serves_the_checkpoint_with_the_built_in_chat_template(tiny_model_dir, tmp_path, thin_and_plain):
+    """vLLM's own server entry, no intp-vllm code on the command line: the plugin registers the
+    model, our loader, and the chat template for a checkpoint that has none."""
+    media, (_, plain) = thin_and_plain
+    bare = shutil.copytree(tiny_model_dir, tmp_path / "no-template")
+    (bare / "chat_template.jinja").unlink()
+    command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(bare), *ENGINE,
+               "--allowed-local-media-path", str(media)]
+    with launch(command) as (url, log):
+        body = chat_request(served_model(url), f"file://{plain}")
+        body["messages"].insert(0, {"role": "system", "content": "Answer briefly."})
+        reply = requests.post(f"{url}/v1/chat/completions", json=body, timeout=120)
+        assert reply.status_code == 200, reply.text
+        assert "Loading chat template fallback" in log()
