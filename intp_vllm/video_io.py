@@ -113,7 +113,8 @@ class SampledVideo:
     indices: each frame's index in presentation order. timestamps: each frame's time in
     seconds from the first frame. total_frames: frames in the video. fps: frames per second
     (the stream's average rate). decoded_frames: frames the decoder produced to get these
-    (the cost: at most total_frames for PyAV, as no frame is decoded twice).
+    (the cost: at most total_frames for PyAV, as no frame is decoded twice; 0 for OpenCV, which
+    does not report it).
     """
 
     frames: np.ndarray
@@ -221,12 +222,16 @@ class _FrameCheck:
             return resize_and_crop(image, self.preprocess, rotation)
         return np.asarray(rotate(image, rotation))
 
-    def stack(self, frames: list[np.ndarray]) -> np.ndarray:
+    def video(self, frames: list[np.ndarray], indices: list[int], total: int, fps: float,
+              timestamps: list[float], decoded: int) -> SampledVideo:
+        """The decoded frames as a SampledVideo; ValueError when there are none or their sizes differ."""
+        if not frames:
+            raise ValueError(f"{self.label} has no decodable frames")
         shapes = sorted({frame.shape for frame in frames})
         if len(shapes) > 1:
             raise ValueError(f"{self.label} changes frame size mid-stream ({shapes[0][1]}x{shapes[0][0]} and "
                              f"{shapes[-1][1]}x{shapes[-1][0]}); decode it with preprocessing to resize every frame")
-        return np.stack(frames)
+        return SampledVideo(np.stack(frames), indices, total, fps, timestamps, decoded)
 
 
 # ------------------------------------------------------------------------------------- PyAV
@@ -327,10 +332,7 @@ def _sample_pyav(source, num_frames: int, check: _FrameCheck) -> SampledVideo:
         raise ValueError(f"{check.label} failed to decode: {_reason(exc)}") from None
     finally:
         decoder.close()
-    if not frames:
-        raise ValueError(f"{check.label} has no decodable frames")
-    return SampledVideo(check.stack(frames), indices, total, float(rate) if rate else 0.0, seconds,
-                        decoder.decoded)
+    return check.video(frames, indices, total, float(rate) if rate else 0.0, seconds, decoder.decoded)
 
 
 class _PlannedDecoder:
@@ -478,9 +480,7 @@ def _sample_opencv_file(path: str, num_frames: int, check: _FrameCheck) -> Sampl
         raise ValueError(f"{check.label} failed to decode: {exc}") from None
     finally:
         capture.release()
-    if not frames:
-        raise ValueError(f"{check.label} has no decodable frames")
-    return SampledVideo(check.stack(frames), indices, total, fps, [i / fps if fps > 0 else 0.0 for i in indices])
+    return check.video(frames, indices, total, fps, [i / fps if fps > 0 else 0.0 for i in indices], decoded=0)
 
 
 # ------------------------------------------------------------------------------------ writing
