@@ -113,7 +113,10 @@ def run_server(model: str, intp: dict, vllm_args: list[str], limits: "ServeLimit
     from vllm.logger import configure_logging_from_args
 
     cli_env_setup()
-    args = vllm_serve_args(model, intp, vllm_args)
+    try:
+        args = vllm_serve_args(model, intp, vllm_args)
+    except ValueError as exc:
+        raise SystemExit(f"intp-vllm serve: error: {exc}") from None
     configure_logging_from_args(args)
     command = ServeSubcommand()
     command.validate(args)
