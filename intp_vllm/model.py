@@ -1,8 +1,8 @@
 """Video-LLaVA for vLLM: processing info, dummy inputs, processor and model together.
 
 vLLM has no Video-LLaVA, and its LLaVA family cannot be imported without torchvision,
-so the model is assembled from vLLM's CLIP tower and Llama, with preprocessing by Pillow
-(`preprocess.py`, bit-exact with HF's processor) instead of the HF processor. Video only: the image tower's weights
+so the model is assembled from vLLM's CLIP tower and Llama, with its own preprocessing by
+Pillow (`preprocess.py`, bit-exact with HF's processor). Video only: the image tower's weights
 are skipped (see README).
 
 INTP lives in two places: the processor decides how many frames a request carries
