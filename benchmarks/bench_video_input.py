@@ -34,8 +34,10 @@ serve       `intp-vllm serve` on the tiny checkpoint (--frames 32): one chat com
 
 Goals (issue 11) are reported pass/fail with the measured ratio in the JSON's "goals".
 
-    python -m intp_vllm_benchmarks.bench_video_input            # ~40 min on 2 cores -> benchmarks/results/video_input.{json,png}
-    python -m intp_vllm_benchmarks.bench_video_input --quick    # smoke run: short small videos -> runs/bench-video-input-quick/
+    python -m intp_vllm_benchmarks.bench_video_input            # ~30 min on 2 cores (+5 min writing the videos once)
+                                                                 #   -> benchmarks/results/video_input.{json,png}
+    python -m intp_vllm_benchmarks.bench_video_input --quick    # ~1 min smoke run -> runs/bench-video-input-quick/
+    python -m intp_vllm_benchmarks.bench_video_input --replot   # redraw the PNG, print the tables from the JSON
     python -m intp_vllm_benchmarks.bench_video_input --parts decode preprocess --frames 8 32
 
 Generated videos are cached in --work-dir (default runs/bench-video-input/, git-ignored).
@@ -347,7 +349,8 @@ def bench_decode(args, log=print) -> list[dict]:
                                                                            seconds["pyav_seek_per_target"]), 3),
                     "ours_preprocess_vs_ours": round(seconds["ours_pyav_preprocess"] / seconds["ours_pyav"], 3),
                     "vllm_opencv_vs_ours": round(seconds["vllm_opencv"] / seconds["ours_pyav"], 2),
-                    "vllm_opencv_vs_ours_preprocess": round(seconds["vllm_opencv"] / seconds["ours_pyav_preprocess"], 2),
+                    "vllm_opencv_vs_ours_preprocess": round(seconds["vllm_opencv"]
+                                                            / seconds["ours_pyav_preprocess"], 2),
                     "ours_opencv_vs_ours": round(seconds["ours_opencv"] / seconds["ours_pyav"], 2),
                 },
             }
@@ -598,7 +601,8 @@ def bench_serve(args, log=print) -> dict:
         times = interleaved({"request": lambda: ask(clip), "pyav_pass_plus_resizes": baseline}, args.repeats)
     seconds = {name: median(ts) for name, ts in times.items()}
     result = {
-        "video": clip.name, "label": spec.label, "frames": frames, "preprocess_size": config.crop_size, "startup_s": round(startup_s, 1),
+        "video": clip.name, "label": spec.label, "frames": frames, "preprocess_size": config.crop_size,
+        "startup_s": round(startup_s, 1),
         "server_args": server_args, "seconds": seconds,
         "all_seconds": {k: [round(t, 4) for t in v] for k, v in times.items()},
         "first_request_s": round(first_s, 4), "prompt_tokens": answer["usage"]["prompt_tokens"],
@@ -685,6 +689,7 @@ def plot(report: dict, path: Path) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FormatStrFormatter, FuncFormatter
 
     decode = report.get("decode", [])
     videos = list(dict.fromkeys(row["video"] for row in decode))
@@ -733,6 +738,12 @@ def plot(report: dict, path: Path) -> Path:
         ax.set_ylabel("seconds (median)")
         ax.set_title(f"intp-vllm serve: {serve_report['label']}, {serve_report['frames']} frames, max_tokens 1\n"
                      f"request / baseline = {serve_report['ratio_request_vs_baseline']}", fontsize=8)
+    for ax in axes[:k]:
+        if ax.get_yscale() == "log":
+            ax.yaxis.set_major_formatter(FormatStrFormatter("%g"))
+            ax.yaxis.set_minor_formatter(FuncFormatter(
+                lambda v, _: f"{v:g}" if round(v / 10 ** np.floor(np.log10(v))) in (2, 5) else ""))
+            ax.tick_params(axis="y", which="minor", labelsize=6)
     for ax in axes[k:]:
         ax.axis("off")
     fig.suptitle(f"Video input - {report['machine']['name']}", fontsize=9)
@@ -751,7 +762,7 @@ def table(report: dict) -> str:
                   "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
         for row in report["decode"]:
             s = row["seconds"]
-            limit = row["ratio"]["ours_vs_one_pass"] if row["regime"] == "dense" else row["ratio"]["ours_vs_seek_per_target"]
+            limit = row["ratio"]["ours_vs_one_pass" if row["regime"] == "dense" else "ours_vs_seek_per_target"]
             lines.append(f"| {row['label']} | {row['frames']} | {row['regime']} | {s['ours_pyav']:.3f} | "
                          f"{s['ours_pyav_preprocess']:.3f} | {s['ours_opencv']:.3f} | {s['vllm_opencv']:.3f} | "
                          f"{s['pyav_one_pass']:.3f} | {s['pyav_seek_per_target']:.3f} | {s['pyav_packet_pass']:.3f} | "
@@ -764,7 +775,8 @@ def table(report: dict) -> str:
         for row in report["preprocess"]:
             lines.append(f"| {row['resolution']} | " + " | ".join(f"{row['ms_per_frame'].get(n, float('nan')):.2f}"
                                                              for n in names)
-                         + f" | {row['hf_vs_ours']} | {row.get('old_vs_ours', '-')} | {row['ours_equals_hf_exactly']} |")
+                         + f" | {row['hf_vs_ours']} | {row.get('old_vs_ours', '-')} | "
+                         f"{row['ours_equals_hf_exactly']} |")
     if report.get("memory"):
         lines += ["", "| case | peak RSS growth MiB | seconds | outcome |", "| --- | ---: | ---: | --- |"]
         for row in report["memory"]:
@@ -809,7 +821,7 @@ def parse_args(argv=None):
                         help="what to measure (default: all; quick: all but serve, whose server takes ~50 s to "
                         "start on 2 cores: `--quick --parts decode preprocess memory serve` smoke-tests every "
                         "part in ~2 min)")
-    parser.add_argument("--frames", type=int, nargs="+", help="frame counts sampled (default 8 32 128; quick: 8 32)")
+    parser.add_argument("--frames", type=int, nargs="+", help="frame counts sampled (default 8 32 128; quick: 8 16)")
     parser.add_argument("--repeats", type=int, help="timed rounds per measurement, median reported (default 3; "
                         "quick: 1)")
     parser.add_argument("--preprocess-frames", type=int, default=4, help="distinct frames per resolution (part "
@@ -818,11 +830,14 @@ def parse_args(argv=None):
                         help="where generated videos and the tiny checkpoint are cached")
     parser.add_argument("--out", type=Path, help="folder for video_input.json and video_input.png "
                         "(default benchmarks/results/; quick: runs/bench-video-input-quick/)")
+    parser.add_argument("--replot", action="store_true", help="only redraw the PNG and print the tables from "
+                        "the JSON already in --out")
     args = parser.parse_args(argv)
     args.frames = args.frames or ([8, 16] if args.quick else [8, 32, 128])
     args.parts = args.parts or ([p for p in PARTS if p != "serve"] if args.quick else list(PARTS))
     args.repeats = args.repeats or (1 if args.quick else 3)
-    args.out = args.out or (ROOT / "runs" / "bench-video-input-quick" if args.quick else ROOT / "benchmarks" / "results")
+    args.out = args.out or (ROOT / "runs" / "bench-video-input-quick" if args.quick
+                            else ROOT / "benchmarks" / "results")
     if args.quick:
         args.work_dir = args.work_dir / "quick"
     return args
@@ -830,21 +845,27 @@ def parse_args(argv=None):
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    json_path, png_path = args.out / "video_input.json", args.out / "video_input.png"
+    if args.replot:
+        report = json.loads(json_path.read_text())
+        plot(report, png_path)
+        print(table(report))
+        print(f"wrote {png_path}")
+        return report
     args.work_dir.mkdir(parents=True, exist_ok=True)
     args.out.mkdir(parents=True, exist_ok=True)
     from intp_vllm_benchmarks.bench_throughput import machine
 
     report = {"benchmark": "video_input", "when": datetime.now(timezone.utc).isoformat(timespec="seconds"),
               "machine": {**machine(), "platform": platform.platform()}, "versions": versions(),
-              "commit": _git_head(), "uncommitted": _git_dirty(), "quick": args.quick, "frames": args.frames, "repeats": args.repeats,
+              "commit": _git_head(), "uncommitted": _git_dirty(), "quick": args.quick, "frames": args.frames,
+              "repeats": args.repeats,
               "videos": [{**asdict(spec), "label": spec.label} for spec in video_specs(args.quick)]}
     print(f"machine: {report['machine']['name']}", flush=True)
     started = time.perf_counter()
 
     def log(message: str) -> None:
         print(f"[{time.perf_counter() - started:7.1f} s] {message}", flush=True)
-
-    json_path, png_path = args.out / "video_input.json", args.out / "video_input.png"
 
     def save() -> None:
         report["goals"] = goals(report)
