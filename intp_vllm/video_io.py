@@ -40,6 +40,8 @@ from pathlib import Path
 
 import numpy as np
 
+from PIL import Image
+
 from .preprocess import ClipPreprocessConfig, check_aspect_ratio, resize_and_crop, rotate
 from .rearrange import uniform_frame_indices
 
@@ -51,8 +53,8 @@ CONTAINERS = "mp4/mov/3gp, mkv/webm, avi, ts, mpeg-ps, flv, ogg, wmv"
 """`DEMUXERS` as file types, for error messages."""
 DECODERS = {
     "pyav": "PyAV, frames uniform in presentation time, decoding planned by keyframes (the default)",
-    "opencv": "OpenCV's FFmpeg, frames uniform in frame index, one seek per frame; cannot read a "
-              "live-stream WebM (it needs the frame count in the header)",
+    "opencv": "OpenCV's FFmpeg, frames uniform in frame index, decoding forward up to the last one "
+              "(as vLLM's own loader); cannot read a live-stream WebM (it needs the frame count in the header)",
 }
 
 
@@ -216,22 +218,46 @@ class _FrameCheck:
         except ValueError as exc:
             raise ValueError(f"frame {index}: {exc}") from None
 
-    def finish(self, image, rotation: int) -> np.ndarray:
-        """A PIL RGB image -> the frame handed on: cropped when preprocessing, else full size."""
+    def finish(self, rgb: np.ndarray, rotation: int) -> np.ndarray:
+        """A decoded uint8 (H, W, 3) RGB frame -> the frame handed on: cropped when
+        preprocessing, else full size; display `rotation` applied either way."""
         if self.preprocess:
-            return resize_and_crop(image, self.preprocess, rotation)
-        return np.asarray(rotate(image, rotation))
+            return resize_and_crop(rgb, self.preprocess, rotation)
+        return np.asarray(rotate(Image.fromarray(rgb), rotation)) if rotation else rgb
 
-    def video(self, frames: list[np.ndarray], indices: list[int], total: int, fps: float,
+    def frames(self, capacity: int) -> "_FrameStack":
+        return _FrameStack(capacity, self.label)
+
+    def video(self, frames: "_FrameStack", indices: list[int], total: int, fps: float,
               timestamps: list[float], decoded: int) -> SampledVideo:
-        """The decoded frames as a SampledVideo; ValueError when there are none or their sizes differ."""
-        if not frames:
+        """The decoded frames as a SampledVideo; ValueError when there are none."""
+        if not len(frames):
             raise ValueError(f"{self.label} has no decodable frames")
-        shapes = sorted({frame.shape for frame in frames})
-        if len(shapes) > 1:
-            raise ValueError(f"{self.label} changes frame size mid-stream ({shapes[0][1]}x{shapes[0][0]} and "
-                             f"{shapes[-1][1]}x{shapes[-1][0]}); decode it with preprocessing to resize every frame")
-        return SampledVideo(np.stack(frames), indices, total, fps, timestamps, decoded)
+        return SampledVideo(frames.array[: len(frames)], indices, total, fps, timestamps, decoded)
+
+
+class _FrameStack:
+    """Frames written as they are decoded into one (capacity, H, W, 3) array, allocated at the
+    first frame: the output is never copied a second time. Raises ValueError naming `label`
+    when a frame's size differs from the first's."""
+
+    def __init__(self, capacity: int, label: str) -> None:
+        self.capacity, self.label = capacity, label
+        self.array: np.ndarray | None = None
+        self.count = 0
+
+    def __len__(self) -> int:
+        return self.count
+
+    def append(self, frame: np.ndarray) -> None:
+        if self.array is None:
+            self.array = np.empty((self.capacity, *frame.shape), np.uint8)
+        elif frame.shape != self.array.shape[1:]:
+            first = self.array.shape[1:3]
+            raise ValueError(f"{self.label} changes frame size mid-stream ({first[1]}x{first[0]} and "
+                             f"{frame.shape[1]}x{frame.shape[0]}); decode it with preprocessing to resize every frame")
+        self.array[self.count] = frame
+        self.count += 1
 
 
 # ------------------------------------------------------------------------------------- PyAV
@@ -355,9 +381,9 @@ class _PlannedDecoder:
 
     def _take(self, frame, index: int) -> np.ndarray:
         self.check.frame(frame.width, frame.height, index)
-        return self.check.finish(frame.to_image(), _rotation(frame))
+        return self.check.finish(frame.to_ndarray(format="rgb24"), _rotation(frame))
 
-    def decode_planned(self, index: _PacketIndex, targets: np.ndarray) -> tuple[list[np.ndarray], list[int]]:
+    def decode_planned(self, index: _PacketIndex, targets: np.ndarray) -> tuple["_FrameStack", list[int]]:
         """The frames with presentation timestamps `targets` (sorted, repeats allowed) and their pts.
 
         `position` is the pts of the last frame decoded (at the start: the first frame's, as
@@ -370,7 +396,7 @@ class _PlannedDecoder:
         shown; a stream that ends early gives the frames so far. Raises ValueError when the
         decoder yields more frames than two passes over the packets (a corrupt stream).
         """
-        frames, stamps = [], []
+        frames, stamps = self.check.frames(len(targets)), []
         position = last_seek = int(index.pts[0])
         seeking, just_sought = len(index.keyframes) > 0, False
         budget = 2 * len(index.pts) + 16
@@ -411,7 +437,7 @@ class _PlannedDecoder:
                 i += 1
         return frames, stamps
 
-    def decode_counting(self, num_frames: int) -> tuple[list[np.ndarray], list[int]]:
+    def decode_counting(self, num_frames: int) -> tuple["_FrameStack", list[int]]:
         """Streams whose packets carry no timestamps: count frames by decoding once (keeping
         none), then decode again up to the last of `uniform_frame_indices`."""
         self.counted = sum(1 for _ in self.frames)
@@ -420,7 +446,7 @@ class _PlannedDecoder:
         wanted = set(uniform_frame_indices(self.counted, num_frames).tolist())
         self.close()
         self._open()
-        frames, indices = [], []
+        frames, indices = self.check.frames(len(wanted)), []
         self.decoded = self.counted
         for position, frame in enumerate(self.frames):
             self.decoded += 1
@@ -453,7 +479,6 @@ def _sample_opencv(source, num_frames: int, check: _FrameCheck) -> SampledVideo:
 
 def _sample_opencv_file(path: str, num_frames: int, check: _FrameCheck) -> SampledVideo:
     import cv2
-    from PIL import Image
 
     capture = cv2.VideoCapture(path, cv2.CAP_FFMPEG)
     try:
@@ -465,15 +490,16 @@ def _sample_opencv_file(path: str, num_frames: int, check: _FrameCheck) -> Sampl
         if total <= 0:
             raise ValueError(f"{check.label} has no video frames")
         fps = float(capture.get(cv2.CAP_PROP_FPS))
-        frames, indices, position = [], [], 0
-        for index in uniform_frame_indices(total, num_frames).tolist():
-            if index != position:
-                capture.set(cv2.CAP_PROP_POS_FRAMES, index)
+        wanted = uniform_frame_indices(total, num_frames).tolist()
+        frames, indices, position = check.frames(len(wanted)), [], 0
+        for index in wanted:
+            while position < index and capture.grab():  # forward, as vLLM's loader: no seek re-decodes a GOP
+                position += 1
             ok, frame = capture.read()
-            if not ok or frame is None:
+            if position < index or not ok or frame is None:
                 break  # the frame count was an estimate: keep the frames so far
             check.frame(frame.shape[1], frame.shape[0], index)
-            frames.append(check.finish(Image.fromarray(cv2.cvtColor(frame, cv2.COLOR_BGR2RGB)), 0))
+            frames.append(check.finish(cv2.cvtColor(frame, cv2.COLOR_BGR2RGB), 0))
             indices.append(index)
             position = index + 1
     except cv2.error as exc:
