@@ -14,8 +14,9 @@ decode      Generated videos (`synthetic.index_coded_video` under a moving textu
               vllm_opencv            vLLM's VIDEO_LOADER_REGISTRY.load("opencv").load_bytes(bytes, num_frames=n)
               pyav_one_pass          limit for dense sampling: one threaded PyAV pass decoding every
                                      frame, converting only the n targets to RGB (to_ndarray rgb24)
+                                     into one preallocated array, as ours does
               pyav_seek_per_target   limit for sparse sampling: for each target, seek to its
-                                     keyframe and decode forward to it (threaded), convert it
+                                     keyframe and decode forward to it (threaded), convert it (same)
               pyav_packet_pass       demuxing every packet, no decoding (what ours adds to plan)
             The baselines get the target timestamps and keyframes for free (computed before
             timing). Ours' indices are checked against vLLM's, and every method's frames
@@ -29,7 +30,7 @@ memory      Peak RSS growth (VmHWM) of a fresh process: an 8-frame 3000x4 video 
             frames of the 1080p clip with and without preprocessing.
 serve       `intp-vllm serve` on the tiny checkpoint (--frames 32): one chat completion
             (max_tokens 1) about the 20-s 1080p clip as a file:// URL, against one PyAV pass
-            + 32 Pillow resize-and-crops at the checkpoint's size; the server's RSS growth
+            (to_ndarray) + 32 Pillow resize-and-crops at the checkpoint's size; the server's RSS growth
             during the request (VmHWM of each of its processes, reset before the request).
 
 Goals (issue 11) are reported pass/fail with the measured ratio in the JSON's "goals".
@@ -192,8 +193,9 @@ def run_ours(data: bytes, n: int, decoder: str, preprocess=None) -> dict:
     from intp_vllm.video_io import sample_video
 
     video = sample_video(data, n, decoder=decoder, preprocess=preprocess)
-    return {"indices": list(video.indices), "decoded": video.decoded_frames if decoder == "pyav" else None,
-            "frames": video.frames, "total": video.total_frames}
+    # OpenCV does not report it; since 02ca8c2 it grabs forward up to the last sampled frame, as vLLM's loader
+    decoded = video.decoded_frames if decoder == "pyav" else max(video.indices) + 1
+    return {"indices": list(video.indices), "decoded": decoded, "frames": video.frames, "total": video.total_frames}
 
 
 def run_vllm_opencv(data: bytes, n: int) -> dict:
@@ -205,27 +207,47 @@ def run_vllm_opencv(data: bytes, n: int) -> dict:
     return {"indices": indices, "decoded": max(indices) + 1, "frames": frames, "total": meta["total_num_frames"]}
 
 
+class Frames:
+    """Frames written into one array allocated at the first (as ours does since 02ca8c2: no
+    np.stack copy, so the baselines do no more work than ours)."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity, self.array, self.count = capacity, None, 0
+
+    def append(self, frame: np.ndarray) -> None:
+        if self.array is None:
+            self.array = np.empty((self.capacity, *frame.shape), np.uint8)
+        self.array[self.count] = frame
+        self.count += 1
+
+    def result(self) -> np.ndarray:
+        return self.array[: self.count]
+
+
 def pyav_one_pass(data: bytes, targets: list[int], transform=None) -> dict:
     """Every frame decoded (threaded); the frames at presentation positions `targets` converted
-    to RGB (or handed as PIL images to `transform`)."""
+    to RGB with to_ndarray("rgb24") (and handed to `transform`, e.g. a resize and crop), written
+    into one array."""
     import av
 
-    wanted, frames, decoded = set(targets), [], 0
+    wanted, decoded = set(targets), 0
+    frames = Frames(len(wanted))
     with av.open(io.BytesIO(data)) as container:
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
         for position, frame in enumerate(container.decode(stream)):
             decoded += 1
             if position in wanted:
-                frames.append(transform(frame.to_image()) if transform else frame.to_ndarray(format="rgb24"))
-    return {"indices": sorted(wanted), "decoded": decoded, "frames": np.stack(frames)}
+                rgb = frame.to_ndarray(format="rgb24")
+                frames.append(transform(rgb) if transform else rgb)
+    return {"indices": sorted(wanted), "decoded": decoded, "frames": frames.result()}
 
 
 def pyav_seek_per_target(data: bytes, targets: list[int], index: PacketIndex) -> dict:
     """For each target: seek to the keyframe at or before it, decode forward to it (threaded)."""
     import av
 
-    frames, decoded, restarts = [], 0, 0
+    frames, decoded, restarts = Frames(len(targets)), 0, 0
     with av.open(io.BytesIO(data)) as container:
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
@@ -245,7 +267,7 @@ def pyav_seek_per_target(data: bytes, targets: list[int], index: PacketIndex) ->
                 got = frame
                 break
             frames.append(got.to_ndarray(format="rgb24"))
-    return {"indices": list(targets), "decoded": decoded, "frames": np.stack(frames), "restarts": restarts}
+    return {"indices": list(targets), "decoded": decoded, "frames": frames.result(), "restarts": restarts}
 
 
 def pyav_packet_pass(data: bytes) -> dict:
@@ -547,7 +569,7 @@ def bench_serve(args, log=print) -> dict:
     targets = uniform_frame_indices(len(packet_index(data).pts), frames).tolist()
 
     def baseline():
-        out = pyav_one_pass(data, targets, transform=lambda image: resize_and_crop(image, config))
+        out = pyav_one_pass(data, targets, transform=lambda rgb: resize_and_crop(rgb, config))
         return normalize(out["frames"], config)
 
     server_args = ["--dtype", "float32", "--enforce-eager", "--kv-cache-memory-bytes", str(KV_CACHE_BYTES),
