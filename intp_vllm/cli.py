@@ -67,7 +67,7 @@ def _add_demo(sub) -> None:
     p = sub.add_parser(
         "demo",
         help="ask about a 64-frame video through vLLM; the answer is checkable",
-        description="Write a 64-frame video with OpenCV (grey noise, one frame flashes a coloured square), "
+        description="Write a 64-frame lossless video (FFV1 in mkv, with PyAV; grey noise, one frame flashes a coloured square), "
         "ask the needle Video-LLaVA (trained here on 8-frame clips) which colour flashed, through vLLM "
         "with INTP reading all frames, and show what 8 uniformly sampled frames would have given. "
         "Prints the answer, the truth, video tokens and timings.",

@@ -1,4 +1,5 @@
-"""Synthetic videos drawn with OpenCV: moving coloured shapes, deterministic per seed."""
+"""Synthetic videos, deterministic: moving coloured shapes (drawn with OpenCV), and index-coded
+frames whose content names their index (for frame-exact decoding tests)."""
 
 from __future__ import annotations
 
