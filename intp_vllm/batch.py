@@ -686,11 +686,13 @@ def run_batch(args) -> dict:
                                    args.video_decoder)
             replicas = ray_replicas if _uses_ray(args) else local_replicas
             started = time.perf_counter()
+            counts["failed"] = 0
             with replicas(args, engine_kwargs_from(args, section), defaults) as submitters:
                 # The bar starts once the engines are up, so its rate is the jobs' own.
                 with tqdm(total=len(pending), unit="job", desc="batch", file=sys.stderr, dynamic_ncols=True) as bar:
                     def on_records(records: list[dict]) -> None:
                         writer.write(records)
+                        counts["failed"] += sum("error" in record for record in records)
                         bar.update(len(records))
 
                     run_chunks(submitters, _chunks(pending, args.batch_size), on_records)

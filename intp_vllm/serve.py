@@ -52,8 +52,9 @@ def add_intp_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("INTP (training-free long video)")
     group.add_argument("--frames", type=int, help="frames sampled per video (default: the encoder window, 8)")
     group.add_argument("--max-frames", type=int,
-                       help="most frames a request may ask for with mm_processor_kwargs={'frames': n}; the server "
-                       "also needs vLLM's --trust-request-mm-kwargs to accept per-request kwargs (default: --frames)")
+                       help="most frames one request may ask for: a batch job's \"frames\", or a server request's "
+                       "mm_processor_kwargs={'frames': n} (the server also needs vLLM's --trust-request-mm-kwargs) "
+                       "(default: --frames)")
     group.add_argument("--encoder-frames", type=int, help="the encoder's trained window N (default: from checkpoint)")
     group.add_argument("--rope-type", choices=ROPE_TYPES,
                        help="RoPE context extension (default yarn; ntk is the INTP paper's)")
@@ -177,15 +178,17 @@ def add_limit_arguments(parser: argparse.ArgumentParser) -> None:
     defaults = ServeLimits()
     group = parser.add_argument_group("intp-vllm limits (hostile and heavy input)")
     group.add_argument("--max-video-frames", type=int, default=defaults.video.max_frames,
-                       help="most frames decoded from one video (media_io_kwargs num_frames above it is a 400)")
+                       help="most frames decoded from one video (media_io_kwargs num_frames above it is a 400; "
+                       "default %(default)s)")
     group.add_argument("--max-frame-pixels", type=int, default=defaults.video.max_frame_pixels,
                        help="most pixels a video frame may have, checked before decoding (default 1920x1080)")
     group.add_argument("--max-video-bytes", type=int, default=defaults.video.max_bytes,
-                       help="most bytes of one encoded video (file://, data: or http)")
+                       help="most bytes of one encoded video (file://, data: or http; default %(default)s = 128 MiB)")
     group.add_argument("--video-fetch-timeout", type=float, default=defaults.fetch_timeout_s,
-                       help="seconds to fetch and decode one video_url, retries included")
+                       help="seconds to fetch and decode one video_url, retries included (default %(default)s)")
     group.add_argument("--max-in-flight-requests", type=int, default=defaults.max_in_flight,
-                       help="POST requests served at once, from arrival (video fetch included); more get a 503")
+                       help="POST requests served at once by each API-server process, from arrival (video fetch "
+                       "included); more get a 503 (default %(default)s)")
     add_video_decoder_argument(parser)
 
 

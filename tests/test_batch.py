@@ -110,7 +110,7 @@ def test_answers_and_error_record(reference):
     # the same file as a data: URL and as a file:// URL: same prompt, same greedy start
     assert records["j4"]["prompt_tokens"] == records["j5"]["prompt_tokens"]
     assert records["j4"]["answer"].startswith(records["j5"]["answer"])
-    assert "batch: 100%" in log and '"invalid": 0, "run": 6' in log  # tqdm bar, summary
+    assert "batch: 100%" in log and '"invalid": 0, "run": 6, "failed": 1' in log  # tqdm bar, summary
 
 
 def kill_after_records(cmd, output, count: int) -> None:
