@@ -10,9 +10,9 @@ so first and last frame are included. At a constant frame rate (every frame inte
 one time-base tick of the mean: timestamps rounded to milliseconds count as constant) the
 frames are exactly `rearrange.uniform_frame_indices` (vLLM's and decord's index convention).
 At a variable frame rate (screen and browser recordings) sampling stays even in time; a
-frame shown for a long time may be sampled more than once (`uniform_time_targets`). Timestamps come from one pass over the packets (demuxing,
-no decoding), which also finds the keyframes and counts the frames of streams that state
-neither (live-stream WebM). Decoding then follows a plan: a target in the same GOP as the
+frame shown for a long time may be sampled more than once (`uniform_time_targets`).
+Timestamps come from one pass over the packets (demuxing, no decoding), which also finds the
+keyframes and counts the frames of streams that state neither (live-stream WebM). Decoding then follows a plan: a target in the same GOP as the
 current position is reached by decoding forward, and the decoder seeks only when a keyframe
 lies between the current position and the next target. So the cost is at most
 min(one decoding pass, one seek per target) plus the packet pass, no frame is decoded twice,
@@ -20,8 +20,9 @@ and decoding stops after the last target. Display rotation (phone videos) is app
 
 With a `ClipPreprocessConfig` each sampled frame is resized and centre-cropped
 (`preprocess.resize_and_crop`, bit-exact with HF) as soon as it is decoded, so memory holds
-crop x crop x 3 bytes a frame plus one full frame, whatever the resolution; frames whose size
-changes mid-stream are fine. Without it, frames come back at full resolution.
+crop x crop x 3 bytes a frame plus the frames in the decoder's pipeline, whatever the
+resolution; frames whose size changes mid-stream are fine. Without it, frames come back at
+full resolution, written into one preallocated array as they are decoded.
 
 For untrusted input, `VideoLimits` caps the encoded size, the frames sampled, the pixels per
 frame and (with preprocessing) the aspect ratio, checked before any frame is decoded. FFmpeg
