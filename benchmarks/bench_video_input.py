@@ -811,6 +811,19 @@ def table(report: dict) -> str:
     return "\n".join(lines)
 
 
+def memory_pages() -> dict:
+    """How fresh memory is backed: the full-size frame arrays (128 x 720p = 354 MB) are first
+    touched while timed, and numpy asks for transparent huge pages (madvise) for large arrays.
+    On the KVM/firecracker machine of docs/benchmarks.md a huge-page first touch of 354 MB took
+    either 0.05 s or 2-5 s of kernel time, alternating call to call (4 KiB pages, with
+    NUMPY_MADVISE_HUGEPAGE=0: a steady 0.3 s), which lands on whichever method runs then."""
+    try:
+        thp = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text().strip()
+    except OSError:
+        thp = None
+    return {"transparent_hugepage": thp, "NUMPY_MADVISE_HUGEPAGE": os.environ.get("NUMPY_MADVISE_HUGEPAGE")}
+
+
 def versions() -> dict:
     import av
     import cv2
@@ -879,7 +892,8 @@ def main(argv=None) -> dict:
     from intp_vllm_benchmarks.bench_throughput import machine
 
     report = {"benchmark": "video_input", "when": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-              "machine": {**machine(), "platform": platform.platform()}, "versions": versions(),
+              "machine": {**machine(), "platform": platform.platform(), "memory_pages": memory_pages()},
+              "versions": versions(),
               "commit": _git_head(), "uncommitted": _git_dirty(), "quick": args.quick, "frames": args.frames,
               "repeats": args.repeats,
               "videos": [{**asdict(spec), "label": spec.label} for spec in video_specs(args.quick)]}
