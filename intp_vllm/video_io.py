@@ -447,11 +447,11 @@ class _PlannedDecoder:
         wanted = set(uniform_frame_indices(self.counted, num_frames).tolist())
         self.close()
         self._open()
-        frames, indices = self.check.frames(len(wanted)), []
+        frames, indices, last = self.check.frames(len(wanted)), [], max(wanted)
         self.decoded = self.counted
         for position, frame in enumerate(self.frames):
             self.decoded += 1
-            if position > max(wanted):
+            if position > last:
                 break
             if position in wanted:
                 frames.append(self._take(frame, position))
