@@ -51,8 +51,9 @@ def thin_and_plain(tmp_path_factory):
 
 
 def test_two_api_servers_both_apply_our_limits(tiny_model_dir, thin_and_plain):
-    """--api-server-count 2: vLLM starts two API-server processes; the plugin gives both our
-    media connector and limits (requests are spread over them by the kernel)."""
+    """--api-server-count 2: vLLM starts two API-server processes (both log), and every request,
+    whichever process the kernel hands it to, gets our connector's limits. That the 8 requests
+    reached both processes is likely, not asserted (uvicorn's access log names no process)."""
     media, (thin, plain) = thin_and_plain
     command = [sys.executable, "-m", "intp_vllm.cli", "serve", str(tiny_model_dir), *ENGINE,
                "--api-server-count", "2", "--allowed-local-media-path", str(media)]
