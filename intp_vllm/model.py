@@ -13,6 +13,7 @@ frame-time order.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 from collections.abc import Iterable, Mapping, Sequence
@@ -60,6 +61,9 @@ logger = logging.getLogger("vllm.intp_vllm")  # under "vllm": its handler and le
 VIDEO_PLACEHOLDER = "<video>"
 REQUEST_FRAMES_KWARG = "frames"
 """`mm_processor_kwargs={"frames": n}` asks for n frames (up to intp.max_frames)."""
+SCALE_CODE_KEY = "rope_scale_code"
+"""The request's RoPE scale code (request_scale.py): set by the processor, never by a request;
+it rides in the processor kwargs (so in the multimodal cache key) and in each video's data."""
 
 
 def tokens_per_frame(vision_config) -> int:
@@ -115,9 +119,11 @@ def select_frames(num_frames: int, requested: int, encoder_frames: int) -> np.nd
 
 
 class VideoLlavaMultiModalProcessor(BaseMultiModalProcessor[VideoLlavaProcessingInfo]):
-    def _requested_frames(self, hf_kwargs: Mapping[str, object]) -> int:
+    def requested_frames(self, mm_processor_kwargs: Mapping[str, object] | None) -> int:
+        """The frames a request asks for: `mm_processor_kwargs.frames`, else intp.frames.
+        Raises ValueError outside 1..intp.max_frames."""
         intp = self.info.get_intp_config()
-        requested = hf_kwargs.get(REQUEST_FRAMES_KWARG, intp.frames)
+        requested = (mm_processor_kwargs or {}).get(REQUEST_FRAMES_KWARG, intp.frames)
         if isinstance(requested, bool) or not isinstance(requested, int) or not 1 <= requested <= intp.frame_limit:
             raise ValueError(
                 f"mm_processor_kwargs.{REQUEST_FRAMES_KWARG}={requested!r}: expected an integer "
@@ -125,11 +131,32 @@ class VideoLlavaMultiModalProcessor(BaseMultiModalProcessor[VideoLlavaProcessing
             )
         return requested
 
+    def request_media_io_kwargs(
+        self, media_io_kwargs: Mapping[str, Mapping[str, object]], mm_processor_kwargs: Mapping[str, object] | None
+    ) -> dict[str, dict[str, object]]:
+        """`media_io_kwargs` with `video.num_frames` set to the request's frames, so that a video
+        from a URL, file or data URL is decoded at the count this processor then uses.
+
+        Called by the renderer before any video is fetched (plugin.py). Raises ValueError for a
+        frame count outside 1..intp.max_frames, or a `num_frames` that names another count.
+        """
+        requested = self.requested_frames(mm_processor_kwargs)
+        video = dict(media_io_kwargs.get("video") or {})
+        asked = video.get("num_frames", requested)
+        if asked not in (requested, self.info.get_intp_config().frames):
+            raise ValueError(
+                f"media_io_kwargs.video.num_frames={asked!r} conflicts with {requested} frames: a request's "
+                f"frame count is mm_processor_kwargs.{REQUEST_FRAMES_KWARG} (up to intp.max_frames); "
+                "drop num_frames"
+            )
+        video["num_frames"] = requested
+        return {**media_io_kwargs, "video": video}
+
     def _call_hf_processor(self, hf_data: Mapping[str, object], hf_kwargs: Mapping[str, object]) -> BatchFeature:
-        unknown = sorted(set(hf_kwargs) - {REQUEST_FRAMES_KWARG})
+        unknown = sorted(set(hf_kwargs) - {REQUEST_FRAMES_KWARG, SCALE_CODE_KEY})
         if unknown:
             raise ValueError(f"unknown mm_processor_kwargs {unknown}; allowed: [{REQUEST_FRAMES_KWARG!r}]")
-        requested = self._requested_frames(hf_kwargs)
+        requested = self.requested_frames(hf_kwargs)
         encoder_frames = self.info.get_intp_config().encoder_frames
         preprocess = self.info.get_preprocess_config()
         pixel_values = []
@@ -137,26 +164,55 @@ class VideoLlavaMultiModalProcessor(BaseMultiModalProcessor[VideoLlavaProcessing
             frames = as_frames(video, name=f"video {i}")
             chosen = frames[select_frames(len(frames), requested, encoder_frames)]
             pixel_values.append(torch.from_numpy(preprocess_frames(chosen, preprocess)))
-        return BatchFeature({"pixel_values_videos": pixel_values})
+        outputs = {"pixel_values_videos": pixel_values}
+        if SCALE_CODE_KEY in hf_kwargs:
+            outputs[SCALE_CODE_KEY] = torch.full((len(pixel_values),), hf_kwargs[SCALE_CODE_KEY], dtype=torch.int64)
+        return BatchFeature(outputs)
 
     def _hf_processor_applies_updates(self, *args, **kwargs) -> bool:
         return False
 
+    def _expanded_prompt_length(self, inputs) -> int:
+        """Prompt tokens once each video placeholder has become its video tokens."""
+        requested = self.requested_frames(inputs.hf_processor_mm_kwargs)
+        length = len(inputs.prompt)
+        videos = inputs.mm_data_items.get("video")
+        for i in range(videos.get_count() if videos is not None else 0):
+            video = videos.get(i)
+            if video is None:
+                raise ValueError(f"video {i} came as a multi_modal_uuid alone: with intp factor 'auto' its frames "
+                                 "decide the request's RoPE scale, so send the video itself")
+            frames = len(as_frames(video, name=f"video {i}"))
+            length += self.info.get_num_video_tokens(min(frames, requested)) - 1
+        return length
+
     def apply(self, inputs, timing_ctx):
-        """Salt the prefix cache with the request's RoPE scale: keys are cached after RoPE,
-        so blocks computed at one scale must never serve a request at another."""
-        result = super().apply(inputs, timing_ctx)
-        config = self.info.get_hf_config()
-        if self.info.get_intp_config().factor == "auto":
-            code = request_scale_code(len(result["prompt_token_ids"]), config.text_config.max_position_embeddings)
-            if code:
-                result["cache_salt"] = f"intp-rope-scale-{code}"
-        return result
+        """With intp factor "auto", decide the request's RoPE scale once, here (request_scale.py).
+
+        The code comes from the expanded prompt length and is added to the processor kwargs, so
+        it is part of each video's cache key and data (`SCALE_CODE_KEY`, read by
+        `get_mrope_input_positions`). Keys are cached after RoPE, so the prefix cache is salted
+        with it too (`ScaleSaltedInput`): blocks computed at one scale never serve another.
+        """
+        if SCALE_CODE_KEY in inputs.hf_processor_mm_kwargs:
+            raise ValueError(f"mm_processor_kwargs.{SCALE_CODE_KEY} is set by the server; allowed: "
+                             f"[{REQUEST_FRAMES_KWARG!r}]")
+        if self.info.get_intp_config().factor != "auto":
+            return super().apply(inputs, timing_ctx)
+        trained_context = self.info.get_hf_config().text_config.max_position_embeddings
+        code = request_scale_code(self._expanded_prompt_length(inputs), trained_context)
+        kwargs = {**inputs.hf_processor_mm_kwargs, SCALE_CODE_KEY: code}
+        result = super().apply(dataclasses.replace(inputs, hf_processor_mm_kwargs=kwargs), timing_ctx)
+        return ScaleSaltedInput(result, code) if code else result
 
     def _get_mm_fields_config(
         self, hf_inputs: BatchFeature, hf_processor_mm_kwargs: Mapping[str, object]
     ) -> Mapping[str, MultiModalFieldConfig]:
-        return {"pixel_values_videos": MultiModalFieldConfig.batched("video")}
+        fields = {"pixel_values_videos": MultiModalFieldConfig.batched("video")}
+        if SCALE_CODE_KEY in hf_inputs:
+            # keep_on_cpu: vLLM keeps only such fields for M-RoPE when the prefix cache covers a video
+            fields[SCALE_CODE_KEY] = MultiModalFieldConfig.batched("video", keep_on_cpu=True)
+        return fields
 
     def _get_prompt_updates(
         self,
@@ -172,6 +228,25 @@ class VideoLlavaMultiModalProcessor(BaseMultiModalProcessor[VideoLlavaProcessing
             return [video_token_id] * (pixels.shape[0] * per_frame)
 
         return [PromptReplacement(modality="video", target=[video_token_id], replacement=replacement)]
+
+
+class ScaleSaltedInput(dict):
+    """A processor result (vLLM's `MultiModalInput`) salted with its RoPE scale, whose salt a
+    client's `cache_salt` joins instead of replacing.
+
+    vLLM's renderer sets the request's `cache_salt` on the processor's result after it
+    returns (`renderers/base.py`, `_process_tokens`), and the processor cannot see it before;
+    so the result combines them as they are set: "<client salt>+intp-rope-scale-<code>".
+    """
+
+    def __init__(self, result: Mapping[str, object], code: int) -> None:
+        self.scale_salt = f"intp-rope-scale-{code}"
+        super().__init__(result, cache_salt=self.scale_salt)
+
+    def __setitem__(self, key: str, value: object) -> None:
+        if key == "cache_salt" and isinstance(value, str) and not value.endswith(self.scale_salt):
+            value = f"{value}+{self.scale_salt}"
+        super().__setitem__(key, value)
 
 
 class VideoLlavaProjector(nn.Module):
@@ -292,12 +367,14 @@ class VideoLlavaForConditionalGeneration(nn.Module, SupportsMultiModal, Supports
     def get_mrope_input_positions(self, input_tokens: list[int], mm_features: list) -> tuple[torch.Tensor, int]:
         """A request's positions with its RoPE scale encoded in them (see request_scale.py).
 
-        vLLM asks this once per request at prefill; only used with intp.factor "auto".
-        Requests without video keep scale 1.
+        vLLM asks this once per request at prefill; only used with intp.factor "auto". The
+        scale code is the one the processor decided (each video's `SCALE_CODE_KEY`); requests
+        without video keep scale 1. Returns ((3, prompt tokens) int64, M-RoPE delta).
         """
-        code = 0
-        if mm_features:
-            code = request_scale_code(len(input_tokens), self.config.text_config.max_position_embeddings)
+        codes = {int(feature.data[SCALE_CODE_KEY].data) for feature in mm_features}
+        if len(codes) > 1:
+            raise ValueError(f"a request's videos carry different RoPE scale codes {sorted(codes)}")
+        code = codes.pop() if codes else 0
         positions = encode_positions(len(input_tokens), code)
         return positions.expand(3, -1).clone(), position_offset(code)
 

@@ -7,6 +7,8 @@ imported lazily by vLLM) and idempotent (vLLM may call it more than once).
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import logging
 
 ARCHITECTURES = ("VideoLlavaForConditionalGeneration", "TemporalVideoLlavaForConditionalGeneration")
@@ -63,7 +65,12 @@ class VideoLlavaConfigHook:
             from .serve import MEDIA_HOOK_NAME
 
             video_io = model_config.multimodal_config.media_io_kwargs.setdefault("video", {})
-            video_io.setdefault("num_frames", intp.frames)
+            if video_io.setdefault("num_frames", intp.frames) != intp.frames:
+                raise ValueError(
+                    f"--media-io-kwargs video.num_frames={video_io['num_frames']!r}: the frame count is INTP's; "
+                    f"set it with --frames (now {intp.frames}) or hf_overrides intp.frames, and per request "
+                    "with mm_processor_kwargs.frames"
+                )
             if video_io.setdefault("video_backend", MEDIA_HOOK_NAME) == MEDIA_HOOK_NAME:
                 video_io.setdefault("frame_size", hf_config.vision_config.image_size)
         logger.info(
@@ -72,6 +79,33 @@ class VideoLlavaConfigHook:
             video_tokens,
             model_config.max_model_len,
         )
+
+
+def decode_at_request_frames(render_chat):
+    """Wrap vLLM's `BaseRenderer.render_chat` (or `render_chat_async`) so that the videos of a
+    chat request are fetched and decoded at the frame count the model's processor chooses for
+    it (`VideoLlavaMultiModalProcessor.request_media_io_kwargs`).
+
+    vLLM hands a video loader only `media_io_kwargs`, never the request's
+    `mm_processor_kwargs`; without this a `video_url` is decoded at the server's count and
+    a request's `frames` would sample from those. Other models' renderers are unchanged.
+    """
+
+    @functools.wraps(render_chat)
+    def wrapper(self, conversations, chat_params, *args, **kwargs):
+        choose = getattr(self.mm_processor, "request_media_io_kwargs", None)
+        if choose is not None:
+            from vllm.multimodal.media.connector import merge_media_io_kwargs
+
+            defaults = self.model_config.multimodal_config.media_io_kwargs
+            media_io_kwargs = merge_media_io_kwargs(defaults, chat_params.media_io_kwargs)
+            chat_params = dataclasses.replace(
+                chat_params, media_io_kwargs=choose(media_io_kwargs or {}, chat_params.mm_processor_kwargs)
+            )
+        return render_chat(self, conversations, chat_params, *args, **kwargs)
+
+    wrapper.intp_vllm_wrapped = True
+    return wrapper
 
 
 def register() -> None:
@@ -87,6 +121,11 @@ def register() -> None:
     from .serve import MEDIA_HOOK_NAME, BoundedMediaConnector, IntpVideoLoader
     from .tiny_model import VIDEO_LLAVA_CHAT_TEMPLATE_PATH
 
+    from vllm.renderers.base import BaseRenderer
+
+    for name in ("render_chat", "render_chat_async"):
+        if not getattr(getattr(BaseRenderer, name), "intp_vllm_wrapped", False):
+            setattr(BaseRenderer, name, decode_at_request_frames(getattr(BaseRenderer, name)))
     VIDEO_LOADER_REGISTRY.register(MEDIA_HOOK_NAME)(IntpVideoLoader)
     MEDIA_CONNECTOR_REGISTRY.register(MEDIA_HOOK_NAME)(BoundedMediaConnector)  # used where VLLM_MEDIA_CONNECTOR says
     if get_chat_template_fallback_path(VIDEO_LLAVA_MODEL_TYPE, "") is None:

@@ -9,8 +9,9 @@ GPU model runner V2 keeps prefill positions in int32.
 
 The code is a log-quantised scale, s = 2 ** (code / CODES_PER_OCTAVE), rounded up so a
 request always gets at least the scale it needs; code 0 is s = 1 exactly (the original
-model). The scale is a pure function of the prompt length, so the processor (cache salt)
-and the worker (positions) compute the same value independently.
+model). The model's processor decides a request's code once, from its expanded prompt,
+and hands it to the worker with the video's data; the cache salt comes from the same value
+(`model.py`: `VideoLlavaMultiModalProcessor.apply`, `get_mrope_input_positions`).
 """
 
 from __future__ import annotations

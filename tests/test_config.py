@@ -83,3 +83,14 @@ def test_cpu_kv_cache_is_sized_by_the_plugin_unless_given(tiny_model_dir):
     assert given.cache_config.kv_cache_memory_bytes == 123 << 20
     share = EngineArgs(model=str(tiny_model_dir), gpu_memory_utilization=0.3).create_engine_config()
     assert share.cache_config.kv_cache_memory_bytes is None
+
+
+def test_a_server_frame_count_outside_intp_is_refused(tiny_model_dir):
+    """The frame count has one home: --frames (intp.frames); per request mm_processor_kwargs.frames."""
+    from vllm.engine.arg_utils import EngineArgs
+
+    with pytest.raises(ValueError, match=r"--media-io-kwargs video.num_frames=16: the frame count is INTP's; set it "
+                                         r"with --frames \(now 8\)"):
+        EngineArgs(model=str(tiny_model_dir), media_io_kwargs={"video": {"num_frames": 16}}).create_engine_config()
+    same = EngineArgs(model=str(tiny_model_dir), media_io_kwargs={"video": {"num_frames": 8}}).create_engine_config()
+    assert same.model_config.multimodal_config.media_io_kwargs["video"]["num_frames"] == 8

@@ -26,6 +26,11 @@ def greedy(max_tokens: int = NEW_TOKENS, prompt_logprobs: int | None = 0) -> Sam
     return SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True, prompt_logprobs=prompt_logprobs)
 
 
+def greedy_with_logprobs(max_tokens: int) -> SamplingParams:
+    """Greedy, with each sampled token's logprob (prompt logprobs would turn prefix caching off)."""
+    return SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True, logprobs=0)
+
+
 @pytest.fixture(scope="module")
 def short_context_dir(tmp_path_factory):
     spec = TinyModelSpec(max_position_embeddings=TRAINED_CONTEXT, seed=3)
@@ -149,6 +154,11 @@ def test_prefix_cache_is_not_shared_across_scales(long_llm, short_context_dir):
     assert again.num_cached_tokens >= 128  # prefix caching is on and works within one scale
     assert again.outputs[0].token_ids == second.outputs[0].token_ids
 
+    # A client's own salt joins the scale's instead of replacing it.
+    salted = [long_llm.generate({**r, "cache_salt": "tenant-a"}, greedy_with_logprobs(8), use_tqdm=False)[0]
+              for r in (small, large, large)]
+    assert salted[1].num_cached_tokens == 0 and salted[2].num_cached_tokens >= 128
+
     no_cache = make_llm(short_context_dir, enable_prefix_caching=False,
                         hf_overrides={"intp": {"frames": 128, "rope_type": "yarn"}})
     try:
@@ -157,3 +167,70 @@ def test_prefix_cache_is_not_shared_across_scales(long_llm, short_context_dir):
         shutdown_llm(no_cache)
     assert first.outputs[0].token_ids == reference[0].outputs[0].token_ids
     assert second.outputs[0].token_ids == reference[1].outputs[0].token_ids
+    for output, alone in zip(salted, [reference[0], reference[1], reference[1]]):
+        assert output.outputs[0].token_ids == alone.outputs[0].token_ids
+
+
+def sampled_logprobs(output) -> list[float]:
+    return [next(iter(step.values())).logprob for step in output.outputs[0].logprobs]
+
+
+def collapse_video(llm, token_ids: list[int]) -> list[int]:
+    """A processed prompt with its video tokens folded back into the one placeholder."""
+    video_token = llm.llm_engine.model_config.hf_config.video_token_index
+    start = token_ids.index(video_token)
+    return token_ids[:start + 1] + [t for t in token_ids[start:] if t != video_token]
+
+
+def test_truncated_prompt_runs_at_the_scale_its_salt_names(long_llm):
+    """truncate_prompt_tokens shortens a prompt after the processor decided its scale: the
+    worker uses that scale, so a request that shares the salt and the truncated prefix reuses
+    its KV and answers exactly as it does alone."""
+    from intp_vllm.request_scale import request_scale_code
+
+    video = moving_shapes_video(num_frames=64, height=48, width=64, seed=16)
+    prompt = {"prompt": SHARED_PREFIX + " <video>\nWhat happened? ASSISTANT:", "multi_modal_data": {"video": video}}
+    full_length = len(long_llm.generate(prompt, greedy(1, None), use_tqdm=False)[0].prompt_token_ids)
+    long_llm.reset_prefix_cache()
+    truncated = long_llm.generate(prompt, greedy(4, None), use_tqdm=False,
+                                  tokenization_kwargs={"truncate_prompt_tokens": full_length - 100,
+                                                       "truncation_side": "left"})[0]
+    kept = list(truncated.prompt_token_ids)
+    assert len(kept) == full_length - 100
+    assert request_scale_code(len(kept), TRAINED_CONTEXT) < request_scale_code(full_length, TRAINED_CONTEXT)
+
+    # The kept tokens (video collapsed to its placeholder) padded back to the full length:
+    # the same scale, so the same salt, and the truncated request's blocks as its prefix.
+    pad = long_llm.get_tokenizer().encode(" still", add_special_tokens=False)[-1]
+    sharer = {"prompt_token_ids": collapse_video(long_llm, kept) + [pad] * 100, "multi_modal_data": {"video": video}}
+    reused = long_llm.generate(sharer, greedy_with_logprobs(4), use_tqdm=False)[0]
+    long_llm.reset_prefix_cache()
+    alone = long_llm.generate(sharer, greedy_with_logprobs(4), use_tqdm=False)[0]
+    block = long_llm.llm_engine.vllm_config.cache_config.block_size
+    assert reused.num_cached_tokens > len(kept) - block and alone.num_cached_tokens == 0
+    assert reused.outputs[0].token_ids == alone.outputs[0].token_ids
+    assert sampled_logprobs(reused) == sampled_logprobs(alone)
+
+
+def test_chat_video_is_decoded_at_the_request_frames(long_llm):
+    """LLM.chat with mm_processor_kwargs.frames decodes the file at that count, once: the same
+    frames as read_video at that count; not a sample of the engine's default decode."""
+    from intp_vllm.rearrange import uniform_frame_indices
+    from intp_vllm.video_io import read_video
+
+    path = write_video(long_llm.media_dir / "long300.mp4", moving_shapes_video(num_frames=300, height=48, width=64,
+                                                                                seed=17), gop=60, b_frames=2)
+    messages = [{"role": "user", "content": [{"type": "video_url", "video_url": {"url": f"file://{path}"}},
+                                             {"type": "text", "text": "What happened?"}]}]
+    chat = long_llm.chat(messages, greedy_with_logprobs(4), use_tqdm=False, mm_processor_kwargs={"frames": 16})[0]
+    prompt_ids = collapse_video(long_llm, list(chat.prompt_token_ids))
+
+    def from_array(video):
+        return long_llm.generate({"prompt_token_ids": prompt_ids, "multi_modal_data": {"video": video},
+                                  "mm_processor_kwargs": {"frames": 16}}, greedy_with_logprobs(4), use_tqdm=False)[0]
+
+    as_array = from_array(read_video(path, 16))
+    assert chat.prompt_token_ids == as_array.prompt_token_ids
+    assert sampled_logprobs(chat) == sampled_logprobs(as_array)
+    sampled_twice = from_array(read_video(path, 128)[uniform_frame_indices(128, 16)])  # negative control
+    assert sampled_logprobs(sampled_twice) != sampled_logprobs(chat)

@@ -154,6 +154,11 @@ def too_many_processed_frames(media, clip):
     return f"file://{clip}", {"mm_processor_kwargs": {"frames": MAX_FRAMES + 1}}
 
 
+def scale_code_from_the_request(media, clip):
+    """The RoPE scale code is the processor's to decide."""
+    return f"file://{clip}", {"mm_processor_kwargs": {"rope_scale_code": 0}}
+
+
 def unsupported_loader_option(media, clip):
     return f"file://{clip}", {"media_io_kwargs": {"video": {"fps": 2}}}
 
@@ -217,11 +222,14 @@ HOSTILE = [
     pytest.param(not_a_video_media_type, 400, "expected a base64 encoded video file.*got data:image/png;base64",
                  id="data-url-image-type"),
     pytest.param(eight_k_mp4, 400, r"7680x4320 frames \(33177600 pixels\); at most 2073600 pixels", id="8k"),
-    pytest.param(too_many_decoded_frames, 400, "num_frames=17: expected an integer from 1 to 16",
-                 id="num-frames-over-max"),
-    pytest.param(all_frames_requested, 400, "num_frames=-1: expected an integer from 1 to 16", id="all-frames"),
+    pytest.param(too_many_decoded_frames, 400, r"media_io_kwargs.video.num_frames=17 conflicts with 8 frames: a "
+                 r"request's frame count is mm_processor_kwargs.frames", id="num-frames-over-max"),
+    pytest.param(all_frames_requested, 400, "media_io_kwargs.video.num_frames=-1 conflicts with 8 frames",
+                 id="all-frames"),
     pytest.param(too_many_processed_frames, 400, r"frames=17: expected an integer from 1 to 16",
                  id="processor-frames-over-max"),
+    pytest.param(scale_code_from_the_request, 400, r"mm_processor_kwargs.rope_scale_code is set by the server",
+                 id="scale-code-from-request"),
     pytest.param(unsupported_loader_option, 400, r"\['fps'\] are not supported", id="loader-option"),
     pytest.param(outside_allowed_dir, 400, "must be a subpath of `--allowed-local-media-path", id="outside"),
     pytest.param(dot_dot_out_of_allowed_dir, 400, "must be a subpath of `--allowed-local-media-path", id="dot-dot"),
@@ -278,6 +286,50 @@ def test_silent_http_host_is_given_up_on_at_the_fetch_timeout(server, model, sil
     assert status == 422 and time.monotonic() - start < FETCH_TIMEOUT_S + 3
     expected = f"video_url '{silent_url}' was not fetched and decoded within {FETCH_TIMEOUT_S} s"
     assert expected in reply["error"]["message"]
+
+
+@pytest.fixture(scope="module")
+def http_media(media_dir):
+    """An http server on 127.0.0.1 serving the media directory."""
+    from functools import partial
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    class QuietHandler(SimpleHTTPRequestHandler):
+        def log_message(self, *args) -> None:
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), partial(QuietHandler, directory=str(media_dir)))
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    httpd.shutdown()
+    httpd.server_close()
+
+
+@pytest.fixture(scope="module")
+def long_clip(media_dir) -> Path:
+    return write_video(media_dir / "long-clip.mp4", moving_shapes_video(num_frames=120, height=72, width=100, seed=9),
+                       gop=30, b_frames=2)
+
+
+def test_request_frames_decide_how_a_url_video_is_decoded(server, model, long_clip, http_media):
+    """mm_processor_kwargs.frames reaches the decoder: file://, data: and http give that many frames
+    (the prompt grows by 17 tokens a frame) and the same answer; above --max-frames it is a 400."""
+    urls = {"file": f"file://{long_clip}", "data": data_url(long_clip.read_bytes()),
+            "http": f"{http_media}/{long_clip.name}"}
+    replies = {}
+    for scheme, url in urls.items():
+        for frames in (8, 16):
+            status, reply = post(server, video_request(model, url, mm_processor_kwargs={"frames": frames}))
+            assert status == 200, (scheme, frames, reply)
+            replies[scheme, frames] = reply
+    default = assert_served(server, model, long_clip)
+    for scheme in urls:
+        assert replies[scheme, 8]["usage"]["prompt_tokens"] == default["usage"]["prompt_tokens"]
+        assert replies[scheme, 16]["usage"]["prompt_tokens"] == default["usage"]["prompt_tokens"] + 8 * 17
+        assert replies[scheme, 16]["choices"][0]["message"] == replies["file", 16]["choices"][0]["message"]
+    status, reply = post(server, video_request(model, urls["http"], mm_processor_kwargs={"frames": MAX_FRAMES + 1}))
+    assert status == 400 and "mm_processor_kwargs.frames=17: expected an integer from 1 to 16" in \
+        reply["error"]["message"], reply
 
 
 def test_one_frame_video_is_padded_to_the_encoder_window(server, model, media_dir, clip):
