@@ -43,14 +43,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .cpu_memory import CPU_REPLICAS_ENV
+from .fetch import FetchError, HostPolicy, fetch_bytes_sync
 from .preprocess import ClipPreprocessConfig
 from .tiny_model import VIDEO_PROMPT
+from .video_io import VideoLimits
 
 REQUIRED_KEYS = ("id", "video", "question")
 SAMPLING_KEYS = ("max_tokens", "temperature", "top_p", "seed")
 OPTIONAL_KEYS = (*SAMPLING_KEYS, "frames")
 FETCHED_SCHEMES = ("http", "https", "data")
-"""`video` URLs read with urllib; anything else is a path (file:// URLs become one)."""
+"""`video` URLs read into memory: http(s) by `fetch.py` (public hosts, capped), data: by urllib;
+anything else is a path (file:// URLs become one)."""
 DEFAULT_BATCH_SIZE = 16
 DEFAULT_MAX_TOKENS = 64
 MAX_FAULTS_SHOWN = 20
@@ -305,6 +308,8 @@ class JobDefaults:
     preprocess: ClipPreprocessConfig
     fetch_timeout: float = 60.0
     decoder: str = "pyav"
+    max_video_bytes: int = VideoLimits.max_bytes
+    media_hosts: HostPolicy = field(default_factory=HostPolicy)
 
 
 def _short(video: str) -> str:
@@ -320,13 +325,21 @@ def load_video(video: str, frames: int, defaults: JobDefaults):
     def decode(source):
         return read_video(source, frames, decoder=defaults.decoder, preprocess=defaults.preprocess)
 
-    if _scheme(video) not in FETCHED_SCHEMES:
+    scheme = _scheme(video)
+    if scheme not in FETCHED_SCHEMES:
         return decode(video)
-    try:
-        with urllib.request.urlopen(video, timeout=defaults.fetch_timeout) as response:
-            data = response.read()
-    except Exception as exc:  # noqa: BLE001 - HTTP errors, timeouts, bad data: URLs all fail this job
-        raise ValueError(f"cannot read {_short(video)!r}: {type(exc).__name__}: {exc}") from None
+    if scheme == "data":
+        try:
+            with urllib.request.urlopen(video) as response:
+                data = response.read()
+        except Exception as exc:  # noqa: BLE001 - any malformed data: URL fails this job
+            raise ValueError(f"cannot read {_short(video)!r}: {type(exc).__name__}: {exc}") from None
+    else:
+        try:
+            data = fetch_bytes_sync(video, policy=defaults.media_hosts, max_bytes=defaults.max_video_bytes,
+                                    timeout_s=defaults.fetch_timeout)
+        except FetchError as exc:
+            raise ValueError(f"cannot read {exc}") from None
     try:
         return decode(data)
     except ValueError as exc:
@@ -563,7 +576,7 @@ examples:
 
 
 def add_batch_arguments(parser: argparse.ArgumentParser) -> None:
-    from .serve import add_intp_arguments, add_video_decoder_argument
+    from .serve import add_intp_arguments, add_media_host_arguments, add_video_decoder_argument
 
     parser.add_argument("--model", required=True, help="local HF-format Video-LLaVA checkpoint directory")
     parser.add_argument("--input", required=True, type=Path, help="jobs: JSONL, one job a line (see below)")
@@ -577,7 +590,11 @@ def add_batch_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--decode-threads", type=int, default=2, help="video decoding threads per engine (default 2)")
     add_video_decoder_argument(parser)
     parser.add_argument("--fetch-timeout", type=float, default=60.0,
-                        help="seconds allowed for each http(s) video download (default 60)")
+                        help="seconds allowed for each http(s) video download, redirects included (default 60)")
+    parser.add_argument("--max-video-bytes", type=int, default=VideoLimits.max_bytes,
+                        help="most bytes of one http(s) video; the download stops there and the job fails "
+                        "(default %(default)s = 128 MiB)")
+    add_media_host_arguments(parser)
     sampling = parser.add_argument_group("sampling (defaults for jobs that do not set their own)")
     sampling.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS,
                           help=f"most answer tokens (default {DEFAULT_MAX_TOKENS})")
@@ -683,7 +700,7 @@ def run_batch(args) -> dict:
             sampling = {"max_tokens": args.max_tokens, "temperature": args.temperature, "top_p": args.top_p,
                         "seed": args.seed}
             defaults = JobDefaults(intp.frames, intp.frame_limit, sampling, preprocess, args.fetch_timeout,
-                                   args.video_decoder)
+                                   args.video_decoder, args.max_video_bytes, HostPolicy.from_args(args))
             replicas = ray_replicas if _uses_ray(args) else local_replicas
             started = time.perf_counter()
             counts["failed"] = 0

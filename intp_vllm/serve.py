@@ -22,6 +22,7 @@ import os
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+from .fetch import FetchError, HostPolicy, fetch_bytes
 from .tiny_model import VIDEO_LLAVA_CHAT_TEMPLATE_PATH
 from .preprocess import ClipPreprocessConfig
 from .video_io import DECODERS, VideoLimits, sample_video
@@ -131,12 +132,14 @@ def run_server(model: str, intp: dict, vllm_args: list[str], limits: "ServeLimit
 @dataclass(frozen=True)
 class ServeLimits:
     """What one request may cost the server: its video (see VideoLimits), its fetch time,
-    and how many requests may be in flight at once; and which decoder reads its video."""
+    and how many requests may be in flight at once; which hosts its video may come from
+    (see fetch.HostPolicy); and which decoder reads its video."""
 
     video: VideoLimits = field(default_factory=VideoLimits)
     fetch_timeout_s: float = 30.0
     max_in_flight: int = 64
     video_decoder: str = "pyav"
+    media_hosts: HostPolicy = field(default_factory=HostPolicy)
 
     def __post_init__(self) -> None:
         if self.video_decoder not in DECODERS:
@@ -161,7 +164,7 @@ class ServeLimits:
             raise ValueError(f"--frames/--max-frames {frames} exceeds --max-video-frames {video.max_frames}: "
                              "no video could be decoded at that many frames; raise --max-video-frames")
         return cls(video, fetch_timeout_s=args.video_fetch_timeout, max_in_flight=args.max_in_flight_requests,
-                   video_decoder=args.video_decoder)
+                   video_decoder=args.video_decoder, media_hosts=HostPolicy.from_args(args))
 
     @classmethod
     def from_env(cls) -> "ServeLimits":
@@ -170,7 +173,9 @@ class ServeLimits:
         if not text:
             return cls()
         values = json.loads(text)
-        return cls(video=VideoLimits(**values.pop("video")), **values)
+        hosts = values.pop("media_hosts")
+        return cls(video=VideoLimits(**values.pop("video")),
+                   media_hosts=HostPolicy(**{**hosts, "allowed_networks": tuple(hosts["allowed_networks"])}), **values)
 
 
 def add_limit_arguments(parser: argparse.ArgumentParser) -> None:
@@ -190,6 +195,18 @@ def add_limit_arguments(parser: argparse.ArgumentParser) -> None:
                        help="POST requests served at once by each API-server process, from arrival (video fetch "
                        "included); more get a 503 (default %(default)s)")
     add_video_decoder_argument(parser)
+    add_media_host_arguments(parser)
+
+
+def add_media_host_arguments(parser: argparse.ArgumentParser) -> None:
+    """Which hosts http(s) videos may come from (fetch.py), shared by serve and batch."""
+    parser.add_argument("--allow-private-media-hosts", action="store_true",
+                        help="fetch http(s) videos from any address, loopback and private networks included; by "
+                        "default only public addresses are fetched (a video URL could otherwise read this host's "
+                        "own network: cloud metadata, admin ports). For closed deployments")
+    parser.add_argument("--allowed-media-networks", nargs="+", default=[], metavar="CIDR",
+                        help="networks fetched although not public, e.g. 10.20.0.0/16 fd00::/8 (narrower than "
+                        "--allow-private-media-hosts)")
 
 
 def add_video_decoder_argument(parser: argparse.ArgumentParser) -> None:
@@ -273,7 +290,9 @@ class BoundedMediaConnector:
         media_io_kwargs = dict(media_io_kwargs or {})
         media_io_kwargs["video"] = {**media_io_kwargs.get("video", {}), "video_backend": MEDIA_HOOK_NAME,
                                     "decoder": self.limits.video_decoder}
-        self.inner = MediaConnector(media_io_kwargs, **kwargs)
+        kwargs.pop("connection", None)
+        connection = SafeMediaConnection(self.limits, tuple(kwargs.get("allowed_media_domains") or ()))
+        self.inner = MediaConnector(media_io_kwargs, connection, **kwargs)
 
     def __getattr__(self, name: str):
         return getattr(self.inner, name)
@@ -291,6 +310,10 @@ class BoundedMediaConnector:
             raise VLLMUnprocessableEntityError(
                 f"video_url {label} was not fetched and decoded within {self.limits.fetch_timeout_s:g} s",
                 parameter="video_url") from None
+        except FetchError as exc:
+            if exc.refused:
+                raise ValueError(f"video_url {exc}") from None
+            raise VLLMUnprocessableEntityError(f"video_url {exc}", parameter="video_url") from None
         except ValueError as exc:
             raise ValueError(f"video_url {label}: {exc}") from None
         except (OSError, ClientError) as exc:  # unreachable hosts, HTTP errors after retries, missing files
@@ -333,6 +356,26 @@ class BoundedMediaConnector:
             self.limits.video.check_size(path.stat().st_size, "the file")
 
 
+class SafeMediaConnection:
+    """The `connection` vLLM's MediaConnector downloads http(s) media with, through
+    `fetch.fetch_bytes`: only hosts `ServeLimits.media_hosts` allows, redirects checked hop
+    by hop, the body capped at the video byte limit, one attempt within the fetch timeout."""
+
+    def __init__(self, limits: ServeLimits, allowed_domains: tuple[str, ...]) -> None:
+        self.limits = limits
+        self.allowed_domains = allowed_domains
+
+    async def async_get_bytes(self, url: str, *, timeout: float | None = None, allow_redirects: bool = True,
+                              max_bytes: int | None = None) -> bytes:
+        policy = self.limits.media_hosts if allow_redirects else replace(self.limits.media_hosts, max_redirects=0)
+        cap = min(self.limits.video.max_bytes, max_bytes or self.limits.video.max_bytes)
+        return await fetch_bytes(url, policy=policy, max_bytes=cap, timeout_s=self.limits.fetch_timeout_s,
+                                 allowed_domains=self.allowed_domains)
+
+    def get_bytes(self, url: str, **kwargs) -> bytes:
+        return asyncio.run(self.async_get_bytes(url, **kwargs))
+
+
 def url_label(url: str) -> str:
     """A URL short enough for an error message (data URLs run to megabytes)."""
     return repr(url) if len(url) <= 100 else f"{url[:60]!r}... ({len(url)} characters)"
@@ -344,10 +387,12 @@ def url_label(url: str) -> str:
 class RequestLimitMiddleware:
     """ASGI middleware (vLLM's --middleware) that sheds load before it costs memory.
 
-    POST bodies over `max_request_bytes` get a 413; a POST arriving while
-    `max_in_flight` are being served gets a 503 with Retry-After. vLLM's own
-    --max-num-queued-reqs counts a request only once it reaches the engine, after its
-    video was fetched and decoded, so a burst passes it all at once; this counts from arrival.
+    POST bodies over `max_request_bytes` get a 413: from Content-Length before the body is
+    read, and for chunked bodies as soon as the limit is crossed (the app sees the client
+    disconnect and what it read so far is dropped). A POST arriving while `max_in_flight`
+    are being served gets a 503 with Retry-After. vLLM's own --max-num-queued-reqs counts a
+    request only once it reaches the engine, after its video was fetched and decoded, so a
+    burst passes it all at once; this counts from arrival.
     """
 
     def __init__(self, app) -> None:
@@ -361,10 +406,7 @@ class RequestLimitMiddleware:
             return
         length = dict(scope["headers"]).get(b"content-length", b"")
         if length.isdigit() and int(length) > self.limits.max_request_bytes:
-            await send_error(send, 413, "RequestEntityTooLarge",
-                             f"request body of {int(length)} bytes is over this server's limit of "
-                             f"{self.limits.max_request_bytes} bytes (a {self.limits.video.max_bytes}-byte video "
-                             "as base64, plus text); send large videos as http(s) or file:// URLs")
+            await self._send_too_large(send, f"request body of {int(length)} bytes")
             return
         if self.in_flight >= self.limits.max_in_flight:
             await send_error(send, 503, "ServiceUnavailableError",
@@ -373,16 +415,57 @@ class RequestLimitMiddleware:
             return
         self.in_flight += 1
         try:
-            await self.app(scope, receive, send)
+            await self._serve_capped(scope, receive, send)
         finally:
             self.in_flight -= 1
 
+    async def _serve_capped(self, scope, receive, send) -> None:
+        """Run the app with its body reads counted; past the limit it reads a disconnect."""
+        received = 0
+        over = False
+        started = False
 
-async def send_error(send, status: int, kind: str, message: str, retry_after: bool = False) -> None:
-    """An error in vLLM's (OpenAI's) JSON shape."""
+        async def counted_receive():
+            nonlocal received, over
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.limits.max_request_bytes:
+                    over = True
+                    return {"type": "http.disconnect"}
+            return message
+
+        async def guarded_send(message):
+            nonlocal started
+            if over:
+                return
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, counted_receive, guarded_send)
+        except Exception:
+            if not over:
+                raise
+        if over and not started:
+            await self._send_too_large(send, f"chunked request body of more than {self.limits.max_request_bytes} bytes")
+
+    async def _send_too_large(self, send, what: str) -> None:
+        message = (f"{what} is over this server's limit of {self.limits.max_request_bytes} bytes (a "
+                   f"{self.limits.video.max_bytes}-byte video as base64, plus text); send large videos as "
+                   "http(s) or file:// URLs")
+        await send_error(send, 413, "RequestEntityTooLarge", message, close=True)
+
+
+async def send_error(send, status: int, kind: str, message: str, retry_after: bool = False,
+                     close: bool = False) -> None:
+    """An error in vLLM's (OpenAI's) JSON shape; `close` ends the connection after it (the
+    client may still be sending a body nobody will read)."""
     body = json.dumps({"error": {"message": message, "type": kind, "param": None, "code": status}}).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     if retry_after:
         headers.append((b"retry-after", b"1"))
+    if close:
+        headers.append((b"connection", b"close"))
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})

@@ -9,6 +9,7 @@ same answers.
 
 from __future__ import annotations
 
+import argparse
 import base64
 import json
 import os
@@ -195,6 +196,44 @@ def test_bad_job_fields_become_error_records(tmp_path):
     assert "'max_tokens' must be an integer" in errors["badtok"]
     assert "'temperature' must be a number" in errors["badtemp"]
     assert errors["extra"].startswith(f"{jobs}:2: ")
+
+
+def test_http_videos_are_fetched_only_from_allowed_hosts_and_capped(tmp_path):
+    """batch follows serve's rules for http(s) videos: public hosts (or the opted-in networks),
+    every redirect checked, the download stopped at --max-video-bytes."""
+    import threading
+    from functools import partial
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    from intp_vllm.batch import JobDefaults, add_batch_arguments, load_video
+    from intp_vllm.fetch import HostPolicy
+    from intp_vllm.preprocess import ClipPreprocessConfig
+    from intp_vllm.synthetic import moving_shapes_video
+    from intp_vllm.video_io import write_video
+
+    clip = write_video(tmp_path / "clip.mp4", moving_shapes_video(num_frames=12, height=48, width=64))
+    httpd = ThreadingHTTPServer(("127.0.0.2", 0), partial(SimpleHTTPRequestHandler, directory=str(tmp_path)))
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.2:{httpd.server_address[1]}/clip.mp4"
+    parser = argparse.ArgumentParser()
+    add_batch_arguments(parser)
+    args = parser.parse_args(["--model", "m", "--input", "i", "--output", "o", "--allowed-media-networks",
+                              "127.0.0.2/32", "--max-video-bytes", str(clip.stat().st_size)])
+
+    def defaults(**changes):
+        base = dict(frames=8, frame_limit=8, sampling={}, preprocess=ClipPreprocessConfig(shortest_edge=32,
+                    crop_size=32), max_video_bytes=args.max_video_bytes, media_hosts=HostPolicy.from_args(args))
+        return JobDefaults(**{**base, **changes})
+
+    try:
+        assert load_video(url, 8, defaults()).shape == (8, 32, 32, 3)
+        with pytest.raises(ValueError, match=r"refused: 127.0.0.2, a loopback address"):
+            load_video(url, 8, defaults(media_hosts=HostPolicy()))
+        with pytest.raises(ValueError, match=r"too large: \d+ bytes; at most 100 bytes"):
+            load_video(url, 8, defaults(max_video_bytes=100))
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
 
 
 def test_results_file_repair(tmp_path):

@@ -26,7 +26,7 @@ import pytest
 import requests
 
 from conftest import ENGINE_KV_BYTES
-from intp_vllm.serve import IntpVideoLoader, ServeLimits
+from intp_vllm.serve import IntpVideoLoader, ServeLimits, add_limit_arguments
 from intp_vllm.synthetic import moving_shapes_video
 from intp_vllm.video_io import VideoLimits, read_video, write_video
 from intp_vllm_benchmarks.load_test import QUESTION, chat_request, run_load, serve, served_model
@@ -36,6 +36,8 @@ MAX_FRAMES = 16
 MAX_VIDEO_BYTES = 2_000_000
 FETCH_TIMEOUT_S = 3
 MAX_IN_FLIGHT = 8
+LOCAL_HOST = "127.0.0.2"
+"""The test http servers' address: loopback, fetched because the server allows this one network."""
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +51,7 @@ def server(tiny_model_dir, media_dir):
             "--max-num-seqs", "4", "--seed", "0", "--allowed-local-media-path", str(media_dir),
             "--trust-request-mm-kwargs", "--max-frames", str(MAX_FRAMES), "--max-video-frames", str(MAX_FRAMES),
             "--max-video-bytes", str(MAX_VIDEO_BYTES), "--video-fetch-timeout", str(FETCH_TIMEOUT_S),
-            "--max-in-flight-requests", str(MAX_IN_FLIGHT)]
+            "--max-in-flight-requests", str(MAX_IN_FLIGHT), "--allowed-media-networks", f"{LOCAL_HOST}/32"]
     with serve(tiny_model_dir, args) as base_url:
         yield base_url
 
@@ -67,7 +69,7 @@ def clip(media_dir) -> Path:
 @pytest.fixture(scope="module")
 def silent_url():
     """An http server that accepts connections and never answers."""
-    listener = socket.create_server(("127.0.0.1", 0))
+    listener = socket.create_server((LOCAL_HOST, 0))
     held = []
 
     def accept_forever():
@@ -78,7 +80,7 @@ def silent_url():
             pass
 
     threading.Thread(target=accept_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{listener.getsockname()[1]}/clip.mp4"
+    yield f"http://{LOCAL_HOST}:{listener.getsockname()[1]}/clip.mp4"
     listener.close()
     for conn in held:
         conn.close()
@@ -272,9 +274,12 @@ def test_prompt_and_video_longer_than_max_model_len_is_a_400(server, model, clip
 
 
 def test_frame_counts_beyond_the_decoder_limit_are_refused_at_startup():
-    args = argparse.Namespace(max_video_frames=16, max_frame_pixels=100, max_video_bytes=100,
-                              video_fetch_timeout=1.0, max_in_flight_requests=1, video_decoder="pyav")
-    assert ServeLimits.from_args(args, {"frames": 16}).video.max_frames == 16
+    parser = argparse.ArgumentParser()
+    add_limit_arguments(parser)
+    args = parser.parse_args(["--max-video-frames", "16", "--allowed-media-networks", "10.1.0.0/16", "fd00::/8"])
+    limits = ServeLimits.from_args(args, {"frames": 16})
+    assert limits.video.max_frames == 16 and limits.media_hosts.allowed_networks == ("10.1.0.0/16", "fd00::/8")
+    assert ServeLimits.from_args(parser.parse_args(["--allow-private-media-hosts"]), {}).media_hosts.allow_private
     with pytest.raises(ValueError, match="--frames/--max-frames 32 exceeds --max-video-frames 16"):
         ServeLimits.from_args(args, {"frames": 8, "max_frames": 32})
 
@@ -284,13 +289,13 @@ def test_silent_http_host_is_given_up_on_at_the_fetch_timeout(server, model, sil
     start = time.monotonic()
     status, reply = post(server, video_request(model, silent_url))
     assert status == 422 and time.monotonic() - start < FETCH_TIMEOUT_S + 3
-    expected = f"video_url '{silent_url}' was not fetched and decoded within {FETCH_TIMEOUT_S} s"
-    assert expected in reply["error"]["message"]
+    expected = f"video_url '{silent_url}'(: not fetched| was not fetched and decoded) within {FETCH_TIMEOUT_S} s"
+    assert re.search(expected, reply["error"]["message"]), reply
 
 
 @pytest.fixture(scope="module")
 def http_media(media_dir):
-    """An http server on 127.0.0.1 serving the media directory."""
+    """An http server on LOCAL_HOST serving the media directory; /redirect/<url> redirects to <url>."""
     from functools import partial
     from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 
@@ -298,9 +303,18 @@ def http_media(media_dir):
         def log_message(self, *args) -> None:
             pass
 
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), partial(QuietHandler, directory=str(media_dir)))
+        def do_GET(self) -> None:
+            if self.path.startswith("/redirect/"):
+                self.send_response(302)
+                self.send_header("Location", self.path[len("/redirect/"):])
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
+            super().do_GET()
+
+    httpd = ThreadingHTTPServer((LOCAL_HOST, 0), partial(QuietHandler, directory=str(media_dir)))
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    yield f"http://{LOCAL_HOST}:{httpd.server_address[1]}"
     httpd.shutdown()
     httpd.server_close()
 
@@ -330,6 +344,74 @@ def test_request_frames_decide_how_a_url_video_is_decoded(server, model, long_cl
     status, reply = post(server, video_request(model, urls["http"], mm_processor_kwargs={"frames": MAX_FRAMES + 1}))
     assert status == 400 and "mm_processor_kwargs.frames=17: expected an integer from 1 to 16" in \
         reply["error"]["message"], reply
+
+
+@pytest.mark.parametrize("url, status, message", [
+    ("http://127.0.0.1:{port}/clip.mp4", 400, r"refused: 127.0.0.1, a loopback address"),
+    ("http://localhost:{port}/clip.mp4", 400, r"host 'localhost' resolves only to refused addresses"),
+    ("http://[::1]:{port}/clip.mp4", 400, r"refused: ::1, a loopback address"),
+    ("http://10.0.0.7/clip.mp4", 400, r"refused: 10.0.0.7, a private address"),
+    ("http://169.254.169.254/latest/meta-data/", 400, r"refused: 169.254.169.254, a link-local address"),
+    ("{base}/redirect/http://127.0.0.1:{port}/clip.mp4", 400,
+     r"redirected to 'http://127.0.0.1:\d+/clip.mp4': refused: 127.0.0.1, a loopback address"),
+    ("{base}/redirect/{base}/redirect/{base}/redirect/{base}/redirect/{base}/redirect/{base}/redirect/{base}/clip.mp4",
+     422, "more than 5 redirects"),
+    ("{base}/missing.mp4", 422, r"HTTP 404"),
+    ("{base}/big.mp4", 400, f"too large: {MAX_VIDEO_BYTES + 1} bytes; at most {MAX_VIDEO_BYTES} bytes"),
+], ids=["loopback", "name-to-loopback", "ipv6-loopback", "private", "metadata", "redirect-to-loopback",
+        "redirect-chain", "http-404", "http-too-big"])
+def test_video_urls_cannot_reach_this_hosts_network(server, model, media_dir, clip, http_media, url, status, message):
+    """Only public hosts and --allowed-media-networks are fetched, each redirect hop checked;
+    the error is a 4xx naming video_url, the host and the reason."""
+    (media_dir / "big.mp4").write_bytes(bytes(MAX_VIDEO_BYTES + 1))
+    port = http_media.rsplit(":", 1)[1]
+    got, reply = post(server, video_request(model, url.format(base=http_media, port=port)))
+    assert got == status, reply
+    assert reply["error"]["message"].startswith("video_url "), reply
+    assert re.search(message, reply["error"]["message"]), reply["error"]["message"]
+    status, reply = post(server, video_request(model, f"{http_media}/{clip.name}"))  # the allowed network works
+    assert status == 200, reply
+
+
+def test_chunked_body_over_the_limit_is_a_413_before_it_is_buffered(server):
+    """300 MB sent chunked (no Content-Length): refused once the limit is crossed; the server grows < 64 MB."""
+    import psutil
+
+    port = int(server.rsplit(":", 1)[1])
+    [pid] = {c.pid for c in psutil.net_connections("tcp") if c.laddr.port == port and c.status == psutil.CONN_LISTEN}
+    api_server = psutil.Process(pid)
+    before = api_server.memory_info().rss
+    peak = before
+    done = threading.Event()
+
+    def sample() -> None:
+        nonlocal peak
+        while not done.wait(0.02):
+            peak = max(peak, api_server.memory_info().rss)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    sent = 0
+
+    def body():
+        nonlocal sent
+        chunk = b'{"model": "m", "messages": [{"role": "user", "content": "' + b"a" * (1 << 20)
+        yield chunk
+        sent += len(chunk)
+        for _ in range(300):
+            yield b"a" * (1 << 20)
+            sent += 1 << 20
+
+    try:
+        response = requests.post(f"{server}/v1/chat/completions", data=body(),
+                                 headers={"Content-Type": "application/json"}, timeout=120)
+        status, text = response.status_code, response.text
+    finally:
+        done.set()
+        sampler.join()
+    assert status == 413 and "chunked request body of more than" in text, text
+    assert sent < 300 << 20
+    assert peak - before < 64 << 20
 
 
 def test_one_frame_video_is_padded_to_the_encoder_window(server, model, media_dir, clip):
