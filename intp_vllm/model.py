@@ -52,7 +52,7 @@ from .llm_rope import install_scaled_rope
 from .preprocess import ClipPreprocessConfig, preprocess_frames
 from .grouped_encoding import encode_in_groups
 from .rearrange import pad_frame_indices, uniform_frame_indices
-from .request_scale import encode_positions, position_offset, request_scale_code
+from .request_scale import encode_positions, position_offset, request_scale_code, scale_cache_salt
 from .temporal_attention import TemporalAttention, TemporalAttentionSpec
 from .video_io import as_frames
 
@@ -192,18 +192,26 @@ class VideoLlavaMultiModalProcessor(BaseMultiModalProcessor[VideoLlavaProcessing
         The code comes from the expanded prompt length and is added to the processor kwargs, so
         it is part of each video's cache key and data (`SCALE_CODE_KEY`, read by
         `get_mrope_input_positions`). Keys are cached after RoPE, so the prefix cache is salted
-        with it too (`ScaleSaltedInput`): blocks computed at one scale never serve another.
+        with it too (`request_scale.scale_cache_salt`; a client's own salt is joined to it by
+        `plugin.salt_with_request_scale`): blocks computed at one scale never serve another.
         """
         if SCALE_CODE_KEY in inputs.hf_processor_mm_kwargs:
             raise ValueError(f"mm_processor_kwargs.{SCALE_CODE_KEY} is set by the server; allowed: "
                              f"[{REQUEST_FRAMES_KWARG!r}]")
-        if self.info.get_intp_config().factor != "auto":
+        if not self.per_request_scale:
             return super().apply(inputs, timing_ctx)
         trained_context = self.info.get_hf_config().text_config.max_position_embeddings
         code = request_scale_code(self._expanded_prompt_length(inputs), trained_context)
         kwargs = {**inputs.hf_processor_mm_kwargs, SCALE_CODE_KEY: code}
         result = super().apply(dataclasses.replace(inputs, hf_processor_mm_kwargs=kwargs), timing_ctx)
-        return ScaleSaltedInput(result, code) if code else result
+        if code:
+            result["cache_salt"] = scale_cache_salt(code)
+        return result
+
+    @property
+    def per_request_scale(self) -> bool:
+        """Whether each request gets its own RoPE scale (intp factor "auto"), and so its own salt."""
+        return self.info.get_intp_config().factor == "auto"
 
     def _get_mm_fields_config(
         self, hf_inputs: BatchFeature, hf_processor_mm_kwargs: Mapping[str, object]
@@ -228,25 +236,6 @@ class VideoLlavaMultiModalProcessor(BaseMultiModalProcessor[VideoLlavaProcessing
             return [video_token_id] * (pixels.shape[0] * per_frame)
 
         return [PromptReplacement(modality="video", target=[video_token_id], replacement=replacement)]
-
-
-class ScaleSaltedInput(dict):
-    """A processor result (vLLM's `MultiModalInput`) salted with its RoPE scale, whose salt a
-    client's `cache_salt` joins instead of replacing.
-
-    vLLM's renderer sets the request's `cache_salt` on the processor's result after it
-    returns (`renderers/base.py`, `_process_tokens`), and the processor cannot see it before;
-    so the result combines them as they are set: "<client salt>+intp-rope-scale-<code>".
-    """
-
-    def __init__(self, result: Mapping[str, object], code: int) -> None:
-        self.scale_salt = f"intp-rope-scale-{code}"
-        super().__init__(result, cache_salt=self.scale_salt)
-
-    def __setitem__(self, key: str, value: object) -> None:
-        if key == "cache_salt" and isinstance(value, str) and not value.endswith(self.scale_salt):
-            value = f"{value}+{self.scale_salt}"
-        super().__setitem__(key, value)
 
 
 class VideoLlavaProjector(nn.Module):

@@ -108,6 +108,60 @@ def decode_at_request_frames(render_chat):
     return wrapper
 
 
+def salt_with_request_scale(process_tokens):
+    """Wrap vLLM's `BaseRenderer._process_tokens` so that a client's `cache_salt` is joined to
+    the request's RoPE-scale salt (`request_scale.join_cache_salts`) instead of replacing it.
+
+    vLLM sets the client's salt on the processor's result after the processor returns,
+    overwriting the scale salt the processor set. Every request of a model with per-request
+    scales is salted this way, text-only ones too (at scale 1).
+    """
+
+    @functools.wraps(process_tokens)
+    def wrapper(self, prompt, *args, **kwargs):
+        prompt, client_salt = _take_client_salt(self, prompt)
+        return _join_salts(process_tokens(self, prompt, *args, **kwargs), client_salt)
+
+    wrapper.intp_vllm_wrapped = True
+    return wrapper
+
+
+def salt_with_request_scale_async(process_tokens_async):
+    """`salt_with_request_scale` for `BaseRenderer._process_tokens_async`."""
+
+    @functools.wraps(process_tokens_async)
+    async def wrapper(self, prompt, *args, **kwargs):
+        prompt, client_salt = _take_client_salt(self, prompt)
+        return _join_salts(await process_tokens_async(self, prompt, *args, **kwargs), client_salt)
+
+    wrapper.intp_vllm_wrapped = True
+    return wrapper
+
+
+def _take_client_salt(renderer, prompt) -> tuple[dict, str | None]:
+    """The prompt without its client salt, and that salt (None for models without per-request scales)."""
+    if not getattr(renderer.mm_processor, "per_request_scale", False) or "cache_salt" not in prompt:
+        return prompt, None
+    return {key: value for key, value in prompt.items() if key != "cache_salt"}, prompt["cache_salt"]
+
+
+def _join_salts(engine_input: dict, client_salt: str | None) -> dict:
+    from .request_scale import join_cache_salts
+
+    if client_salt is not None:
+        engine_input["cache_salt"] = join_cache_salts(client_salt, engine_input.get("cache_salt"))
+    return engine_input
+
+
+RENDERER_WRAPPERS = {
+    "render_chat": decode_at_request_frames,
+    "render_chat_async": decode_at_request_frames,
+    "_process_tokens": salt_with_request_scale,
+    "_process_tokens_async": salt_with_request_scale_async,
+}
+"""vLLM `BaseRenderer` methods the plugin wraps, and how; each wrapper is a no-op for other models."""
+
+
 def register() -> None:
     from vllm import ModelRegistry
     from vllm.model_executor.models.config import MODELS_CONFIG_MAP
@@ -123,9 +177,9 @@ def register() -> None:
 
     from vllm.renderers.base import BaseRenderer
 
-    for name in ("render_chat", "render_chat_async"):
+    for name, wrap in RENDERER_WRAPPERS.items():
         if not getattr(getattr(BaseRenderer, name), "intp_vllm_wrapped", False):
-            setattr(BaseRenderer, name, decode_at_request_frames(getattr(BaseRenderer, name)))
+            setattr(BaseRenderer, name, wrap(getattr(BaseRenderer, name)))
     VIDEO_LOADER_REGISTRY.register(MEDIA_HOOK_NAME)(IntpVideoLoader)
     MEDIA_CONNECTOR_REGISTRY.register(MEDIA_HOOK_NAME)(BoundedMediaConnector)  # used where VLLM_MEDIA_CONNECTOR says
     if get_chat_template_fallback_path(VIDEO_LLAVA_MODEL_TYPE, "") is None:

@@ -53,6 +53,29 @@ def request_scale_code(prompt_tokens: int, trained_context: int) -> int:
     return scale_code(auto_factor(prompt_tokens, trained_context))
 
 
+SCALE_SALT = "intp-rope-scale-{code}"
+
+
+def scale_cache_salt(code: int) -> str | None:
+    """The prefix-cache salt of a request at `code` that has no salt of its own; None at s = 1,
+    so unscaled requests share blocks with text-only ones."""
+    return SCALE_SALT.format(code=code) if code else None
+
+
+def join_cache_salts(client_salt: str | None, scale_salt: str | None) -> str | None:
+    """The salt a request runs with: the client's own salt (or None) joined to its scale's
+    (`scale_cache_salt`, None at s = 1).
+
+    A client's salt always gets "+intp-rope-scale-<code>", code 0 included. So a salt either
+    has no "+" and is the scale's alone, or names its request's scale after its last "+":
+    two requests share prefix-cache blocks only at the same scale, whatever salts clients
+    pick (a text-only request with the salt "intp-rope-scale-5" cannot seed a scaled one).
+    """
+    if client_salt is None:
+        return scale_salt
+    return f"{client_salt}+{scale_salt or SCALE_SALT.format(code=0)}"
+
+
 def encode_positions(num_tokens: int, code: int) -> torch.Tensor:
     """Prompt positions 0..n-1 of a request at `code`, as int64."""
     return torch.arange(num_tokens, dtype=torch.int64) + (code << POSITION_BITS)

@@ -142,7 +142,11 @@ SHARED_PREFIX = "USER: " + " ".join(["the red circle moves left and the blue squ
 
 
 def test_prefix_cache_is_not_shared_across_scales(long_llm, short_context_dir):
-    """Two requests share a 150-token text prefix but need different scales: no KV reuse between them."""
+    """Two requests share a 150-token text prefix but need different scales: no KV reuse between
+    them, with or without a client's own cache_salt, and none from a text-only request whose
+    client salt names a scale's."""
+    from intp_vllm.request_scale import request_scale_code, scale_cache_salt
+
     small = request(moving_shapes_video(num_frames=8, height=48, width=64, seed=14),
                     SHARED_PREFIX + " <video>\nWhat happened? ASSISTANT:")
     large = request(moving_shapes_video(num_frames=64, height=48, width=64, seed=15),
@@ -159,6 +163,14 @@ def test_prefix_cache_is_not_shared_across_scales(long_llm, short_context_dir):
               for r in (small, large, large)]
     assert salted[1].num_cached_tokens == 0 and salted[2].num_cached_tokens >= 128
 
+    # Nor can a text-only request seed the large request's blocks by naming its scale's salt.
+    long_llm.reset_prefix_cache()
+    forged = scale_cache_salt(request_scale_code(len(second.prompt_token_ids), TRAINED_CONTEXT))
+    seeded = long_llm.generate({"prompt": SHARED_PREFIX, "cache_salt": forged}, greedy(1, None), use_tqdm=False)[0]
+    assert seeded.prompt_token_ids[:128] == second.prompt_token_ids[:128]
+    after_seed = long_llm.generate(large, greedy(8, None), use_tqdm=False)[0]
+    assert after_seed.num_cached_tokens == 0
+
     no_cache = make_llm(short_context_dir, enable_prefix_caching=False,
                         hf_overrides={"intp": {"frames": 128, "rope_type": "yarn"}})
     try:
@@ -169,6 +181,7 @@ def test_prefix_cache_is_not_shared_across_scales(long_llm, short_context_dir):
     assert second.outputs[0].token_ids == reference[1].outputs[0].token_ids
     for output, alone in zip(salted, [reference[0], reference[1], reference[1]]):
         assert output.outputs[0].token_ids == alone.outputs[0].token_ids
+    assert after_seed.outputs[0].token_ids == reference[1].outputs[0].token_ids
 
 
 def sampled_logprobs(output) -> list[float]:

@@ -11,8 +11,10 @@ from intp_vllm.request_scale import (
     code_scale,
     decode_positions,
     encode_positions,
+    join_cache_salts,
     position_offset,
     request_scale_code,
+    scale_cache_salt,
     scale_code,
 )
 
@@ -55,3 +57,15 @@ def test_out_of_range_is_a_clear_error():
         scale_code(300.0)
     with pytest.raises(ValueError, match="exceeds the 1048576-position limit"):
         request_scale_code(MAX_POSITION, 4096)
+
+
+def test_client_salts_are_joined_to_the_scale_and_cannot_name_another():
+    assert scale_cache_salt(0) is None and scale_cache_salt(5) == "intp-rope-scale-5"
+    assert join_cache_salts(None, None) is None
+    assert join_cache_salts(None, "intp-rope-scale-5") == "intp-rope-scale-5"
+    assert join_cache_salts("tenant", "intp-rope-scale-5") == "tenant+intp-rope-scale-5"
+    assert join_cache_salts("tenant", None) == "tenant+intp-rope-scale-0"
+    # a client that names scale 5 (or another client's joined salt) at scale 1 or 15 gets another salt
+    for forged in ("intp-rope-scale-5", "tenant+intp-rope-scale-5"):
+        for scale_salt in (None, "intp-rope-scale-15"):
+            assert join_cache_salts(forged, scale_salt) not in ("intp-rope-scale-5", "tenant+intp-rope-scale-5")
