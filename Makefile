@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test test-fast bench clean
 
 setup: $(STAMP)
 
@@ -20,6 +20,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
+
+# no vLLM engine, server or training: what to run while working (under 2 minutes on 2 cores)
+test-fast: $(STAMP)
+	$(PY) -m pytest -q tests -m "not engine and not slow"
 
 clean:
 	rm -rf $(VENV) runs

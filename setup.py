@@ -21,11 +21,12 @@ setup(
     version="0.1.0",
     description=__doc__,
     python_requires=">=3.10",
-    packages=["intp_vllm", "intp_vllm_kernels", "intp_vllm_benchmarks"],
+    packages=["intp_vllm", *(f"intp_vllm.{part}" for part in ("core", "video", "vllm_ext", "apps", "research")),
+              "intp_vllm_kernels", "intp_vllm_benchmarks"],
     # `kernels/` and `benchmarks/` are folders of the repo; installed under distinct
     # import names because `kernels` is taken on PyPI.
     package_dir={"intp_vllm_kernels": "kernels", "intp_vllm_benchmarks": "benchmarks"},
-    package_data={"intp_vllm": ["*.jinja"]},
+    package_data={"intp_vllm.core": ["*.jinja"]},
     install_requires=COMMON,
     extras_require={
         "cpu": CPU,
@@ -34,7 +35,7 @@ setup(
         "dev": ["pytest", "hypothesis", "openai", "requests"],
     },
     entry_points={
-        "vllm.general_plugins": ["intp_vllm = intp_vllm.plugin:register"],
-        "console_scripts": ["intp-vllm = intp_vllm.cli:main"],
+        "vllm.general_plugins": ["intp_vllm = intp_vllm.vllm_ext.plugin:register"],
+        "console_scripts": ["intp-vllm = intp_vllm.apps.cli:main"],
     },
 )

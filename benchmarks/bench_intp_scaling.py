@@ -46,8 +46,8 @@ def time_prefill(llm, frames: int, requests: int) -> tuple[float, int]:
     """Seconds per request of a one-token generate over `requests` videos of `frames` frames; prompt tokens."""
     from vllm import SamplingParams
 
-    from intp_vllm.synthetic import moving_shapes_video
-    from intp_vllm.tiny_model import VIDEO_PROMPT
+    from intp_vllm.research.synthetic import moving_shapes_video
+    from intp_vllm.core.prompt import VIDEO_PROMPT
 
     batch = [{"prompt": VIDEO_PROMPT.format(question="What is happening in this video?"),
               "multi_modal_data": {"video": moving_shapes_video(frames, seed=seed)}} for seed in range(requests)]
@@ -93,8 +93,10 @@ def main(argv=None) -> dict:
     os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # collective_rpc with a function
     from vllm import LLM
 
-    from intp_vllm.tiny_model import make_tiny_model
-    from intp_vllm_benchmarks.bench_throughput import SMALL_SPEC, machine
+    from intp_vllm.research.tiny_model import make_tiny_model
+    from intp_vllm.apps.bench import SMALL_SPEC
+    from intp_vllm.machine import machine
+    from intp_vllm.vllm_ext.engine import shutdown_llm
 
     if not (args.model_dir / "config.json").exists():
         make_tiny_model(args.model_dir, SMALL_SPEC)
@@ -110,7 +112,7 @@ def main(argv=None) -> dict:
                      "encoder_s": round(encoder_s, 4), "prefill_s_per_request": round(prefill_s, 4),
                      "encoder_share": round(encoder_s / prefill_s, 3)})
         print(rows[-1], flush=True)
-    llm.llm_engine.engine_core.shutdown()
+    shutdown_llm(llm)
     report = {"benchmark": "intp_scaling", "when": datetime.now(timezone.utc).isoformat(timespec="seconds"),
               "machine": machine(), "model": str(args.model_dir), "rows": rows}
     args.out.mkdir(parents=True, exist_ok=True)

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import time
 from datetime import datetime, timezone
@@ -30,24 +29,16 @@ from pathlib import Path
 
 import torch
 
-from intp_vllm.request_scale import POSITION_BITS, all_code_scales, request_scale_code
-from intp_vllm.rotary import _rotate, apply_scaled_rotary, cos_sin_rows, inv_freq_per_scale
+from intp_vllm.machine import machine
+from intp_vllm.core.request_scale import POSITION_BITS, all_code_scales, request_scale_code
+from intp_vllm.core.rope_scaling import yarn_ramp_bounds
+from intp_vllm.vllm_ext.rotary import _rotate, apply_scaled_rotary, cos_sin_rows, inv_freq_per_scale
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE = 10000.0
 ORIGINAL = 4096
 MIXED_FRAMES = (8, 16, 32, 64)  # requests at these frame counts share one batch
 TOKENS_PER_FRAME = 257
-
-
-def machine() -> dict:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
-    info = {"cpu": cpu, "cpu_threads": torch.get_num_threads(), "torch": torch.__version__,
-            "python": platform.python_version()}
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name()
-    return info
 
 
 def batch_scales(tokens: int, mixed: bool) -> torch.Tensor:
@@ -104,7 +95,7 @@ def bench_cpu(args) -> list[dict]:
     from vllm.config import VllmConfig, set_current_vllm_config
     from vllm.model_executor.layers.rotary_embedding import RotaryEmbedding
 
-    from intp_vllm.llm_rope import PerRequestRotaryEmbedding
+    from intp_vllm.vllm_ext.llm_rope import PerRequestRotaryEmbedding
 
     rows = []
     dtype = getattr(torch, args.dtype)
@@ -154,13 +145,15 @@ def bench_cuda(args) -> tuple[list[dict], float]:
                 compiled_table = torch.compile(table_rotation(table, head_size, is_neox), dynamic=True)
                 kw = dict(head_size=head_size, rotary_dim=head_size, is_neox=is_neox, rope_type=args.rope_type,
                           base=BASE, original_max_position=ORIGINAL)
+                ramp = yarn_ramp_bounds(base=BASE, rotary_dim=head_size, original_max_position=ORIGINAL)
+                kernel_kw = {**{k: v for k, v in kw.items() if k != "original_max_position"}, "yarn_ramp": ramp}
                 for tokens in args.tokens:
                     for mixed in (False, True):
                         positions, codes, q, k = inputs(tokens, heads, kv_heads, head_size, dtype, mixed, "cuda")
                         scales = scale_by_code[codes]
                         ms = interleaved_medians({
                             "table_one_scale_compiled": lambda: compiled_table(positions, q, k),
-                            "triton_per_token_scale": lambda: scaled_rotary_(positions, q, k, scales, **kw),
+                            "triton_per_token_scale": lambda: scaled_rotary_(positions, q, k, scales, **kernel_kw),
                             "torch_reference_eager": lambda: apply_scaled_rotary(positions, q, k, scales, **kw),
                         }, args.repeats, sync=torch.cuda.synchronize)
                         moved = 2 * (q.numel() + k.numel()) * q.element_size() + tokens * (8 + 4)

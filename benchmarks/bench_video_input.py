@@ -128,7 +128,7 @@ def textured_frames(num_frames: int, height: int, width: int, seed: int = 0) -> 
     realistic (about 9 Mbit/s at 1080p with x264 veryfast), and the coded index survives."""
     from PIL import Image
 
-    from intp_vllm.synthetic import index_coded_video
+    from intp_vllm.research.synthetic import index_coded_video
 
     frames = index_coded_video(num_frames, height, width)
     small = np.random.default_rng(seed).integers(0, 256, (max(height // 8, 2), max(width // 8, 2)), dtype=np.uint8)
@@ -142,7 +142,7 @@ def textured_frames(num_frames: int, height: int, width: int, seed: int = 0) -> 
 
 def ensure_video(spec: VideoSpec, work_dir: Path, log=print) -> tuple[Path, dict]:
     """The video for `spec`, written once into `work_dir` (cached by its parameters)."""
-    from intp_vllm.video_io import write_video
+    from intp_vllm.video.io import write_video
 
     path = work_dir / f"{spec.name}-{spec.key()}.{spec.ext}"
     meta_path = path.with_suffix(".json")
@@ -190,7 +190,7 @@ def packet_index(data: bytes) -> PacketIndex:
 
 
 def run_ours(data: bytes, n: int, decoder: str, preprocess=None) -> dict:
-    from intp_vllm.video_io import sample_video
+    from intp_vllm.video.io import sample_video
 
     video = sample_video(data, n, decoder=decoder, preprocess=preprocess)
     # OpenCV does not report it; since 02ca8c2 it grabs forward up to the last sampled frame, as vLLM's loader
@@ -277,7 +277,7 @@ def pyav_packet_pass(data: bytes) -> dict:
 
 def coded_indices(frames) -> list[int]:
     """The frame index each full-size frame shows in its pixels (one frame at a time, subsampled)."""
-    from intp_vllm.synthetic import decode_frame_index
+    from intp_vllm.research.synthetic import decode_frame_index
 
     return [decode_frame_index(np.asarray(frame)[None, ::2, ::2])[0] for frame in frames]
 
@@ -307,8 +307,8 @@ def median(values) -> float:
 
 
 def bench_decode(args, log=print) -> list[dict]:
-    from intp_vllm.preprocess import ClipPreprocessConfig
-    from intp_vllm.rearrange import uniform_frame_indices
+    from intp_vllm.video.preprocess import ClipPreprocessConfig
+    from intp_vllm.core.rearrange import uniform_frame_indices
 
     config = ClipPreprocessConfig()
     rows = []
@@ -411,7 +411,7 @@ def bench_preprocess(args, log=print) -> list[dict]:
 
     from PIL import Image
 
-    from intp_vllm.preprocess import ClipPreprocessConfig, normalize, resize_and_crop, shortest_edge_size
+    from intp_vllm.video.preprocess import ClipPreprocessConfig, normalize, resize_and_crop, shortest_edge_size
 
     config = ClipPreprocessConfig()
     hf = CLIPImageProcessorPil()
@@ -468,8 +468,8 @@ def bench_preprocess(args, log=print) -> list[dict]:
 
 PEAK_RSS_SCRIPT = """
 import json, sys, time
-from intp_vllm.preprocess import ClipPreprocessConfig
-from intp_vllm.video_io import sample_video
+from intp_vllm.video.preprocess import ClipPreprocessConfig
+from intp_vllm.video.io import sample_video
 
 def peak_rss():  # VmHWM: this process's own peak
     status = open("/proc/self/status").read()
@@ -497,7 +497,7 @@ def peak_rss_growth(path: Path, n: int, preprocess: bool) -> dict:
 
 
 def bench_memory(args, log=print) -> list[dict]:
-    from intp_vllm.video_io import write_video
+    from intp_vllm.video.io import write_video
 
     thin = args.work_dir / "thin-3000x4.mp4"
     if not thin.exists():
@@ -549,11 +549,11 @@ def bench_serve(args, log=print) -> dict:
     import psutil
     import requests
 
-    from intp_vllm.preprocess import ClipPreprocessConfig, normalize, resize_and_crop
-    from intp_vllm.rearrange import uniform_frame_indices
-    from intp_vllm.synthetic import moving_shapes_video
-    from intp_vllm.tiny_model import make_tiny_model
-    from intp_vllm.video_io import write_video
+    from intp_vllm.video.preprocess import ClipPreprocessConfig, normalize, resize_and_crop
+    from intp_vllm.core.rearrange import uniform_frame_indices
+    from intp_vllm.research.synthetic import moving_shapes_video
+    from intp_vllm.research.tiny_model import make_tiny_model
+    from intp_vllm.video.io import write_video
     from intp_vllm_benchmarks.load_test import chat_request, serve, served_model
 
     frames = 32
@@ -889,7 +889,7 @@ def main(argv=None) -> dict:
         return report
     args.work_dir.mkdir(parents=True, exist_ok=True)
     args.out.mkdir(parents=True, exist_ok=True)
-    from intp_vllm_benchmarks.bench_throughput import machine
+    from intp_vllm.machine import machine
 
     report = {"benchmark": "video_input", "when": datetime.now(timezone.utc).isoformat(timespec="seconds"),
               "machine": {**machine(), "platform": platform.platform(), "memory_pages": memory_pages()},

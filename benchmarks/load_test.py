@@ -18,8 +18,6 @@ import argparse
 import asyncio
 import base64
 import json
-import os
-import platform
 import socket
 import subprocess
 import sys
@@ -32,6 +30,8 @@ from pathlib import Path
 
 import numpy as np
 import requests
+
+from intp_vllm.machine import machine_name
 
 QUESTION = "What is happening in this video?"
 STARTUP_TIMEOUT_S = 300
@@ -126,7 +126,7 @@ def free_port() -> int:
 @contextmanager
 def serve(model_dir: str | Path, server_args: list[str], startup_timeout_s: float = STARTUP_TIMEOUT_S):
     """`intp-vllm serve` on 127.0.0.1 until the block ends; yields its base URL."""
-    with launch([sys.executable, "-m", "intp_vllm.cli", "serve", str(model_dir), *server_args],
+    with launch([sys.executable, "-m", "intp_vllm.apps.cli", "serve", str(model_dir), *server_args],
                 startup_timeout_s) as (base_url, _):
         yield base_url
 
@@ -207,37 +207,30 @@ def main(argv: list[str] | None = None) -> None:
         if args.url:
             result = _run(args, args.url, video)
         else:
-            from intp_vllm.tiny_model import make_tiny_model
+            from intp_vllm.research.tiny_model import make_tiny_model
 
             model_dir = make_tiny_model(Path(workdir) / "tiny-model")
             with serve(model_dir, tiny_server_args(video.parent, args.clients)) as base_url:
                 result = _run(args, base_url, video)
     print(result.summary())
     if args.json:
-        record = {"clients": args.clients, "requests_per_client": args.requests, "machine": _machine(),
+        record = {"clients": args.clients, "requests_per_client": args.requests, "machine": machine_name(),
                   **result.as_dict()}
         args.json.write_text(json.dumps(record, indent=2) + "\n")
     sys.exit(1 if result.failed else 0)
 
 
 def _write_clip(directory: Path) -> Path:
-    from intp_vllm.synthetic import moving_shapes_video
-    from intp_vllm.video_io import write_video
+    from intp_vllm.research.synthetic import moving_shapes_video
+    from intp_vllm.video.io import write_video
 
     return write_video(directory / "clip.mp4", moving_shapes_video(num_frames=24, height=72, width=100, seed=7))
 
 
 def _run(args, base_url: str, video: Path) -> LoadResult:
     body = chat_request(served_model(base_url), video_url(video.resolve(), args.data_url), args.max_tokens)
-    print(f"{args.clients} clients x {args.requests} requests against {base_url} ({_machine()})", flush=True)
+    print(f"{args.clients} clients x {args.requests} requests against {base_url} ({machine_name()})", flush=True)
     return asyncio.run(run_load(base_url, body, args.clients, args.requests, args.request_timeout, args.max_seconds))
-
-
-def _machine() -> str:
-    cpuinfo = Path("/proc/cpuinfo")
-    names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
-             if line.startswith("model name")] if cpuinfo.exists() else []
-    return f"{names[0] if names else platform.machine()}, {os.cpu_count()} CPUs, {platform.system()}"
 
 
 if __name__ == "__main__":

@@ -4,10 +4,12 @@ Reads an `intp-vllm eval-needle` report and answers every cell's held-out clips 
 HF transformers (`hf_video_llava.py`: frames in the same groups), the LM given the same RoPE
 at the same scale the plugin used for those clips (with factor "auto", the log-quantised
 per-request scale of request_scale.py) and the same numpy preprocessing. The 8-frame
-sampling row is answered from the same 8 frames. Per cell it writes both accuracies with
-their 95% Wilson intervals and the 95% interval of their difference; a cell agrees when that
-interval holds 0. For a report comparing two groupings it also writes, per cell, how many
-clips HF answers differently under the two groupings (a paired comparison the accuracies hide).
+sampling row is answered from the same 8 frames. Both answer the same clips, so the
+comparison is paired: per cell it writes both accuracies with their 95% Wilson intervals,
+the share of clips answered identically, the clips only one of them got right, and the
+exact McNemar p-value of those; a cell agrees when p >= 0.05. For a report comparing two
+groupings it also writes, per cell, how many clips HF answers differently under the two
+groupings (a paired comparison the accuracies hide).
 
     python benchmarks/needle_hf_parity.py --report benchmarks/results/needle/needle_eval.json
 """
@@ -19,10 +21,11 @@ import json
 import time
 from pathlib import Path
 
-from intp_vllm.needle import NeedleClip, TRAIN_FRAMES, build_tokenizer, predictions, prompt_ids
-from intp_vllm.needle_eval import (SAMPLING_ROW, cell_clips, difference_interval, machine_name, method_label,
-                                   wilson_interval)
-from intp_vllm.rearrange import uniform_frame_indices
+from intp_vllm.research.needle import NeedleClip, TRAIN_FRAMES, build_tokenizer, predictions, prompt_ids
+from intp_vllm.machine import machine_name
+from intp_vllm.research.needle_eval import SAMPLING_ROW, cell_clips, mcnemar_exact, method_label, wilson_interval
+from intp_vllm.core.config import tokens_per_frame
+from intp_vllm.core.rearrange import uniform_frame_indices
 
 
 def report_groupings(report: dict) -> list[str]:
@@ -39,7 +42,7 @@ def report_methods(report: dict) -> list[tuple[str, str, str]]:
 
 def request_scale(report: dict, prompt_tokens: int, trained_context: int) -> float:
     """The RoPE scale the plugin gave a prompt of this length."""
-    from intp_vllm.request_scale import code_scale, request_scale_code
+    from intp_vllm.core.request_scale import code_scale, request_scale_code
 
     if report["factor"] == "auto":
         return code_scale(request_scale_code(prompt_tokens, trained_context))
@@ -51,9 +54,9 @@ def load_reference(model_dir: str, rope_type: str, scale: float, frames: int, gr
     import torch
     from transformers import AutoConfig
 
-    from intp_vllm.hf_video_llava import hf_model_class
-    from intp_vllm.llm_rope import rope_geometry
-    from intp_vllm.rope_scaling import hf_rope_parameters
+    from intp_vllm.research.hf_video_llava import hf_model_class
+    from intp_vllm.vllm_ext.llm_rope import rope_geometry
+    from intp_vllm.core.rope_scaling import hf_rope_parameters
 
     config = AutoConfig.from_pretrained(model_dir)
     text = config.text_config
@@ -68,7 +71,6 @@ def load_reference(model_dir: str, rope_type: str, scale: float, frames: int, gr
 
 
 def parity(report: dict, model_dir: str | None = None, log=print) -> dict:
-    import torch
     from transformers import AutoConfig
     from transformers.utils import logging as hf_logging
 
@@ -76,36 +78,30 @@ def parity(report: dict, model_dir: str | None = None, log=print) -> dict:
     model_dir = model_dir or report["model"]
     tokenizer = build_tokenizer()
     config = AutoConfig.from_pretrained(model_dir)
-    tokens_per_frame = (config.vision_config.image_size // config.vision_config.patch_size) ** 2 + 1
+    per_frame = tokens_per_frame(config.vision_config.image_size, config.vision_config.patch_size)
     trained_context = config.text_config.max_position_embeddings
     methods = report_methods(report)
     rows, answers_by_method, started = [], {}, time.perf_counter()
     for task in report["results"]:
         for frames in report["frames"]:
             clips = cell_clips(frames, task, report["clips_per_cell"], report["seed"])
-            targets = torch.tensor([tokenizer.convert_tokens_to_ids(c.answer) for c in clips])
             sampled = uniform_frame_indices(frames, TRAIN_FRAMES)
             cells = [(label, rope, grouping, clips) for label, rope, grouping in methods]
             # eval-needle asked the sampling baseline through its first engine
             cells.append((SAMPLING_ROW, *methods[0][1:],
                           [NeedleClip(c.frames[sampled], c.task, c.answer, c.needle_frames) for c in clips]))
             for label, rope, grouping, cell in cells:
-                prompt_tokens = len(prompt_ids(tokenizer, task, len(cell[0].frames) * tokens_per_frame))
+                prompt_tokens = len(prompt_ids(tokenizer, task, len(cell[0].frames) * per_frame))
                 scale = request_scale(report, prompt_tokens, trained_context)
                 model = load_reference(model_dir, rope, scale, len(cell[0].frames), grouping)
                 answers = predictions(model, tokenizer, cell, batch_size=16)
                 answers_by_method[(task, frames, label)] = answers
-                n, hf_correct = len(cell), int((answers == targets).sum())
-                hf_accuracy = hf_correct / n
                 plugin = report["results"][task][label][str(frames)]
-                difference = difference_interval(round(plugin["accuracy"] * plugin["n"]), plugin["n"], hf_correct, n)
-                row = {"task": task, "frames": frames, "method": label, "scale": round(scale, 4), "n": n,
-                       "plugin": plugin["accuracy"], "plugin_ci95": plugin["ci95"],
-                       "hf": hf_accuracy, "hf_ci95": list(wilson_interval(hf_correct, n)),
-                       "difference_ci95": list(difference), "agree": difference[0] <= 0 <= difference[1]}
+                row = {"task": task, "frames": frames, "method": label, "scale": round(scale, 4),
+                       **paired_comparison(plugin, tokenizer.convert_ids_to_tokens(answers.tolist()), cell)}
                 rows.append(row)
-                log(f"{task:>5} {frames:>4} {label:>18}: plugin {row['plugin']:.3f}  HF {hf_accuracy:.3f}"
-                    f"  {'agree' if row['agree'] else 'DIFFER'}")
+                log(f"{task:>5} {frames:>4} {label:>18}: plugin {row['plugin']:.3f}  HF {row['hf']:.3f}  same answer "
+                    f"{row['same_answer']:.3f}  McNemar p {row['mcnemar_p']:.3f}  {'agree' if row['agree'] else 'DIFFER'}")
     result = {"report": report.get("source"), "model": str(model_dir), "machine": machine_name(),
               "seconds": round(time.perf_counter() - started, 1),
               "cells_agreeing": sum(r["agree"] for r in rows), "cells": len(rows),
@@ -114,6 +110,26 @@ def parity(report: dict, model_dir: str | None = None, log=print) -> dict:
     if len(groupings) == 2:
         result["groupings_answer_differently"] = grouping_disagreement(answers_by_method, report, groupings)
     return result
+
+
+def paired_comparison(plugin: dict, hf_answers: list[str], clips) -> dict:
+    """The plugin's and HF's answers to the same clips, side by side: accuracies (95% Wilson),
+    the share answered identically, the discordant clips and their exact McNemar p-value.
+    Raises ValueError for a report without per-clip answers (made before they were kept)."""
+    if "answers" not in plugin:
+        raise ValueError("the report has no per-clip answers: re-run intp-vllm eval-needle to make one")
+    truth = [clip.answer for clip in clips]
+    plugin_right = [a == t for a, t in zip(plugin["answers"], truth)]
+    hf_right = [a == t for a, t in zip(hf_answers, truth)]
+    only_plugin = sum(p and not h for p, h in zip(plugin_right, hf_right))
+    only_hf = sum(h and not p for p, h in zip(plugin_right, hf_right))
+    p_value = mcnemar_exact(only_plugin, only_hf)
+    n = len(truth)
+    return {"n": n, "plugin": sum(plugin_right) / n, "plugin_ci95": list(wilson_interval(sum(plugin_right), n)),
+            "hf": sum(hf_right) / n, "hf_ci95": list(wilson_interval(sum(hf_right), n)),
+            "same_answer": sum(a == b for a, b in zip(plugin["answers"], hf_answers)) / n,
+            "only_plugin_right": only_plugin, "only_hf_right": only_hf, "mcnemar_p": p_value,
+            "agree": p_value >= 0.05}
 
 
 def grouping_disagreement(answers_by_method: dict, report: dict, groupings: list[str]) -> list[dict]:

@@ -14,9 +14,8 @@ Per type (rope_type is a tl.constexpr), with pf_i = base ** (2i / d):
 - ntk:    inv_i = 1 / base'^(2i/d), base' = base * s^(d/(d-2))    (NTK-aware, the INTP paper)
 - yarn:   inv_i = 1/(s pf_i) * (1 - e_i) + (1/pf_i) * e_i, e_i = 1 - ramp_i, and cos/sin times
           0.1 ln s + 1; the ramp is clamp((i - low) / (high - low), 0, 1) in-kernel, with the
-          two scale-free bounds low/high computed on the host from beta_fast/beta_slow and
-          original_max_position (floor/ceil of a log: kept in float64 so the bounds match
-          transformers exactly)
+          two scale-free bounds `yarn_ramp` = (low, high) given by the caller
+          (`intp_vllm.core.rope_scaling.yarn_ramp_bounds`, as transformers computes them)
 
 and at s == 1 every type is plain RoPE exactly. One program per (token, block of heads):
 it computes cos/sin once and rotates that block of query heads and key heads. NeoX (halves)
@@ -25,7 +24,8 @@ in fp32, stored in the input dtype (fp32/fp16/bf16).
 
 Importable without a GPU (and without Triton: then only the input checks run). On a CPU
 host the kernel runs only under TRITON_INTERPRET=1 (tests); serving on CPU uses
-`intp_vllm.rotary`.
+`intp_vllm.vllm_ext.rotary`. This package imports nothing from `intp_vllm`: it takes plain
+numbers.
 """
 
 from __future__ import annotations
@@ -33,8 +33,6 @@ from __future__ import annotations
 import math
 
 import torch
-
-from intp_vllm.rope_scaling import YARN_BETA_FAST, YARN_BETA_SLOW, yarn_ramp_bounds
 
 try:
     import triton
@@ -46,6 +44,8 @@ except ImportError:  # pragma: no cover - exercised only where triton is absent
     HAS_TRITON = False
 
 ROPE_TYPES = {"none": 0, "linear": 1, "ntk": 2, "yarn": 3}
+"""The kernel's constexpr code of each RoPE type it computes (the package's `dynamic` is `ntk`
+at the request's scale)."""
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 if HAS_TRITON:
@@ -121,16 +121,15 @@ if HAS_TRITON:
 _TABLES: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
 
-def _tables(rope_type: str, base: float, rotary_dim: int, original_max_position: int, beta_fast: float,
-            beta_slow: float, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def _tables(rope_type: str, base: float, rotary_dim: int, yarn_ramp: tuple[float, float],
+            device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """(base ** (2i / d) fp32 [d/2] computed as transformers/vLLM do, fp64 constants [log2 base, d/(d-2),
     yarn low, yarn high - low]), cached per parameters and device: scale-free, no cos/sin."""
-    key = (rope_type, float(base), rotary_dim, original_max_position, beta_fast, beta_slow, str(device))
+    low, high = (float(yarn_ramp[0]), float(yarn_ramp[1])) if rope_type == "yarn" else (0.0, 1.0)
+    key = (rope_type, float(base), rotary_dim, low, high, str(device))
     tables = _TABLES.get(key)
     if tables is None:
         exponents = torch.arange(0, rotary_dim, 2, dtype=torch.int64).to(dtype=torch.float) / rotary_dim
-        low, high = (yarn_ramp_bounds(base=base, rotary_dim=rotary_dim, original_max_position=original_max_position,
-                                      beta_fast=beta_fast, beta_slow=beta_slow) if rope_type == "yarn" else (0.0, 1.0))
         consts = torch.tensor([math.log2(base), rotary_dim / (rotary_dim - 2), low, high - low], dtype=torch.float64)
         tables = _TABLES[key] = ((float(base) ** exponents).to(device), consts.to(device))
     return tables
@@ -141,7 +140,7 @@ def _interpreting() -> bool:
     return type(_scaled_rotary_kernel).__name__ == "InterpretedFunction"
 
 
-def _check_inputs(positions, query, key, scales, head_size, rotary_dim, rope_type, base, original_max_position):
+def _check_inputs(positions, query, key, scales, head_size, rotary_dim, rope_type, base, yarn_ramp):
     for name, value in (("positions", positions), ("query", query), ("scales", scales)):
         if not isinstance(value, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
@@ -155,8 +154,9 @@ def _check_inputs(positions, query, key, scales, head_size, rotary_dim, rope_typ
         raise ValueError(f"rotary_dim must be an even int in [4, head_size={head_size}], got {rotary_dim!r}")
     if not base > 1:
         raise ValueError(f"base must be a number > 1, got {base!r}")
-    if rope_type == "yarn" and not original_max_position > 0:
-        raise ValueError(f"original_max_position must be > 0 for yarn, got {original_max_position!r}")
+    if rope_type == "yarn" and not (len(yarn_ramp) == 2 and 0 <= yarn_ramp[0] < yarn_ramp[1]):
+        raise ValueError(f"yarn_ramp must be (low, high) frequency indices with 0 <= low < high for yarn, "
+                         f"got {tuple(yarn_ramp)!r}")
     if positions.ndim != 1:
         raise ValueError(f"positions must be 1-D [num_tokens], got shape {tuple(positions.shape)}")
     if positions.dtype not in (torch.int32, torch.int64):
@@ -186,22 +186,22 @@ def _check_inputs(positions, query, key, scales, head_size, rotary_dim, rope_typ
         listing = ", ".join(f"{n} on {d}" for n, d in sorted(devices, key=lambda p: p[0]))
         raise ValueError(f"all tensors must be on one device, got {listing}")
     if not HAS_TRITON:
-        raise RuntimeError("triton is not installed; serving falls back to intp_vllm.rotary")
+        raise RuntimeError("triton is not installed; serving falls back to intp_vllm.vllm_ext.rotary")
     if query.device.type == "cpu" and not _interpreting():
         raise ValueError("query is on the CPU: the Triton kernel needs a GPU (or TRITON_INTERPRET=1 set before "
                          "this module is imported, for tests); "
-                         "serving on CPU uses intp_vllm.rotary")
+                         "serving on CPU uses intp_vllm.vllm_ext.rotary")
 
 
 def scaled_rotary_(positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor | None, scales: torch.Tensor, *,
                    head_size: int, rotary_dim: int, is_neox: bool, rope_type: str, base: float,
-                   original_max_position: int, beta_fast: float = YARN_BETA_FAST,
-                   beta_slow: float = YARN_BETA_SLOW) -> tuple[torch.Tensor, torch.Tensor | None]:
+                   yarn_ramp: tuple[float, float] = (0.0, 1.0)) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Rotate query [T, Hq * head_size] and key [T, Hk * head_size] (or None) IN PLACE; returns them.
 
-    positions: int32/int64 [T]; scales: float32 [T], each token's RoPE scale s >= 1.
+    positions: int32/int64 [T]; scales: float32 [T], each token's RoPE scale s >= 1; yarn_ramp:
+    YaRN's (low, high) ramp bounds in frequency indices, used only for rope_type "yarn".
     """
-    _check_inputs(positions, query, key, scales, head_size, rotary_dim, rope_type, base, original_max_position)
+    _check_inputs(positions, query, key, scales, head_size, rotary_dim, rope_type, base, yarn_ramp)
     tokens = positions.shape[0]
     if tokens == 0:
         return query, key
@@ -210,12 +210,11 @@ def scaled_rotary_(positions: torch.Tensor, query: torch.Tensor, key: torch.Tens
     half = rotary_dim // 2
     half_pad = triton.next_power_of_2(half)
     heads = max(q_heads, k_heads)
-    # measured on an H100 (sweep of heads/program x warps, docs/gpu.md): NeoX wants all heads of a
+    # measured on an H100 (a sweep of heads/program x warps): NeoX wants all heads of a
     # token in one program; GPT-J's [heads, pairs, 2] tiles want 8 heads and 2 warps
     block_h = max(1, min(triton.next_power_of_2(heads), 4096 // half_pad if is_neox else 8))
     num_warps = 4 if is_neox else 2
-    pos_freq, consts = _tables(rope_type, base, rotary_dim, original_max_position, beta_fast, beta_slow,
-                               query.device)
+    pos_freq, consts = _tables(rope_type, base, rotary_dim, yarn_ramp, query.device)
     grid = (tokens, triton.cdiv(heads, block_h))
     _scaled_rotary_kernel[grid](
         query, key if key is not None else query, positions, scales, pos_freq, consts,
@@ -228,9 +227,9 @@ def scaled_rotary_(positions: torch.Tensor, query: torch.Tensor, key: torch.Tens
 
 def _scaled_rotary_op(positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor, scales: torch.Tensor,
                       head_size: int, rotary_dim: int, is_neox: bool, rope_type: str, base: float,
-                      original_max_position: int) -> None:
+                      ramp_low: float, ramp_high: float) -> None:
     scaled_rotary_(positions, query, key, scales, head_size=head_size, rotary_dim=rotary_dim, is_neox=is_neox,
-                   rope_type=rope_type, base=base, original_max_position=original_max_position)
+                   rope_type=rope_type, base=base, yarn_ramp=(ramp_low, ramp_high))
 
 
 def _register_op():

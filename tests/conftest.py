@@ -6,10 +6,11 @@ explicitly (the CPU backend would otherwise measure NUMA node 0 and grab most of
 
 from __future__ import annotations
 
-import gc
 import os
 
 import pytest
+
+from intp_vllm.vllm_ext.engine import shutdown_llm  # noqa: F401  (the tests' one way to stop an engine)
 
 # Lets tests send a function to the spawned workers (collective_rpc) to inspect them.
 os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
@@ -34,15 +35,9 @@ def make_llm(model_dir, **kwargs):
     return LLM(**options)
 
 
-def shutdown_llm(llm) -> None:
-    llm.llm_engine.engine_core.shutdown()
-    del llm
-    gc.collect()
-
-
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
-    from intp_vllm.tiny_model import make_tiny_model
+    from intp_vllm.research.tiny_model import make_tiny_model
 
     return make_tiny_model(tmp_path_factory.mktemp("tiny-video-llava"))
 

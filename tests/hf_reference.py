@@ -16,7 +16,7 @@ def load_hf_model(model_dir: str, rope_parameters_json: str | None = None, intp_
 
     from transformers import AutoConfig
 
-    from intp_vllm.hf_video_llava import hf_model_class
+    from intp_vllm.research.hf_video_llava import hf_model_class
 
     config = AutoConfig.from_pretrained(model_dir)
     if rope_parameters_json is not None:

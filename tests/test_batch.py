@@ -31,7 +31,7 @@ JOB_IDS = {"j0", "j1", "broken", 3, "j4", "j5"}
 
 
 def batch_cmd(model_dir, jobs, output, *extra):
-    return [sys.executable, "-m", "intp_vllm.cli", "batch", "--model", str(model_dir),
+    return [sys.executable, "-m", "intp_vllm.apps.cli", "batch", "--model", str(model_dir),
             "--input", str(jobs), "--output", str(output), *ENGINE_FLAGS, *extra]
 
 
@@ -62,8 +62,8 @@ def answers(records):
 @pytest.fixture(scope="module")
 def batch_inputs(tmp_path_factory):
     """6 jobs: mp4 files as relative, absolute, file:// and data: URLs (clip3 twice), one broken file."""
-    from intp_vllm.synthetic import moving_shapes_video
-    from intp_vllm.video_io import write_video
+    from intp_vllm.research.synthetic import moving_shapes_video
+    from intp_vllm.video.io import write_video
 
     root = tmp_path_factory.mktemp("batch")
     videos = root / "videos"
@@ -95,6 +95,7 @@ def reference(tiny_model_dir, batch_inputs):
     return by_id(read_records(output)), proc.stderr + proc.stdout  # vLLM logs to stdout
 
 
+@pytest.mark.engine
 def test_answers_and_error_record(reference):
     records, log = reference
     assert "intp_vllm: CPU KV cache 64 MiB (max_num_seqs 4 x max_model_len" in log
@@ -131,6 +132,7 @@ def kill_after_records(cmd, output, count: int) -> None:
         proc.wait(timeout=30)
 
 
+@pytest.mark.engine
 def test_kill_resume_and_cut_line_repair(tiny_model_dir, batch_inputs, reference):
     """SIGKILL after 2 results, then a record cut mid-write; the re-run repairs and completes the file."""
     output = batch_inputs.parent / "killed.jsonl"
@@ -149,6 +151,7 @@ def test_kill_resume_and_cut_line_repair(tiny_model_dir, batch_inputs, reference
     assert answers(records) == answers(reference[0])
 
 
+@pytest.mark.engine
 def test_ray_two_workers_match_one(tiny_model_dir, batch_inputs, reference):
     output = batch_inputs.parent / "ray.jsonl"
     started = time.perf_counter()
@@ -164,6 +167,7 @@ def test_ray_two_workers_match_one(tiny_model_dir, batch_inputs, reference):
 # ---- no engine needed
 
 
+@pytest.mark.engine
 def test_faulty_jobs_file_stops_before_the_engine(tiny_model_dir, tmp_path):
     jobs = tmp_path / "jobs.jsonl"
     lines = [{"id": i, "video": "v.mp4", "question": "q"} for i in ("a", "b", "a", 7, 7)]
@@ -177,7 +181,7 @@ def test_faulty_jobs_file_stops_before_the_engine(tiny_model_dir, tmp_path):
 
 
 def test_bad_job_fields_become_error_records(tmp_path):
-    from intp_vllm.batch import parse_jobs
+    from intp_vllm.apps.batch import parse_jobs
 
     jobs = tmp_path / "jobs.jsonl"
     jobs.write_text("\n".join(json.dumps(job) for job in [
@@ -205,11 +209,11 @@ def test_http_videos_are_fetched_only_from_allowed_hosts_and_capped(tmp_path):
     from functools import partial
     from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 
-    from intp_vllm.batch import JobDefaults, add_batch_arguments, load_video
-    from intp_vllm.fetch import HostPolicy
-    from intp_vllm.preprocess import ClipPreprocessConfig
-    from intp_vllm.synthetic import moving_shapes_video
-    from intp_vllm.video_io import write_video
+    from intp_vllm.apps.batch import JobDefaults, add_batch_arguments, load_video
+    from intp_vllm.video.fetch import HostPolicy
+    from intp_vllm.video.preprocess import ClipPreprocessConfig
+    from intp_vllm.research.synthetic import moving_shapes_video
+    from intp_vllm.video.io import write_video
 
     clip = write_video(tmp_path / "clip.mp4", moving_shapes_video(num_frames=12, height=48, width=64))
     httpd = ThreadingHTTPServer(("127.0.0.2", 0), partial(SimpleHTTPRequestHandler, directory=str(tmp_path)))
@@ -237,7 +241,7 @@ def test_http_videos_are_fetched_only_from_allowed_hosts_and_capped(tmp_path):
 
 
 def test_results_file_repair(tmp_path):
-    from intp_vllm.batch import BatchError, load_results
+    from intp_vllm.apps.batch import BatchError, load_results
 
     output = tmp_path / "out.jsonl"
     output.write_text('{"id": "a", "answer": "x"}\n{garbage\n{"id": "b", "error": "e"}\n')
@@ -255,7 +259,7 @@ def test_results_file_repair(tmp_path):
 
 
 def test_help_explains_jobs_results_resume_and_ray(capsys):
-    from intp_vllm.cli import build_parser
+    from intp_vllm.apps.cli import build_parser
 
     with pytest.raises(SystemExit):
         build_parser().parse_args(["batch", "--help"])

@@ -6,7 +6,9 @@ import json
 import subprocess
 import sys
 
-from intp_vllm_benchmarks.bench_throughput import ModelShape, decoder_flops, make_workload, request_flops
+import pytest
+
+from intp_vllm.apps.bench import ModelShape, decoder_flops, make_workload, request_flops
 
 ONE_LAYER = ModelShape(image_size=28, patch_size=14, vision_hidden=2, vision_intermediate=8, vision_layers=1,
                        text_hidden=2, text_intermediate=3, text_layers=1, heads=1, kv_heads=1, head_dim=2, vocab=5)
@@ -37,8 +39,9 @@ def test_workload_mixes_every_pair_and_changes_videos_per_round():
     assert not {r.seed for r in first} & {r.seed for r in second}
 
 
+@pytest.mark.engine
 def test_quick_bench_end_to_end(tmp_path):
-    completed = subprocess.run([sys.executable, "-m", "intp_vllm.cli", "bench", "--quick", "--output-dir",
+    completed = subprocess.run([sys.executable, "-m", "intp_vllm.apps.cli", "bench", "--quick", "--output-dir",
                                 str(tmp_path)], capture_output=True, text=True, timeout=600)
     assert completed.returncode == 0, completed.stderr[-4000:]
     report = json.loads((tmp_path / "throughput.json").read_text())

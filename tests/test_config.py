@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from transformers import AutoConfig
 
-from intp_vllm.config import IntpConfig
+from intp_vllm.core.config import IntpConfig
 
 
 @pytest.fixture(scope="module")
@@ -49,6 +49,7 @@ def test_bad_settings_name_what_is_allowed(hf_config, section, message):
         IntpConfig.from_hf_config(with_intp(hf_config, section))
 
 
+@pytest.mark.engine
 def test_bad_settings_fail_at_engine_start(tiny_model_dir):
     from conftest import make_llm
 
@@ -73,7 +74,7 @@ def test_speculative_decoding_is_refused_with_per_request_scales(tiny_model_dir)
 def test_cpu_kv_cache_is_sized_by_the_plugin_unless_given(tiny_model_dir):
     from vllm.engine.arg_utils import EngineArgs
 
-    from intp_vllm.cpu_memory import KV_CACHE_FLOOR_BYTES, kv_bytes_per_token
+    from intp_vllm.vllm_ext.cpu_memory import KV_CACHE_FLOOR_BYTES, kv_bytes_per_token
 
     config = EngineArgs(model=str(tiny_model_dir), dtype="float32", max_num_seqs=2).create_engine_config()
     per_token = kv_bytes_per_token(config.model_config)

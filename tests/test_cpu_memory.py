@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from intp_vllm.cpu_memory import KV_CACHE_FLOOR_BYTES, cpu_kv_cache_bytes, weight_bytes
+from intp_vllm.vllm_ext.cpu_memory import KV_CACHE_FLOOR_BYTES, cpu_kv_cache_bytes, weight_bytes
 
 MiB = 1 << 20
 

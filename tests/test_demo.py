@@ -6,9 +6,13 @@ import re
 import subprocess
 import sys
 
+import pytest
+
+pytestmark = pytest.mark.engine
+
 
 def test_demo_answers_the_flash_that_8_frame_sampling_misses(tmp_path):
-    run = subprocess.run([sys.executable, "-m", "intp_vllm.cli", "demo", "--workdir", str(tmp_path)],
+    run = subprocess.run([sys.executable, "-m", "intp_vllm.apps.cli", "demo", "--workdir", str(tmp_path)],
                          capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     report = dict(re.findall(r"^\s*([^:\n]+?): (.*)$", run.stdout, flags=re.MULTILINE))

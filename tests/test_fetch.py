@@ -11,7 +11,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from intp_vllm.fetch import FetchError, HostPolicy, address_kind, fetch_bytes_sync
+from intp_vllm.video.fetch import FetchError, HostPolicy, address_kind, fetch_bytes_sync
 
 ALLOWED_HOST = "127.0.0.2"
 BODY = b"video bytes"

@@ -10,9 +10,9 @@ import numpy as np
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from intp_vllm.serve import IntpVideoLoader
-from intp_vllm.synthetic import moving_shapes_video
-from intp_vllm.video_io import VideoLimits, read_video, write_video
+from intp_vllm.vllm_ext.media import IntpVideoLoader
+from intp_vllm.research.synthetic import moving_shapes_video
+from intp_vllm.video.io import VideoLimits, read_video, write_video
 
 FRAMES = 8
 FUZZ = settings(max_examples=250, derandomize=True, database=None, deadline=None,

@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 
 from hf_reference import load_hf_model
-from intp_vllm.grouped_encoding import encode_in_groups
+from intp_vllm.core.grouped_encoding import encode_in_groups
 
 N = 8
 

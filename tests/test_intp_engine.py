@@ -10,10 +10,12 @@ from vllm import SamplingParams
 
 from conftest import make_llm, shutdown_llm
 from hf_reference import hf_generate, hf_pixel_values, load_hf_model, vllm_prompt_logprobs
-from intp_vllm.rope_scaling import hf_rope_parameters
-from intp_vllm.synthetic import moving_shapes_video
-from intp_vllm.tiny_model import TinyModelSpec, make_tiny_model
-from intp_vllm.video_io import write_video
+from intp_vllm.core.rope_scaling import hf_rope_parameters
+from intp_vllm.research.synthetic import moving_shapes_video
+from intp_vllm.research.tiny_model import TinyModelSpec, make_tiny_model
+from intp_vllm.video.io import write_video
+
+pytestmark = pytest.mark.engine
 
 TRAINED_CONTEXT = 192  # 8 frames x 17 tokens + the question fit; 32 frames do not
 FACTOR = 4.0
@@ -108,7 +110,7 @@ def request(video, prompt=PROMPT):
 
 def test_per_request_scale_matches_hf_at_that_scale(long_llm, short_context_dir):
     """factor "auto": a 64-frame request runs at the scale its length needs, as HF does at that scale."""
-    from intp_vllm.request_scale import code_scale, request_scale_code
+    from intp_vllm.core.request_scale import code_scale, request_scale_code
 
     video = moving_shapes_video(num_frames=64, height=48, width=64, seed=11)
     output = long_llm.generate(request(video), greedy(), use_tqdm=False)[0]
@@ -145,7 +147,7 @@ def test_prefix_cache_is_not_shared_across_scales(long_llm, short_context_dir):
     """Two requests share a 150-token text prefix but need different scales: no KV reuse between
     them, with or without a client's own cache_salt, and none from a text-only request whose
     client salt names a scale's."""
-    from intp_vllm.request_scale import request_scale_code, scale_cache_salt
+    from intp_vllm.core.request_scale import request_scale_code, scale_cache_salt
 
     small = request(moving_shapes_video(num_frames=8, height=48, width=64, seed=14),
                     SHARED_PREFIX + " <video>\nWhat happened? ASSISTANT:")
@@ -199,7 +201,7 @@ def test_truncated_prompt_runs_at_the_scale_its_salt_names(long_llm):
     """truncate_prompt_tokens shortens a prompt after the processor decided its scale: the
     worker uses that scale, so a request that shares the salt and the truncated prefix reuses
     its KV and answers exactly as it does alone."""
-    from intp_vllm.request_scale import request_scale_code
+    from intp_vllm.core.request_scale import request_scale_code
 
     video = moving_shapes_video(num_frames=64, height=48, width=64, seed=16)
     prompt = {"prompt": SHARED_PREFIX + " <video>\nWhat happened? ASSISTANT:", "multi_modal_data": {"video": video}}
@@ -228,8 +230,8 @@ def test_truncated_prompt_runs_at_the_scale_its_salt_names(long_llm):
 def test_chat_video_is_decoded_at_the_request_frames(long_llm):
     """LLM.chat with mm_processor_kwargs.frames decodes the file at that count, once: the same
     frames as read_video at that count; not a sample of the engine's default decode."""
-    from intp_vllm.rearrange import uniform_frame_indices
-    from intp_vllm.video_io import read_video
+    from intp_vllm.core.rearrange import uniform_frame_indices
+    from intp_vllm.video.io import read_video
 
     path = write_video(long_llm.media_dir / "long300.mp4", moving_shapes_video(num_frames=300, height=48, width=64,
                                                                                 seed=17), gop=60, b_frames=2)

@@ -13,13 +13,14 @@ import json
 
 import pytest
 
-from intp_vllm.needle import TrainConfig, train_needle
-from intp_vllm.needle_eval import SAMPLING_ROW, difference_interval, evaluate, wilson_interval, write_report
-from intp_vllm_benchmarks.needle_hf_parity import parity
+from intp_vllm.research.needle import TrainConfig, train_needle
+from intp_vllm.research.needle_eval import SAMPLING_ROW, evaluate, mcnemar_exact, wilson_interval, write_report
+from intp_vllm_benchmarks.needle_hf_parity import paired_comparison, parity
 
 CI_TRAINING = TrainConfig(max_steps=150, single_task_steps=150, eval_every=50, eval_clips=64)
 
 
+@pytest.mark.slow
 def test_trained_model_reads_32_frames_better_than_8_frame_sampling(tmp_path):
     report = train_needle(tmp_path / "needle", CI_TRAINING)
     assert report["accuracy_8_frames"]["flash"] >= 0.9, report["history"]
@@ -40,10 +41,30 @@ def test_trained_model_reads_32_frames_better_than_8_frame_sampling(tmp_path):
     hf = parity(results)
     assert hf["cells_agreeing"] == hf["cells"] == 2, hf["rows"]
     assert hf["largest_difference"] <= 0.05, hf["rows"]
+    assert all(row["same_answer"] >= 0.95 for row in hf["rows"]), hf["rows"]
 
 
-def test_intervals_match_newcombes_published_examples():
-    """Newcombe (1998): Wilson interval of 81/263; hybrid score interval of 56/70 - 48/80 and 9/10 - 3/10."""
+def test_intervals_match_published_examples():
+    """Newcombe (1998): Wilson interval of 81/263. Exact McNemar by hand: 6 vs 1 discordant clips
+    is 2 x (1 + 7) / 2^7, 1 vs 9 is 2 x (1 + 10) / 2^10."""
     assert wilson_interval(81, 263) == pytest.approx((0.2553, 0.3662), abs=1e-4)
-    assert difference_interval(56, 70, 48, 80) == pytest.approx((0.0524, 0.3339), abs=1e-4)
-    assert difference_interval(9, 10, 3, 10) == pytest.approx((0.1705, 0.8090), abs=1e-4)
+    assert mcnemar_exact(6, 1) == pytest.approx(0.125)
+    assert mcnemar_exact(1, 9) == pytest.approx(22 / 1024)
+    assert mcnemar_exact(9, 1) == mcnemar_exact(1, 9)
+    assert mcnemar_exact(0, 0) == 1.0 and mcnemar_exact(3, 3) == 1.0
+
+
+def test_paired_comparison_can_tell_methods_apart():
+    """Equal accuracy with different clips right is not a difference; one method right on 12 more
+    clips than the other is (the negative control an interval on two accuracies would miss)."""
+    from intp_vllm.research.needle import NeedleClip
+
+    clips = [NeedleClip(None, "flash", "red", ()) for _ in range(100)]
+    swapped = paired_comparison({"answers": ["red"] * 50 + ["blue"] * 50}, ["blue"] * 50 + ["red"] * 50, clips)
+    assert swapped["plugin"] == swapped["hf"] == 0.5 and swapped["same_answer"] == 0.0
+    assert swapped["mcnemar_p"] == 1.0 and swapped["agree"]
+    better = paired_comparison({"answers": ["red"] * 62 + ["blue"] * 38}, ["red"] * 50 + ["blue"] * 50, clips)
+    assert better["only_plugin_right"] == 12 and better["only_hf_right"] == 0
+    assert better["mcnemar_p"] < 0.001 and not better["agree"]
+    with pytest.raises(ValueError, match="no per-clip answers: re-run intp-vllm eval-needle"):
+        paired_comparison({"accuracy": 0.5}, ["red"] * 100, clips)

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
-from intp_vllm.preprocess import MAX_ASPECT_RATIO, ClipPreprocessConfig, preprocess_frames, resize_and_crop
-from intp_vllm.synthetic import moving_shapes_video
+from intp_vllm.video.preprocess import MAX_ASPECT_RATIO, ClipPreprocessConfig, preprocess_frames, resize_and_crop
+from intp_vllm.research.synthetic import moving_shapes_video
 
 SIZES = [(240, 320), (320, 240), (100, 150), (224, 224), (37, 500), (719, 1283), (1080, 1920), (4, 800)]
 

@@ -11,7 +11,9 @@ from vllm import SamplingParams
 
 from conftest import make_llm, shutdown_llm
 from hf_reference import hf_generate, hf_pixel_values, load_hf_model, vllm_prompt_logprobs
-from intp_vllm.synthetic import moving_shapes_video
+from intp_vllm.research.synthetic import moving_shapes_video
+
+pytestmark = pytest.mark.engine
 
 NEW_TOKENS = 8
 
@@ -20,7 +22,7 @@ NEW_TOKENS = 8
 def real_shape_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("real-shape")
     subprocess.run(
-        [sys.executable, "-m", "intp_vllm.cli", "make-tiny-model", str(path), "--real-shape"],
+        [sys.executable, "-m", "intp_vllm.apps.cli", "make-tiny-model", str(path), "--real-shape"],
         check=True,
     )
     return path

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from intp_vllm.rearrange import (
+from intp_vllm.core.rearrange import (
     GROUPINGS,
     consecutive_groups,
     interleaved_groups,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from intp_vllm.request_scale import (
+from intp_vllm.core.request_scale import (
     MAX_POSITION,
     MAX_SCALE,
     code_scale,

@@ -26,11 +26,14 @@ import pytest
 import requests
 
 from conftest import ENGINE_KV_BYTES
-from intp_vllm.serve import IntpVideoLoader, ServeLimits, add_limit_arguments
-from intp_vllm.synthetic import moving_shapes_video
-from intp_vllm.video_io import VideoLimits, read_video, write_video
+from intp_vllm.apps.serve import add_limit_arguments
+from intp_vllm.vllm_ext.media import IntpVideoLoader, ServeLimits
+from intp_vllm.research.synthetic import moving_shapes_video
+from intp_vllm.video.io import VideoLimits, read_video, write_video
 from intp_vllm_benchmarks.load_test import QUESTION, chat_request, run_load, serve, served_model
 from test_fuzz_video import malformed_dref_mp4
+
+pytestmark = pytest.mark.engine
 
 MAX_FRAMES = 16
 MAX_VIDEO_BYTES = 2_000_000
@@ -529,8 +532,8 @@ def long_video(tmp_path_factory) -> Path:
 PEAK_RSS_SCRIPT = """
 import sys
 import cv2
-from intp_vllm.preprocess import ClipPreprocessConfig
-from intp_vllm.video_io import VideoLimits, sample_video
+from intp_vllm.video.preprocess import ClipPreprocessConfig
+from intp_vllm.video.io import VideoLimits, sample_video
 
 def peak_rss():  # VmHWM: this process's own peak (ru_maxrss would include the parent's at fork)
     status = open("/proc/self/status").read()

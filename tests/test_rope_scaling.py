@@ -8,7 +8,7 @@ from transformers import LlamaConfig
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
-from intp_vllm.rope_scaling import ROPE_SCALING_FUNCTIONS, auto_factor, hf_rope_parameters, rope_inv_freq
+from intp_vllm.core.rope_scaling import ROPE_SCALING_FUNCTIONS, auto_factor, hf_rope_parameters, rope_inv_freq
 
 ORIGINAL = 4096
 FACTORS = [1.0, 2.0, 4.0, 7.75]

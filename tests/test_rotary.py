@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from intp_vllm.rope_scaling import rope_inv_freq
-from intp_vllm.rotary import apply_scaled_rotary
+from intp_vllm.core.rope_scaling import rope_inv_freq
+from intp_vllm.vllm_ext.rotary import apply_scaled_rotary
 
 BASE = 10000.0
 ORIGINAL = 256
@@ -27,7 +27,7 @@ def ours(positions, q, k, scales, rope_type, head_size=64, rotary_dim=64, is_neo
 def vllm_table_rope(rope_type, factor, head_size, rotary_dim, is_neox, max_position=4096):
     from vllm.config import VllmConfig, set_current_vllm_config
 
-    from intp_vllm.llm_rope import ScaledRotaryEmbedding
+    from intp_vllm.vllm_ext.llm_rope import ScaledRotaryEmbedding
 
     with set_current_vllm_config(VllmConfig()):
         return ScaledRotaryEmbedding(head_size=head_size, rotary_dim=rotary_dim, max_position=max_position, base=BASE,
@@ -85,7 +85,7 @@ def test_equals_transformers_llama_rope(rope_type, factor):
     from transformers import LlamaConfig
     from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
 
-    from intp_vllm.rope_scaling import hf_rope_parameters
+    from intp_vllm.core.rope_scaling import hf_rope_parameters
 
     params = hf_rope_parameters(rope_type, base=BASE, rotary_dim=64, factor=factor, original_max_position=ORIGINAL)
     config = LlamaConfig(hidden_size=256, num_attention_heads=4, num_key_value_heads=2, head_dim=64,
@@ -170,8 +170,8 @@ def test_mixed_scales_equal_a_per_token_reference(rope_type, case, is_neox):
 def test_serving_module_on_cpu_equals_the_reference(rope_type, case, is_neox):
     """`PerRequestRotaryEmbedding` as the engine calls it on CPU: scale codes inside the positions,
     strided q/k views of one qkv tensor rotated in place (vLLM's op over per-token cos/sin rows)."""
-    from intp_vllm.llm_rope import PerRequestRotaryEmbedding
-    from intp_vllm.request_scale import POSITION_BITS, all_code_scales, scale_code
+    from intp_vllm.vllm_ext.llm_rope import PerRequestRotaryEmbedding
+    from intp_vllm.core.request_scale import POSITION_BITS, all_code_scales, scale_code
 
     head_size, rotary_dim, q_heads, k_heads = case
     g = torch.Generator().manual_seed(2)

@@ -11,12 +11,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from intp_vllm.rotary import apply_scaled_rotary
+from intp_vllm.core.rope_scaling import yarn_ramp_bounds
+from intp_vllm.vllm_ext.rotary import apply_scaled_rotary
+from rotary_args import for_kernel
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 BASE = 10000.0
 ORIGINAL = 2056
+RAMP = yarn_ramp_bounds(base=BASE, rotary_dim=128, original_max_position=ORIGINAL)
 SCALES = torch.tensor([1.0, 2.0, 4.0, 7.75, 16.0])
 
 
@@ -52,7 +55,7 @@ def test_kernel_on_gpu_equals_torch_reference(case, rope_type, is_neox, dtype):
               original_max_position=ORIGINAL)
     expected_q, expected_k = apply_scaled_rotary(positions, q.float(), k.float(), scales, **kw)
     v_before = qkv[:, (q_heads + k_heads) * head_size:].clone()
-    scaled_rotary_(positions, q, k, scales, **kw)
+    scaled_rotary_(positions, q, k, scales, **for_kernel(kw))
     # fp32 angles at positions < 16384 carry ~16384 * 2**-24 rad; half precision adds one rounding
     for got, expected in ((q, expected_q), (k, expected_k)):
         atol = (1e-2 if rope_type == "ntk" else 4e-3)  # ntk: base' ** (2i/d) in fp64 vs torch's fp32 pow
@@ -76,7 +79,7 @@ def test_custom_op_inside_torch_compile_rotates_in_place():
 
     @torch.compile(fullgraph=True, dynamic=True)
     def attention_prologue(positions, q, k, scales):
-        scaled_rotary_op(positions, q, k, scales, 128, 128, True, "yarn", BASE, ORIGINAL)
+        scaled_rotary_op(positions, q, k, scales, 128, 128, True, "yarn", BASE, *RAMP)
         return q * 1.0, k * 1.0
 
     got_q, got_k = attention_prologue(positions, q, k, scales)

@@ -25,7 +25,8 @@ import pytest
 import torch
 import vllm  # noqa: F401  (imports Triton without TRITON_INTERPRET: see the module docstring)
 
-from intp_vllm.rotary import apply_scaled_rotary
+from intp_vllm.vllm_ext.rotary import apply_scaled_rotary
+from rotary_args import for_kernel
 
 ROOT = Path(__file__).resolve().parents[1]
 IN_SUBPROCESS = os.environ.get("INTP_ROTARY_TRITON_SUBPROCESS") == "1"
@@ -103,7 +104,7 @@ def test_kernel_equals_torch_path_fp32_mixed_scales(rope_type, is_neox, case):
               original_max_position=ORIGINAL)
     expected_q, expected_k = apply_scaled_rotary(positions, q, k, scales, **kw)  # reference first: kernel is in place
     v_before = qkv[:, (q_heads + k_heads) * head_size:].clone()
-    got_q, got_k = triton_kernel.scaled_rotary_(positions, q, k, scales, **kw)
+    got_q, got_k = triton_kernel.scaled_rotary_(positions, q, k, scales, **for_kernel(kw))
     assert got_q.data_ptr() == q.data_ptr() and got_k.data_ptr() == k.data_ptr()
     atol = fp32_atol(rope_type)
     torch.testing.assert_close(q, expected_q, rtol=0, atol=atol)
@@ -129,8 +130,9 @@ def test_scale_one_equals_vllm_rotary_embedding(is_neox):
     expected_q, expected_k = plain.forward_native(positions, q.clone(), k.clone())
     for rope_type in TYPES:
         got_q, got_k = triton_kernel.scaled_rotary_(positions, q.clone(), k.clone(), torch.ones(7), head_size=64,
-                                                    rotary_dim=48, is_neox=is_neox, rope_type=rope_type, base=BASE,
-                                                    original_max_position=ORIGINAL)
+                                                    **for_kernel(dict(rotary_dim=48, is_neox=is_neox,
+                                                                      rope_type=rope_type, base=BASE,
+                                                                      original_max_position=ORIGINAL)))
         torch.testing.assert_close(got_q, expected_q, rtol=0, atol=2e-6)
         torch.testing.assert_close(got_k, expected_k, rtol=0, atol=2e-6)
 
@@ -145,7 +147,7 @@ def test_half_precision_within_one_rounding_of_the_fp32_math(rope_type, is_neox,
     kw = dict(head_size=64, rotary_dim=48, is_neox=is_neox, rope_type=rope_type, base=BASE,
               original_max_position=ORIGINAL)
     expected_q, expected_k = apply_scaled_rotary(positions, q.float(), k.float(), scales, **kw)
-    triton_kernel.scaled_rotary_(positions, q, k, scales, **kw)
+    triton_kernel.scaled_rotary_(positions, q, k, scales, **for_kernel(kw))
     assert q.dtype == dtype
     # both round an fp32 result to the dtype once: one ulp at the largest magnitude, plus the ntk fp32 slack
     for got, expected in ((q, expected_q), (k, expected_k)):
@@ -160,11 +162,11 @@ def test_key_none_int32_positions_one_scale_and_empty_batch():
     _, q, _ = make_qkv(5, 64, 2, 1)
     kw = dict(head_size=64, rotary_dim=64, is_neox=True, rope_type="yarn", base=BASE, original_max_position=ORIGINAL)
     expected_q, _ = apply_scaled_rotary(positions, q, None, scales, **kw)
-    got_q, got_k = triton_kernel.scaled_rotary_(positions.to(torch.int32), q, None, scales, **kw)
+    got_q, got_k = triton_kernel.scaled_rotary_(positions.to(torch.int32), q, None, scales, **for_kernel(kw))
     assert got_k is None
     torch.testing.assert_close(got_q, expected_q, rtol=0, atol=1e-5)
     empty = torch.empty(0, 128)
-    triton_kernel.scaled_rotary_(torch.empty(0, dtype=torch.long), empty, empty, torch.empty(0), **kw)
+    triton_kernel.scaled_rotary_(torch.empty(0, dtype=torch.long), empty, empty, torch.empty(0), **for_kernel(kw))
 
 
 def test_kernel_module_imports_without_a_gpu():
@@ -175,13 +177,14 @@ def test_kernel_module_imports_without_a_gpu():
         _, q, k = make_qkv(2, 64, 1, 1)
         with pytest.raises(ValueError, match="query is on the CPU: the Triton kernel needs a GPU"):
             installed.scaled_rotary_(torch.arange(2), q, k, torch.ones(2), head_size=64, rotary_dim=64, is_neox=True,
-                                     rope_type="none", base=BASE, original_max_position=ORIGINAL)
+                                     rope_type="none", base=BASE)
 
 
 def _call(**overrides):
     _, q, k = make_qkv(4, 64, 2, 1)
     args = dict(positions=torch.arange(4), query=q, key=k, scales=torch.ones(4))
-    kw = dict(head_size=64, rotary_dim=64, is_neox=True, rope_type="yarn", base=BASE, original_max_position=ORIGINAL)
+    kw = for_kernel(dict(head_size=64, rotary_dim=64, is_neox=True, rope_type="yarn", base=BASE,
+                         original_max_position=ORIGINAL))
     for name, value in overrides.items():
         (args if name in args else kw)[name] = value
     return triton_kernel.scaled_rotary_(args["positions"], args["query"], args["key"], args["scales"], **kw)
@@ -203,7 +206,7 @@ def _call(**overrides):
     (dict(rotary_dim=128), ValueError, r"rotary_dim must be an even int in \[4, head_size=64\], got 128"),
     (dict(rope_type="llama3"), ValueError, "rope_type must be one of none, linear, ntk, yarn, got 'llama3'"),
     (dict(base=1.0), ValueError, "base must be a number > 1"),
-    (dict(rope_type="yarn", original_max_position=0), ValueError, "original_max_position must be > 0 for yarn"),
+    (dict(rope_type="yarn", yarn_ramp=(3.0, 3.0)), ValueError, r"yarn_ramp must be \(low, high\) frequency indices"),
     (dict(scales=torch.ones(4, device="meta")), ValueError,
      "all tensors must be on one device, got .*scales on meta"),
 ])

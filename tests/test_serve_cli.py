@@ -12,9 +12,9 @@ import sys
 import pytest
 import requests
 
-from intp_vllm.serve import MIDDLEWARE, vllm_serve_args
-from intp_vllm.tiny_model import VIDEO_LLAVA_CHAT_TEMPLATE_PATH
-from intp_vllm.video_io import write_video
+from intp_vllm.apps.serve import MIDDLEWARE, vllm_serve_args
+from intp_vllm.core.prompt import VIDEO_LLAVA_CHAT_TEMPLATE_PATH
+from intp_vllm.video.io import write_video
 from intp_vllm_benchmarks.load_test import chat_request, launch, served_model
 
 ENGINE = ["--dtype", "float32", "--enforce-eager", "--max-num-seqs", "4"]
@@ -43,19 +43,20 @@ def thin_and_plain(tmp_path_factory):
     """A video our limits refuse (3000x4 frames) and an ordinary one."""
     import numpy as np
 
-    from intp_vllm.synthetic import moving_shapes_video
+    from intp_vllm.research.synthetic import moving_shapes_video
 
     media = tmp_path_factory.mktemp("serve-cli-media")
     return media, (write_video(media / "thin.mp4", np.zeros((8, 4, 3000, 3), np.uint8)),
                    write_video(media / "plain.mp4", moving_shapes_video(num_frames=16, height=72, width=96)))
 
 
+@pytest.mark.engine
 def test_two_api_servers_both_apply_our_limits(tiny_model_dir, thin_and_plain):
     """--api-server-count 2: vLLM starts two API-server processes (both log), and every request,
     whichever process the kernel hands it to, gets our connector's limits. That the 8 requests
     reached both processes is likely, not asserted (uvicorn's access log names no process)."""
     media, (thin, plain) = thin_and_plain
-    command = [sys.executable, "-m", "intp_vllm.cli", "serve", str(tiny_model_dir), *ENGINE,
+    command = [sys.executable, "-m", "intp_vllm.apps.cli", "serve", str(tiny_model_dir), *ENGINE,
                "--api-server-count", "2", "--allowed-local-media-path", str(media)]
     with launch(command) as (url, log):
         model = served_model(url)
@@ -67,6 +68,7 @@ def test_two_api_servers_both_apply_our_limits(tiny_model_dir, thin_and_plain):
         assert len(set(re.findall(r"\(ApiServer_(\d) pid=\d+\)", log()))) == 2
 
 
+@pytest.mark.engine
 def test_plain_vllm_serves_the_checkpoint_with_the_built_in_chat_template(tiny_model_dir, tmp_path, thin_and_plain):
     """vLLM's own server entry, no intp-vllm code on the command line: the plugin registers the
     model, our loader, and the chat template for a checkpoint that has none."""

@@ -12,8 +12,10 @@ import pytest
 import requests
 from vllm import SamplingParams
 
-from intp_vllm.synthetic import moving_shapes_video
-from intp_vllm.video_io import write_video
+from intp_vllm.research.synthetic import moving_shapes_video
+from intp_vllm.video.io import write_video
+
+pytestmark = pytest.mark.engine
 
 QUESTION = "What is happening in this video?"
 STARTUP_TIMEOUT_S = 240
@@ -30,7 +32,7 @@ def server(tiny_model_dir, tiny_llm):
     """The server shares the offline engine's media directory, so both read the same files."""
     port = free_port()
     command = [
-        sys.executable, "-m", "intp_vllm.cli", "serve", str(tiny_model_dir),
+        sys.executable, "-m", "intp_vllm.apps.cli", "serve", str(tiny_model_dir),
         "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32", "--enforce-eager",
         "--max-num-seqs", "4", "--seed", "0",  # no memory flag: the plugin sizes the KV cache on CPU
         "--allowed-local-media-path", str(tiny_llm.media_dir),
@@ -119,7 +121,7 @@ SYSTEM = "You are a careful assistant. Answer briefly."
 def test_system_prompt_and_multi_turn_render_as_vicuna(client, tiny_llm, video_path, system_content):
     """What OpenAI clients send: a system message (string or parts), earlier turns, a text-only
     turn. The server's answer equals offline generate on the prompt written out by hand."""
-    from intp_vllm.video_io import read_video
+    from intp_vllm.video.io import read_video
 
     conversation = [
         {"role": "system", "content": system_content},

@@ -13,11 +13,11 @@ from vllm import SamplingParams
 
 from conftest import make_llm, shutdown_llm
 from hf_reference import hf_generate, hf_pixel_values, load_hf_model, vllm_prompt_logprobs
-from intp_vllm.config import GROUPINGS
-from intp_vllm.hf_video_llava import TemporalVideoLlavaForConditionalGeneration, hf_model_class
-from intp_vllm.synthetic import moving_shapes_video
-from intp_vllm.temporal_attention import TemporalAttention, TemporalAttentionSpec
-from intp_vllm.tiny_model import TinyModelSpec, build_config, build_tokenizer, make_tiny_model
+from intp_vllm.core.config import GROUPINGS
+from intp_vllm.research.hf_video_llava import TemporalVideoLlavaForConditionalGeneration, hf_model_class
+from intp_vllm.research.synthetic import moving_shapes_video
+from intp_vllm.core.temporal_attention import TemporalAttention, TemporalAttentionSpec
+from intp_vllm.research.tiny_model import TinyModelSpec, build_config, build_tokenizer, make_tiny_model
 
 PROMPT = "USER: <video>\nWhich colour came first? ASSISTANT:"
 NEW_TOKENS = 16
@@ -39,6 +39,7 @@ def hf_reference(model_dir, grouping: str):
 
 
 @pytest.mark.parametrize("grouping", GROUPINGS)
+@pytest.mark.engine
 def test_plugin_equals_hf_reference_with_the_same_grouping(temporal_dir, video32, grouping):
     llm = make_llm(temporal_dir, hf_overrides={"intp": {"frames": FRAMES, "rope_type": "none",
                                                         "grouping": grouping}})

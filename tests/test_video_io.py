@@ -6,10 +6,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from intp_vllm.preprocess import ClipPreprocessConfig, preprocess_frames, resize_and_crop
-from intp_vllm.rearrange import uniform_frame_indices
-from intp_vllm.synthetic import decode_frame_index, index_coded_video
-from intp_vllm.video_io import as_frames, read_video, sample_video, uniform_time_targets, write_video
+from intp_vllm.video.preprocess import ClipPreprocessConfig, preprocess_frames, resize_and_crop
+from intp_vllm.core.rearrange import uniform_frame_indices
+from intp_vllm.research.synthetic import decode_frame_index, index_coded_video
+from intp_vllm.video.io import as_frames, read_video, sample_video, uniform_time_targets, write_video
 
 FRAMES = 150
 QUIET_X265 = {"x265-params": "log-level=error"}

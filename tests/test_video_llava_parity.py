@@ -10,8 +10,10 @@ from vllm import SamplingParams
 from vllm.exceptions import VLLMValidationError
 
 from hf_reference import hf_generate, hf_pixel_values, load_hf_model, vllm_prompt_logprobs
-from intp_vllm.synthetic import moving_shapes_video
-from intp_vllm.video_io import read_video, write_video
+from intp_vllm.research.synthetic import moving_shapes_video
+from intp_vllm.video.io import read_video, write_video
+
+pytestmark = pytest.mark.engine
 
 FRAMES = 8
 TOKENS_PER_FRAME = (56 // 14) ** 2 + 1
@@ -74,7 +76,7 @@ def test_plugin_model_runs_in_spawned_worker(tiny_llm):
 
     [(pid, module, name)] = tiny_llm.collective_rpc(describe)
     assert pid != os.getpid()
-    assert (module, name) == ("intp_vllm.model", "VideoLlavaForConditionalGeneration")
+    assert (module, name) == ("intp_vllm.vllm_ext.model", "VideoLlavaForConditionalGeneration")
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,84 @@
+"""The benchmark's settings, and `benchmark`: every selected run on the same rounds of requests,
+between two measurements of the matmul peak, summarized into one report."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from intp_vllm.apps.bench.flops import ModelShape, accelerator, matmul_peak
+from intp_vllm.apps.bench.harness import run_isolated, stop
+from intp_vllm.apps.bench.report import goals, summarize_run
+from intp_vllm.apps.bench.runners import make_runs, run_hf, run_vllm, select_runs
+from intp_vllm.apps.bench.workload import make_workload
+from intp_vllm.machine import machine
+
+
+@dataclass(frozen=True)
+class Settings:
+    requests: int = 16
+    frames: tuple[int, ...] = (8, 16, 32)
+    new_tokens: tuple[int, ...] = (8, 32, 64)
+    intp_frames: int | None = None
+    repeats: int = 3
+    enforce_eager: bool = False
+    kv_cache_gib: float = 2.0
+    peak_seconds: float = 3.0  # matmul peak measurement, before and after the runs
+
+
+QUICK_SETTINGS = Settings(requests=4, frames=(8, 16), new_tokens=(4, 8), repeats=1, enforce_eager=True,
+                          kv_cache_gib=0.25, peak_seconds=1.0)
+
+
+def benchmark(model_dir: str, settings: Settings, run_names: list[str] | None = None, log=print) -> dict:
+    from transformers import AutoConfig
+
+    intp_frames = settings.intp_frames or max(settings.frames)
+    runs = make_runs(intp_frames)
+    selected = select_runs(runs, run_names)
+    device, dtype = accelerator()
+    shape = ModelShape.from_hf_config(AutoConfig.from_pretrained(model_dir))
+    # warm-up: one short request per frame count (first-call costs: allocator, oneDNN, new shapes)
+    rounds = [make_workload(len(settings.frames), settings.frames, settings.new_tokens[:1], 0)]
+    rounds += [make_workload(settings.requests, settings.frames, settings.new_tokens, i)
+               for i in range(1, settings.repeats + 1)]
+    engine = dict(dtype=dtype, enforce_eager=settings.enforce_eager, max_num_seqs=settings.requests,
+                  kv_cache_memory_bytes=int(settings.kv_cache_gib * 2**30), limit_mm_per_prompt={"video": 1}, seed=0)
+    info = machine()
+    log(f"machine: {info['name']}; measuring the {dtype} matmul peak")
+    peaks = [matmul_peak(device, dtype, seconds=settings.peak_seconds)]
+    results, exiting = {}, []
+    try:
+        for run in selected:
+            log(f"{run.name}: {run.label} ...")
+            if run.engine == "hf":
+                result, process = run_isolated(run_hf, model_dir=model_dir, rounds=rounds, frames=run.frames,
+                                               device=device, dtype=dtype)
+            else:
+                result, process = run_isolated(run_vllm, model_dir=model_dir, rounds=rounds, intp=run.intp,
+                                               engine=engine)
+            results[run.name] = result
+            exiting.append(process)
+            log(f"{run.name}: rounds {[round(r['seconds'], 2) for r in result['rounds']]} s (first is warm-up)")
+    finally:
+        for process in exiting:
+            stop(process)
+    peaks.append(matmul_peak(device, dtype, seconds=settings.peak_seconds))
+    peak = max(peaks)
+    summaries = {run.name: summarize_run(run, results[run.name], shape, peak) for run in selected}
+    report = {
+        "machine": info,
+        "device": device,
+        "dtype": dtype,
+        "peak_flops": peak,
+        "peak_flops_measured": peaks,
+        "model": str(model_dir),
+        "model_name": Path(model_dir).name,
+        "model_shape": asdict(shape),
+        "settings": {**asdict(settings), "intp_frames": intp_frames},
+        "workload": [asdict(r) for r in rounds[1]],
+        "runs": summaries,
+    }
+    if len(selected) == len(runs):
+        report["goals"] = goals(summaries, [r.name for r in runs])
+    return report

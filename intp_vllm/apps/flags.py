@@ -1,0 +1,61 @@
+"""Command-line flags shared by `intp-vllm serve`, `batch`, `bench` and `eval-needle`."""
+
+from __future__ import annotations
+
+import argparse
+
+from intp_vllm.video.io import DECODERS
+
+
+def parse_factor(text: str) -> float | str:
+    """--factor: a number, or "auto". Raises argparse.ArgumentTypeError otherwise."""
+    if text == "auto":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'--factor must be a number >= 1 or "auto", got {text!r}') from None
+
+
+def add_intp_arguments(parser: argparse.ArgumentParser) -> None:
+    """The INTP flags shared by serve, batch and bench; unset ones keep the checkpoint's defaults."""
+    from intp_vllm.core.config import GROUPINGS, ROPE_TYPES
+
+    group = parser.add_argument_group("INTP (training-free long video)")
+    group.add_argument("--frames", type=int, help="frames sampled per video (default: the encoder window, 8)")
+    group.add_argument("--max-frames", type=int,
+                       help="most frames one request may ask for: a batch job's \"frames\", or a server request's "
+                       "mm_processor_kwargs={'frames': n} (the server also needs vLLM's --trust-request-mm-kwargs) "
+                       "(default: --frames)")
+    group.add_argument("--encoder-frames", type=int, help="the encoder's trained window N (default: from checkpoint)")
+    group.add_argument("--rope-type", choices=ROPE_TYPES,
+                       help="RoPE context extension (default yarn; ntk is the INTP paper's)")
+    group.add_argument("--factor", type=parse_factor,
+                       help='RoPE scale s >= 1, or "auto" (default): each request gets max(1, prompt tokens / '
+                       "trained context), so short requests run the original model")
+    group.add_argument("--grouping", choices=GROUPINGS, help="how frames are split into encoder clips "
+                       "(default interleaved)")
+
+
+def intp_section(args: argparse.Namespace) -> dict:
+    """The `intp` hf_overrides section from the parsed flags (only those given)."""
+    keys = {"frames": "frames", "max_frames": "max_frames", "encoder_frames": "encoder_frames",
+            "rope_type": "rope_type", "factor": "factor", "grouping": "grouping"}
+    return {key: getattr(args, attr) for attr, key in keys.items() if getattr(args, attr, None) is not None}
+
+
+def add_media_host_arguments(parser: argparse.ArgumentParser) -> None:
+    """Which hosts http(s) videos may come from (fetch.py), shared by serve and batch."""
+    parser.add_argument("--allow-private-media-hosts", action="store_true",
+                        help="fetch http(s) videos from any address, loopback and private networks included; by "
+                        "default only public addresses are fetched (a video URL could otherwise read this host's "
+                        "own network: cloud metadata, admin ports). For closed deployments")
+    parser.add_argument("--allowed-media-networks", nargs="+", default=[], metavar="CIDR",
+                        help="networks fetched although not public, e.g. 10.20.0.0/16 fd00::/8 (narrower than "
+                        "--allow-private-media-hosts)")
+
+
+def add_video_decoder_argument(parser: argparse.ArgumentParser) -> None:
+    """--video-decoder, shared by serve and batch."""
+    parser.add_argument("--video-decoder", choices=sorted(DECODERS), default="pyav",
+                        help="how videos are decoded: " + "; ".join(f"{k}: {v}" for k, v in DECODERS.items()))

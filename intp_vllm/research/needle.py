@@ -1,0 +1,215 @@
+"""A Video-LLM trained here on 8-frame clips, with answers we know: the proof that INTP works.
+
+No real Video-LLaVA weights can be fetched here, so `intp-vllm train-needle` trains a tiny
+HF `VideoLlavaForConditionalGeneration` from scratch on synthetic clips: grey-noise frames
+with coloured squares flashed in one or two of them, and two questions —
+"What colour flashed?" (one needle) and "Which came first?" (two needles of different
+colours). Trained at 8 frames (a context of 142 tokens), it is then asked about 32-128
+frame videos through vLLM (`needle_eval.py`), where INTP is the only way to see them whole.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from intp_vllm.core.config import tokens_per_frame
+from intp_vllm.video.preprocess import ClipPreprocessConfig, preprocess_frames
+from intp_vllm.core.prompt import VIDEO_PROMPT
+from intp_vllm.research.synthetic import COLOURS
+from intp_vllm.research.tiny_model import SPECIAL_TOKENS
+
+TASKS = {"flash": "What colour flashed?", "order": "Which came first?"}
+FRAME_SIZE = 56
+PATCH_SIZE = 14
+TRAIN_FRAMES = 8
+WORDS = ["USER:", "ASSISTANT:", "What", "colour", "flashed?", "Which", "came", "first?"]
+
+
+@dataclass
+class NeedleClip:
+    frames: np.ndarray  # (F, 56, 56, 3) uint8
+    task: str
+    answer: str
+    needle_frames: tuple[int, ...]
+
+
+def make_clip(rng: np.random.Generator, num_frames: int, task: str) -> NeedleClip:
+    """Grey noise with one (flash) or two (order) frames showing a coloured square of 28-42 px."""
+    if task not in TASKS:
+        raise ValueError(f"task {task!r} is not one of {', '.join(TASKS)}")
+    frames = np.repeat(rng.integers(96, 160, size=(num_frames, FRAME_SIZE, FRAME_SIZE, 1), dtype=np.uint8), 3, -1)
+    names = list(COLOURS)
+    count = 1 if task == "flash" else 2
+    needle_frames = tuple(sorted(rng.choice(num_frames, size=count, replace=False).tolist()))
+    colours = [names[i] for i in rng.choice(len(names), size=count, replace=False)]
+    for frame, colour in zip(needle_frames, colours):
+        side = int(rng.integers(28, 43))
+        top, left = rng.integers(0, FRAME_SIZE - side + 1, size=2)
+        frames[frame, top:top + side, left:left + side] = COLOURS[colour]
+    return NeedleClip(frames, task, colours[0], needle_frames)
+
+
+def make_clips(seed: int, count: int, num_frames: int, tasks: tuple[str, ...] = tuple(TASKS)) -> list[NeedleClip]:
+    rng = np.random.default_rng(seed)
+    return [make_clip(rng, num_frames, tasks[i % len(tasks)]) for i in range(count)]
+
+
+def build_tokenizer():
+    """A word-level tokenizer over the prompt words and the colour names."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    from intp_vllm.core.prompt import VIDEO_LLAVA_CHAT_TEMPLATE
+
+    vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS + WORDS + list(COLOURS))}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", vocab["<s>"])])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                   pad_token="<pad>")
+    fast.add_special_tokens({"additional_special_tokens": ["<image>", "<video>"]})
+    fast.chat_template = VIDEO_LLAVA_CHAT_TEMPLATE
+    return fast
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    seed: int = 0
+    batch_size: int = 32
+    learning_rate: float = 1e-3
+    warmup_steps: int = 100
+    max_steps: int = 1200
+    single_task_steps: int = 250
+    eval_every: int = 50
+    eval_clips: int = 256
+    target_accuracy: float = 0.98
+    temporal_attention: bool = False
+    """Give the tower temporal attention over its 8-frame window (temporal_attention.py)."""
+
+
+def build_model(tokenizer, seed: int, temporal_attention: bool = False):
+    import torch
+    from transformers import CLIPVisionConfig, LlamaConfig, VideoLlavaConfig
+
+    from intp_vllm.research.hf_video_llava import hf_model_class
+
+    per_frame = tokens_per_frame(FRAME_SIZE, PATCH_SIZE)
+    prompt_len = len(prompt_ids(tokenizer, "flash", TRAIN_FRAMES * per_frame))
+    vision = CLIPVisionConfig(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
+                              image_size=FRAME_SIZE, patch_size=PATCH_SIZE, projection_dim=64)
+    text = LlamaConfig(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=384, num_hidden_layers=3,
+                       num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=prompt_len,
+                       rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                       pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False)
+    config = VideoLlavaConfig(vision_config=vision, text_config=text,
+                              image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+                              video_token_index=tokenizer.convert_tokens_to_ids("<video>"),
+                              image_seq_length=per_frame - 1,
+                              video_seq_length=per_frame * TRAIN_FRAMES)
+    if temporal_attention:
+        config.temporal_attention = {"frames": TRAIN_FRAMES, "num_heads": 2}
+    torch.manual_seed(seed)
+    return hf_model_class(config)(config)
+
+
+def prompt_ids(tokenizer, task: str, video_tokens: int) -> list[int]:
+    """Prompt token ids with the video placeholder expanded, as vLLM's processor does."""
+    ids = tokenizer(VIDEO_PROMPT.format(question=TASKS[task])).input_ids
+    video = tokenizer.convert_tokens_to_ids("<video>")
+    at = ids.index(video)
+    return ids[:at] + [video] * video_tokens + ids[at + 1:]
+
+
+def _batch(model, tokenizer, clips: list[NeedleClip]):
+    import torch
+
+    per_frame = tokens_per_frame(FRAME_SIZE, PATCH_SIZE)
+    preprocess = ClipPreprocessConfig(shortest_edge=FRAME_SIZE, crop_size=FRAME_SIZE)
+    pixels = torch.from_numpy(np.stack([preprocess_frames(c.frames, preprocess) for c in clips]))
+    ids = torch.tensor([prompt_ids(tokenizer, c.task, len(c.frames) * per_frame) for c in clips])
+    targets = torch.tensor([tokenizer.convert_tokens_to_ids(c.answer) for c in clips])
+    return ids, pixels, targets
+
+
+def answer_logits(model, ids, pixels):
+    return model(input_ids=ids, pixel_values_videos=pixels, logits_to_keep=1).logits[:, -1]
+
+
+def predictions(model, tokenizer, clips: list[NeedleClip], batch_size: int = 64):
+    """The answer token id the model gives each clip (greedy, one token)."""
+    import torch
+
+    answers = []
+    with torch.no_grad():
+        for start in range(0, len(clips), batch_size):
+            ids, pixels, _ = _batch(model, tokenizer, clips[start:start + batch_size])
+            answers.append(answer_logits(model, ids, pixels).argmax(-1))
+    return torch.cat(answers)
+
+
+def accuracy(model, tokenizer, clips: list[NeedleClip], batch_size: int = 64) -> float:
+    import torch
+
+    targets = torch.tensor([tokenizer.convert_tokens_to_ids(c.answer) for c in clips])
+    return int((predictions(model, tokenizer, clips, batch_size) == targets).sum()) / len(clips)
+
+
+def _learning_rate(step: int, cfg: TrainConfig) -> float:
+    if step < cfg.warmup_steps:
+        return cfg.learning_rate * (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
+    return cfg.learning_rate * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def train_needle(output_dir: str | Path, cfg: TrainConfig = TrainConfig(), log=print) -> dict:
+    """Train until both tasks reach `target_accuracy` on held-out 8-frame clips; save an HF checkpoint."""
+    import torch
+
+    output_dir = Path(output_dir)
+    tokenizer = build_tokenizer()
+    model = build_model(tokenizer, cfg.seed, cfg.temporal_attention)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate)
+    rng = np.random.default_rng(cfg.seed)
+    validation = {task: make_clips(cfg.seed + 1000 + i, cfg.eval_clips // 2, TRAIN_FRAMES, (task,))
+                  for i, task in enumerate(TASKS)}
+    history, started = [], time.perf_counter()
+    scores = {task: 0.0 for task in TASKS}
+    step = 0
+    for step in range(1, cfg.max_steps + 1):
+        tasks = ("flash",) if step <= cfg.single_task_steps else tuple(TASKS)
+        clips = [make_clip(rng, TRAIN_FRAMES, tasks[int(rng.integers(len(tasks)))]) for _ in range(cfg.batch_size)]
+        model.train()
+        ids, pixels, targets = _batch(model, tokenizer, clips)
+        loss = torch.nn.functional.cross_entropy(answer_logits(model, ids, pixels), targets)
+        for group in optimizer.param_groups:
+            group["lr"] = _learning_rate(step, cfg)
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        if step % cfg.eval_every == 0:
+            model.eval()
+            scores = {task: accuracy(model, tokenizer, clips) for task, clips in validation.items()}
+            history.append({"step": step, "loss": loss.item(), **scores})
+            log(f"step {step}: loss {history[-1]['loss']:.3f}, 8-frame accuracy "
+                + ", ".join(f"{t} {a:.3f}" for t, a in scores.items()))
+            if step > cfg.single_task_steps and min(scores.values()) >= cfg.target_accuracy:
+                break
+    model.eval()
+    output_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(output_dir)
+    tokenizer.save_pretrained(output_dir)
+    from intp_vllm.research.tiny_model import TinyModelSpec, write_preprocessor_config
+
+    write_preprocessor_config(output_dir, TinyModelSpec(frames=TRAIN_FRAMES, image_size=FRAME_SIZE))
+    report = {"config": asdict(cfg), "steps": step, "seconds": round(time.perf_counter() - started, 1),
+              "accuracy_8_frames": scores, "history": history}
+    (output_dir / "training.json").write_text(json.dumps(report, indent=2))
+    return report

@@ -1,0 +1,150 @@
+"""`intp-vllm eval-needle`: the needle model on 8-128 frame videos, through vLLM with the plugin.
+
+Each cell (frames x RoPE type x task) answers the same held-out clips (fixed seed, needles
+at random frames of the whole video). The baseline is what the model could do without
+INTP: sample 8 frames uniformly and hope they include the needles. Accuracy comes with
+95% Wilson intervals; results (with every clip's answer, for paired comparisons) go to JSON
+and a PNG heatmap.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+
+from intp_vllm.core.config import GROUPINGS, ROPE_TYPES
+from intp_vllm.research.needle import TASKS, TRAIN_FRAMES, make_clips
+from intp_vllm.core.rearrange import uniform_frame_indices
+from intp_vllm.core.prompt import VIDEO_PROMPT
+from intp_vllm.machine import machine_name
+from intp_vllm.vllm_ext.engine import shutdown_llm
+
+SAMPLING_ROW = "8-frame sampling"
+
+
+def wilson_interval(correct: int, total: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval of a proportion."""
+    if total == 0:
+        return 0.0, 1.0
+    p = correct / total
+    centre = (p + z * z / (2 * total)) / (1 + z * z / total)
+    half = z * math.sqrt(p * (1 - p) / total + z * z / (4 * total * total)) / (1 + z * z / total)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def mcnemar_exact(only_a: int, only_b: int) -> float:
+    """Two-sided exact McNemar p-value for paired answers to the same clips: `only_a` clips
+    right under method a alone, `only_b` under b alone (clips both get right or both wrong do
+    not count). Under "a and b are equally accurate" the discordant clips split 50:50, so the
+    p-value is the binomial tail of the smaller count, doubled (McNemar 1947; exact form as in
+    Fagerland et al. 2013)."""
+    discordant = only_a + only_b
+    if discordant == 0:
+        return 1.0
+    tail = sum(math.comb(discordant, k) for k in range(min(only_a, only_b) + 1)) / 2 ** discordant
+    return min(1.0, 2 * tail)
+
+
+def cell_clips(frames: int, task: str, count: int, seed: int):
+    return make_clips(seed * 1_000_003 + frames * 31 + list(TASKS).index(task), count, frames, (task,))
+
+
+def _ask(llm, videos: list[np.ndarray], tasks: list[str]) -> list[str]:
+    from vllm import SamplingParams
+
+    requests = [{"prompt": VIDEO_PROMPT.format(question=TASKS[task]), "multi_modal_data": {"video": video}}
+                for video, task in zip(videos, tasks)]
+    outputs = llm.generate(requests, SamplingParams(temperature=0.0, max_tokens=1), use_tqdm=False)
+    return [output.outputs[0].text.strip() for output in outputs]
+
+
+def _score(answers: list[str], clips) -> dict:
+    correct = sum(answer == clip.answer for answer, clip in zip(answers, clips))
+    low, high = wilson_interval(correct, len(clips))
+    return {"accuracy": correct / len(clips), "ci95": [low, high], "n": len(clips), "answers": answers}
+
+
+def method_label(rope_type: str, grouping: str, groupings: list[str]) -> str:
+    """A result row: the RoPE type, with the grouping when more than one is compared."""
+    return rope_type if len(groupings) == 1 else f"{rope_type}, {grouping}"
+
+
+def evaluate(model_dir: str, frames: list[int], rope_types: list[str], factor="auto", clips_per_cell: int = 300,
+             tasks: tuple[str, ...] = tuple(TASKS), seed: int = 1234, groupings: tuple[str, ...] = ("interleaved",),
+             engine_kwargs: dict | None = None, log=print) -> dict:
+    """Accuracy per (task, method, frames); a method is a RoPE type (and grouping, when several are
+    compared), or the 8-frame sampling baseline."""
+    from vllm import LLM
+
+    for name, values, allowed in (("rope type", rope_types, ROPE_TYPES), ("grouping", groupings, GROUPINGS)):
+        unknown = [value for value in values if value not in allowed]
+        if unknown:
+            raise ValueError(f"{name} {unknown} is not one of {', '.join(allowed)}")
+    engine = dict(dtype="float32", max_num_seqs=32,
+                  limit_mm_per_prompt={"video": 1}, seed=0)
+    engine.update(engine_kwargs or {})
+    cells = {(f, t): cell_clips(f, t, clips_per_cell, seed) for f in frames for t in tasks}
+    results: dict = {task: {} for task in tasks}
+    methods = []
+    started = time.perf_counter()
+    for index, (grouping, rope_type) in enumerate((g, r) for g in groupings for r in rope_types):
+        method = method_label(rope_type, grouping, list(groupings))
+        methods.append(method)
+        llm = LLM(model=model_dir, hf_overrides={"intp": {"frames": max(frames), "rope_type": rope_type,
+                                                          "factor": factor, "grouping": grouping}}, **engine)
+        try:
+            for (f, task), clips in cells.items():
+                answers = _ask(llm, [c.frames for c in clips], [task] * len(clips))
+                results[task].setdefault(method, {})[str(f)] = _score(answers, clips)
+                log(f"{method:>8} {task:>5} {f:>4} frames: {results[task][method][str(f)]['accuracy']:.3f}")
+                if index == 0:
+                    sampled = uniform_frame_indices(f, TRAIN_FRAMES)
+                    answers = _ask(llm, [c.frames[sampled] for c in clips], [task] * len(clips))
+                    score = _score(answers, clips)
+                    score["needles_caught"] = float(np.mean([set(c.needle_frames) <= set(sampled.tolist())
+                                                             for c in clips]))
+                    results[task].setdefault(SAMPLING_ROW, {})[str(f)] = score
+                    log(f"{SAMPLING_ROW} {task:>5} {f:>4} frames: {score['accuracy']:.3f} "
+                        f"(needles caught {score['needles_caught']:.2f})")
+        finally:
+            shutdown_llm(llm)
+    return {"model": str(model_dir), "machine": machine_name(), "factor": factor, "groupings": list(groupings),
+            "frames": frames, "rope_types": rope_types, "methods": methods, "clips_per_cell": clips_per_cell,
+            "seed": seed, "seconds": round(time.perf_counter() - started, 1), "results": results}
+
+
+def plot_heatmap(report: dict, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = list(report["results"])
+    fig, axes = plt.subplots(1, len(tasks), figsize=(5.5 * len(tasks), 3.2), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        rows = [SAMPLING_ROW] + report["methods"]
+        grid = np.array([[report["results"][task][row][str(f)]["accuracy"] for f in report["frames"]]
+                         for row in rows])
+        ax.imshow(grid, vmin=0, vmax=1, cmap="viridis")
+        ax.set_xticks(range(len(report["frames"])), [str(f) for f in report["frames"]])
+        ax.set_yticks(range(len(rows)), rows)
+        ax.set_xlabel("frames in the video")
+        ax.set_title(f"{task}: {TASKS[task]}")
+        for (i, j), value in np.ndenumerate(grid):
+            ax.text(j, i, f"{value:.2f}", ha="center", va="center", color="white" if value < 0.6 else "black")
+    fig.suptitle(f"needle accuracy, n={report['clips_per_cell']} per cell ({report['machine']})", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def write_report(report: dict, output_dir: Path) -> tuple[Path, Path]:
+    output_dir.mkdir(parents=True, exist_ok=True)
+    json_path = output_dir / "needle_eval.json"
+    json_path.write_text(json.dumps(report, indent=2))
+    return json_path, plot_heatmap(report, output_dir / "needle_eval.png")

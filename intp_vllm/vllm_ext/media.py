@@ -1,0 +1,242 @@
+"""How `video_url` parts reach the model under a server's limits: vLLM's media connector and
+video loader, ours (registered by the plugin in every vLLM process).
+
+`IntpVideoLoader` decodes (video/io.py) and preprocesses each frame as it is decoded;
+`BoundedMediaConnector` checks files, data URLs and fetches (video/fetch.py) before they cost
+memory; both follow the `ServeLimits` that `intp-vllm serve` installs through one environment
+variable, so the API-server processes it starts see them too (docs/robustness.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+from intp_vllm.video.fetch import FetchError, HostPolicy, fetch_bytes, short_url
+from intp_vllm.video.io import DECODERS, VideoLimits, sample_video
+from intp_vllm.video.preprocess import ClipPreprocessConfig
+from intp_vllm.core.checks import check_positive_int
+
+LIMITS_ENV = "INTP_VLLM_SERVE_LIMITS"
+MEDIA_HOOK_NAME = "intp_vllm"
+"""Name of our media connector (VLLM_MEDIA_CONNECTOR) and video loader (video_backend)."""
+REQUEST_TEXT_BYTES = 1 << 20
+"""Room for the JSON and text of a request on top of a base64 video."""
+
+
+@dataclass(frozen=True)
+class ServeLimits:
+    """What one request may cost the server: its video (see VideoLimits), its fetch time,
+    and how many requests may be in flight at once; which hosts its video may come from
+    (see fetch.HostPolicy); and which decoder reads its video."""
+
+    video: VideoLimits = field(default_factory=VideoLimits)
+    fetch_timeout_s: float = 30.0
+    max_in_flight: int = 64
+    video_decoder: str = "pyav"
+    media_hosts: HostPolicy = field(default_factory=HostPolicy)
+
+    def __post_init__(self) -> None:
+        if self.video_decoder not in DECODERS:
+            raise ValueError(f"video decoder {self.video_decoder!r} is not one of {sorted(DECODERS)}")
+        if not self.fetch_timeout_s > 0:
+            raise ValueError(f"video fetch timeout must be > 0 seconds, got {self.fetch_timeout_s!r}")
+        check_positive_int("max in-flight requests", self.max_in_flight)
+
+    @property
+    def max_request_bytes(self) -> int:
+        """A request body: the largest video as base64, plus text."""
+        return 4 * math.ceil(self.video.max_bytes / 3) + REQUEST_TEXT_BYTES
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, intp: dict) -> "ServeLimits":
+        """From add_limit_arguments' flags; the INTP frame counts must fit the decoder's."""
+        video = VideoLimits(max_frames=args.max_video_frames, max_frame_pixels=args.max_frame_pixels,
+                            max_bytes=args.max_video_bytes)
+        frames = max(intp.get("frames", 0), intp.get("max_frames") or 0)
+        if frames > video.max_frames:
+            raise ValueError(f"--frames/--max-frames {frames} exceeds --max-video-frames {video.max_frames}: "
+                             "no video could be decoded at that many frames; raise --max-video-frames")
+        return cls(video, fetch_timeout_s=args.video_fetch_timeout, max_in_flight=args.max_in_flight_requests,
+                   video_decoder=args.video_decoder, media_hosts=HostPolicy.from_args(args))
+
+    @classmethod
+    def from_env(cls) -> "ServeLimits":
+        """The limits `run_server` installed (defaults outside `intp-vllm serve`)."""
+        text = os.environ.get(LIMITS_ENV)
+        if not text:
+            return cls()
+        values = json.loads(text)
+        hosts = values.pop("media_hosts")
+        return cls(video=VideoLimits(**values.pop("video")),
+                   media_hosts=HostPolicy(**{**hosts, "allowed_networks": tuple(hosts["allowed_networks"])}), **values)
+
+
+def install_media_limits(limits: ServeLimits) -> None:
+    """Route video_url parts through our connector and loader, under `limits`, in this process
+    and the API-server processes it starts (they inherit the environment; the plugin registers
+    the connector in every process)."""
+    os.environ[LIMITS_ENV] = json.dumps(asdict(limits))
+    os.environ["VLLM_MEDIA_CONNECTOR"] = MEDIA_HOOK_NAME
+    download_mb = math.ceil(limits.video.max_bytes / (1 << 20))
+    os.environ["VLLM_MAX_MEDIA_DOWNLOAD_SIZE_MB"] = str(
+        min(download_mb, int(os.environ.get("VLLM_MAX_MEDIA_DOWNLOAD_SIZE_MB", download_mb))))
+
+
+class IntpVideoLoader:
+    """vLLM video loader (VIDEO_LOADER_REGISTRY, name `intp_vllm`): `video_io.sample_video`,
+    each frame resized and cropped for the vision tower as it is decoded.
+
+    The plugin makes it the checkpoint's default loader (`plugin.py`), for the server and
+    offline `LLM.chat` alike; `media_io_kwargs.video` may set `num_frames`, `frame_size` (the
+    tower's input side, set by the plugin; 0 keeps full-size frames) and `decoder` (a key of
+    `video_io.DECODERS`). Under `intp-vllm serve` the server's `ServeLimits` apply (and its
+    decoder); elsewhere (offline `LLM.chat`) the default limits, with as many frames as asked for.
+    vLLM's own OpenCV loader decodes every frame up to the last sampled one, all of them for
+    num_frames=-1, at full size, and reads bytes through OpenCV's in-memory stream, which
+    segfaults on some malformed mp4 headers (taking the server down).
+    """
+
+    @classmethod
+    def load_bytes(cls, data: bytes, num_frames: int = -1, frame_size: int = 0, decoder: str = "pyav",
+                   **kwargs) -> tuple:
+        """(uint8 frames (T, H, W, 3), vLLM's video metadata dict) of encoded `data`. Raises
+        ValueError naming the option or limit at fault."""
+        if kwargs:
+            raise ValueError(f"media_io_kwargs.video {sorted(kwargs)} are not supported: this server decodes "
+                             "video with the intp_vllm loader, which takes 'num_frames', 'frame_size' and 'decoder'")
+        limits = ServeLimits.from_env().video
+        if LIMITS_ENV not in os.environ and isinstance(num_frames, int) and num_frames > limits.max_frames:
+            limits = replace(limits, max_frames=num_frames)
+        preprocess = None
+        if frame_size:
+            if isinstance(frame_size, int) and frame_size * frame_size > limits.max_frame_pixels:
+                raise ValueError(f"media_io_kwargs.video frame_size {frame_size} makes frames of more than "
+                                 f"{limits.max_frame_pixels} pixels, this server's limit")
+            try:
+                preprocess = ClipPreprocessConfig(shortest_edge=frame_size, crop_size=frame_size)
+            except ValueError as exc:
+                raise ValueError(f"media_io_kwargs.video frame_size: {exc}") from None
+        video = sample_video(data, num_frames, limits, decoder=decoder, preprocess=preprocess)
+        metadata = {
+            "total_num_frames": video.total_frames,
+            "fps": video.fps,
+            "duration": video.total_frames / video.fps if video.fps > 0 else 0.0,
+            "video_backend": MEDIA_HOOK_NAME,
+            "frames_indices": video.indices,
+            "do_sample_frames": False,
+        }
+        return video.frames, metadata
+
+
+class BoundedMediaConnector:
+    """vLLM's MediaConnector (VLLM_MEDIA_CONNECTOR) with video_url checked before it costs memory.
+
+    Checks what vLLM does not: a file's or a data URL's size before reading or decoding
+    it, a data URL's encoding, and a total deadline on fetching and decoding (vLLM retries
+    a dead host three times with growing timeouts). Every failure becomes a 4xx naming the
+    URL: ValueError -> 400, fetch failures -> 422. Video decodes with IntpVideoLoader and the
+    server's decoder, whatever video_backend or decoder a request asks for. Everything else is vLLM's connector unchanged.
+    """
+
+    def __init__(self, media_io_kwargs: dict | None = None, **kwargs) -> None:
+        from vllm.multimodal.media.connector import MediaConnector
+
+        self.limits = ServeLimits.from_env()
+        media_io_kwargs = dict(media_io_kwargs or {})
+        media_io_kwargs["video"] = {**media_io_kwargs.get("video", {}), "video_backend": MEDIA_HOOK_NAME,
+                                    "decoder": self.limits.video_decoder}
+        kwargs.pop("connection", None)
+        connection = SafeMediaConnection(self.limits, tuple(kwargs.get("allowed_media_domains") or ()))
+        self.inner = MediaConnector(media_io_kwargs, connection, **kwargs)
+
+    def __getattr__(self, name: str):
+        return getattr(self.inner, name)
+
+    async def fetch_video_async(self, video_url: str, **kwargs):
+        """vLLM's fetch, after our checks and within the fetch deadline; errors become 4xx naming the URL."""
+        from aiohttp import ClientError
+        from vllm.exceptions import VLLMUnprocessableEntityError
+
+        label = short_url(video_url)
+        try:
+            self._check_before_loading(video_url)
+            return await asyncio.wait_for(self.inner.fetch_video_async(video_url, **kwargs),
+                                          self.limits.fetch_timeout_s)
+        except TimeoutError:
+            raise VLLMUnprocessableEntityError(
+                f"video_url {label} was not fetched and decoded within {self.limits.fetch_timeout_s:g} s",
+                parameter="video_url") from None
+        except FetchError as exc:
+            if exc.refused:
+                raise ValueError(f"video_url {exc}") from None
+            raise VLLMUnprocessableEntityError(f"video_url {exc}", parameter="video_url") from None
+        except ValueError as exc:
+            raise ValueError(f"video_url {label}: {exc}") from None
+        except (OSError, ClientError) as exc:  # unreachable hosts, HTTP errors after retries, missing files
+            raise VLLMUnprocessableEntityError(
+                f"video_url {label} could not be fetched: {type(exc).__name__}: {exc}",
+                parameter="video_url") from None
+
+    def _check_before_loading(self, url: str) -> None:
+        scheme = url[: url.find(":")].lower() if ":" in url else ""
+        if scheme == "data":
+            self._check_data_url(url)
+        elif scheme == "file":
+            self._check_file_url(url)
+
+    def _check_data_url(self, url: str) -> None:
+        """vLLM answers a non-base64 data URL with a 501 and decodes `video/jpeg` frame lists
+        itself, with no frame or pixel limit: only base64 encoded videos (a `video/*` media
+        type) are let through. The container is then found from the bytes, not the subtype."""
+        header, _, payload = url.partition(",")
+        media_type = header[5:].partition(";")[0].lower()
+        if not header.lower().endswith(";base64") or not media_type.startswith("video/") or media_type == "video/jpeg":
+            raise ValueError(f"expected a base64 encoded video file, data:video/<type>;base64,<data> (video/mp4, "
+                             f"video/webm, video/quicktime, ...; video/jpeg frame lists are not accepted), "
+                             f"got data:{header[5:60]!s}")
+        self.limits.video.check_size(len(payload.rstrip("=")) * 3 // 4, "the decoded data URL")
+
+    def _check_file_url(self, url: str) -> None:
+        """The file's size before vLLM reads all of it; the path as vLLM resolves it."""
+        from urllib.request import url2pathname
+
+        from urllib3.util import parse_url
+
+        allowed = self.inner.allowed_local_media_path
+        if allowed is None:
+            raise ValueError("file:// URLs are disabled on this server (it was started without "
+                             "--allowed-local-media-path)")
+        spec = parse_url(url)
+        path = Path(url2pathname((spec.netloc or "") + (spec.path or ""))).resolve()
+        if allowed in path.parents and path.is_file():  # vLLM rejects anything else, unread
+            self.limits.video.check_size(path.stat().st_size, "the file")
+
+
+class SafeMediaConnection:
+    """The `connection` vLLM's MediaConnector downloads http(s) media with, through
+    `fetch.fetch_bytes`: only hosts `ServeLimits.media_hosts` allows, redirects checked hop
+    by hop, the body capped at the video byte limit, one attempt within the fetch timeout."""
+
+    def __init__(self, limits: ServeLimits, allowed_domains: tuple[str, ...]) -> None:
+        self.limits = limits
+        self.allowed_domains = allowed_domains
+
+    async def async_get_bytes(self, url: str, *, timeout: float | None = None, allow_redirects: bool = True,
+                              max_bytes: int | None = None) -> bytes:
+        """vLLM's `HTTPConnection.async_get_bytes`, through `fetch.fetch_bytes` (vLLM's timeout
+        gives way to the server's fetch timeout). Raises FetchError."""
+        policy = self.limits.media_hosts if allow_redirects else replace(self.limits.media_hosts, max_redirects=0)
+        cap = min(self.limits.video.max_bytes, max_bytes or self.limits.video.max_bytes)
+        return await fetch_bytes(url, policy=policy, max_bytes=cap, timeout_s=self.limits.fetch_timeout_s,
+                                 allowed_domains=self.allowed_domains)
+
+    def get_bytes(self, url: str, **kwargs) -> bytes:
+        """The same for vLLM's synchronous fetch path."""
+        return asyncio.run(self.async_get_bytes(url, **kwargs))
+

@@ -1,0 +1,421 @@
+"""Video-LLaVA for vLLM: processing info, dummy inputs, processor and model together.
+
+vLLM has no Video-LLaVA, and its LLaVA family cannot be imported without torchvision,
+so the model is assembled from vLLM's CLIP tower and Llama, with its own preprocessing by
+Pillow (`preprocess.py`, bit-exact with HF's processor). Video only: the image tower's weights
+are skipped (see README).
+
+INTP lives in two places: the processor decides how many frames a request carries
+(prompt gets frames x tokens-per-frame placeholders), and `embed_multimodal` runs the
+frozen tower+projector on interleaved N-frame groups and puts the tokens back in
+frame-time order.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import re
+from collections.abc import Iterable, Mapping, Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+from transformers import BatchFeature
+
+from vllm.config import VllmConfig
+from vllm.config.multimodal import MultiModalDummyOptions
+from vllm.model_executor.layers.activation import get_act_fn
+from vllm.model_executor.models.clip import CLIPVisionModel
+from vllm.model_executor.models.interfaces import MultiModalEmbeddings, SupportsMRoPE, SupportsMultiModal, SupportsPP
+from vllm.model_executor.models.utils import (
+    AutoWeightsLoader,
+    WeightsMapper,
+    get_layer_index,
+    init_vllm_registered_model,
+    maybe_prefix,
+)
+from vllm.multimodal import MULTIMODAL_REGISTRY
+from vllm.multimodal.inputs import MultiModalFieldConfig, MultiModalKwargsItems
+from vllm.multimodal.parse import MultiModalDataItems
+from vllm.multimodal.processing import (
+    BaseDummyInputsBuilder,
+    BaseMultiModalProcessor,
+    BaseProcessingInfo,
+    PromptReplacement,
+    PromptUpdate,
+)
+from vllm.sequence import IntermediateTensors
+
+from intp_vllm.core.config import IntpConfig, tokens_per_frame
+from intp_vllm.core.prompt import VIDEO_PLACEHOLDER
+from intp_vllm.vllm_ext.llm_rope import install_scaled_rope
+from intp_vllm.video.preprocess import ClipPreprocessConfig, preprocess_frames
+from intp_vllm.core.grouped_encoding import encode_in_groups
+from intp_vllm.core.rearrange import pad_frame_indices, uniform_frame_indices
+from intp_vllm.core.request_scale import encode_positions, position_offset, request_scale_code, scale_cache_salt
+from intp_vllm.core.temporal_attention import TemporalAttention, TemporalAttentionSpec
+from intp_vllm.video.io import as_frames
+
+logger = logging.getLogger("vllm.intp_vllm")  # under "vllm": its handler and level apply
+
+REQUEST_FRAMES_KWARG = "frames"
+"""`mm_processor_kwargs={"frames": n}` asks for n frames (up to intp.max_frames)."""
+SCALE_CODE_KEY = "rope_scale_code"
+"""The request's RoPE scale code (request_scale.py): set by the processor, never by a request;
+it rides in the processor kwargs (so in the multimodal cache key) and in each video's data."""
+
+
+class VideoLlavaProcessingInfo(BaseProcessingInfo):
+    """What vLLM's processor and profiler need to know of a checkpoint: limits, INTP settings,
+    preprocessing and token counts (vLLM's `BaseProcessingInfo`)."""
+
+    def get_hf_processor(self, **kwargs: object):
+        """Never: frames are preprocessed by `video.preprocess` (bit-exact with HF's). Raises."""
+        raise RuntimeError("intp_vllm preprocesses video itself (preprocess.py); the HF processor is never used")
+
+    def get_supported_mm_limits(self) -> Mapping[str, int | None]:
+        """One video a prompt; images are not served."""
+        return {"video": 1}
+
+    def get_intp_config(self) -> IntpConfig:
+        """The checkpoint's `intp` section with the engine's overrides (`IntpConfig.from_hf_config`)."""
+        return IntpConfig.from_hf_config(self.get_hf_config())
+
+    def get_preprocess_config(self) -> ClipPreprocessConfig:
+        """Resize/crop/normalise as the tower was trained (CLIPImageProcessor's settings)."""
+        return ClipPreprocessConfig.for_tower(self.get_hf_config().vision_config)
+
+    def get_tokens_per_frame(self) -> int:
+        """Video tokens per frame (`core.config.tokens_per_frame`: patches + CLS)."""
+        vision = self.get_hf_config().vision_config
+        return tokens_per_frame(vision.image_size, vision.patch_size)
+
+    def get_num_video_tokens(self, num_frames: int) -> int:
+        """Prompt tokens of a video sampled at `num_frames`, padded to whole encoder clips."""
+        intp = self.get_intp_config()
+        return len(pad_frame_indices(num_frames, intp.encoder_frames)) * self.get_tokens_per_frame()
+
+    def get_mm_max_tokens_per_item(self, seq_len: int, mm_counts: Mapping[str, int]) -> Mapping[str, int]:
+        """The most tokens one video can take: `get_num_video_tokens(intp.max_frames)`."""
+        return {"video": self.get_num_video_tokens(self.get_intp_config().frame_limit)}
+
+
+class VideoLlavaDummyInputsBuilder(BaseDummyInputsBuilder[VideoLlavaProcessingInfo]):
+    """Profiling inputs for vLLM's memory check: the largest video a request may send."""
+
+    def get_dummy_text(self, mm_counts: Mapping[str, int]) -> str:
+        """One placeholder per video."""
+        return VIDEO_PLACEHOLDER * mm_counts.get("video", 0)
+
+    def get_dummy_mm_data(self, seq_len: int, mm_counts: Mapping[str, int], mm_options: MultiModalDummyOptions):
+        """Videos of intp.max_frames frames at the tower's input size."""
+        size = self.info.get_hf_config().vision_config.image_size
+        return {
+            "video": self._get_dummy_videos(
+                width=size,
+                height=size,
+                num_frames=self.info.get_intp_config().frame_limit,
+                num_videos=mm_counts.get("video", 0),
+                overrides=mm_options.get("video") if mm_options else None,
+            )
+        }
+
+
+def select_frames(num_frames: int, requested: int, encoder_frames: int) -> np.ndarray:
+    """Indices into a video of `num_frames` frames: sample down to `requested`, pad to a multiple of N."""
+    sampled = uniform_frame_indices(num_frames, requested)
+    return sampled[pad_frame_indices(len(sampled), encoder_frames)]
+
+
+class VideoLlavaMultiModalProcessor(BaseMultiModalProcessor[VideoLlavaProcessingInfo]):
+    """A request's video -> pixel values and placeholders; decides its frame count and, with
+    factor "auto", its RoPE scale, each once (vLLM's `BaseMultiModalProcessor`)."""
+
+    def requested_frames(self, mm_processor_kwargs: Mapping[str, object] | None) -> int:
+        """The frames a request asks for: `mm_processor_kwargs.frames`, else intp.frames.
+        Raises ValueError outside 1..intp.max_frames."""
+        intp = self.info.get_intp_config()
+        requested = (mm_processor_kwargs or {}).get(REQUEST_FRAMES_KWARG, intp.frames)
+        if isinstance(requested, bool) or not isinstance(requested, int) or not 1 <= requested <= intp.frame_limit:
+            raise ValueError(
+                f"mm_processor_kwargs.{REQUEST_FRAMES_KWARG}={requested!r}: expected an integer "
+                f"from 1 to {intp.frame_limit} (intp.max_frames)"
+            )
+        return requested
+
+    def request_media_io_kwargs(
+        self, media_io_kwargs: Mapping[str, Mapping[str, object]], mm_processor_kwargs: Mapping[str, object] | None
+    ) -> dict[str, dict[str, object]]:
+        """`media_io_kwargs` with `video.num_frames` set to the request's frames, so that a video
+        from a URL, file or data URL is decoded at the count this processor then uses.
+
+        Called by the renderer before any video is fetched (plugin.py). Raises ValueError for a
+        frame count outside 1..intp.max_frames, or a `num_frames` that names another count.
+        """
+        requested = self.requested_frames(mm_processor_kwargs)
+        video = dict(media_io_kwargs.get("video") or {})
+        asked = video.get("num_frames", requested)
+        if asked not in (requested, self.info.get_intp_config().frames):
+            raise ValueError(
+                f"media_io_kwargs.video.num_frames={asked!r} conflicts with {requested} frames: a request's "
+                f"frame count is mm_processor_kwargs.{REQUEST_FRAMES_KWARG} (up to intp.max_frames); "
+                "drop num_frames"
+            )
+        video["num_frames"] = requested
+        return {**media_io_kwargs, "video": video}
+
+    def _call_hf_processor(self, hf_data: Mapping[str, object], hf_kwargs: Mapping[str, object]) -> BatchFeature:
+        unknown = sorted(set(hf_kwargs) - {REQUEST_FRAMES_KWARG, SCALE_CODE_KEY})
+        if unknown:
+            raise ValueError(f"unknown mm_processor_kwargs {unknown}; allowed: [{REQUEST_FRAMES_KWARG!r}]")
+        requested = self.requested_frames(hf_kwargs)
+        encoder_frames = self.info.get_intp_config().encoder_frames
+        preprocess = self.info.get_preprocess_config()
+        pixel_values = []
+        for i, video in enumerate(hf_data.get("videos", [])):
+            frames = as_frames(video, name=f"video {i}")
+            chosen = frames[select_frames(len(frames), requested, encoder_frames)]
+            pixel_values.append(torch.from_numpy(preprocess_frames(chosen, preprocess)))
+        outputs = {"pixel_values_videos": pixel_values}
+        if SCALE_CODE_KEY in hf_kwargs:
+            outputs[SCALE_CODE_KEY] = torch.full((len(pixel_values),), hf_kwargs[SCALE_CODE_KEY], dtype=torch.int64)
+        return BatchFeature(outputs)
+
+    def _hf_processor_applies_updates(self, *args, **kwargs) -> bool:
+        return False
+
+    def _expanded_prompt_length(self, inputs) -> int:
+        """Prompt tokens once each video placeholder has become its video tokens."""
+        requested = self.requested_frames(inputs.hf_processor_mm_kwargs)
+        length = len(inputs.prompt)
+        videos = inputs.mm_data_items.get("video")
+        for i in range(videos.get_count() if videos is not None else 0):
+            video = videos.get(i)
+            if video is None:
+                raise ValueError(f"video {i} came as a multi_modal_uuid alone: with intp factor 'auto' its frames "
+                                 "decide the request's RoPE scale, so send the video itself")
+            frames = len(as_frames(video, name=f"video {i}"))
+            length += self.info.get_num_video_tokens(min(frames, requested)) - 1
+        return length
+
+    def apply(self, inputs, timing_ctx):
+        """With intp factor "auto", decide the request's RoPE scale once, here (request_scale.py).
+
+        The code comes from the expanded prompt length and is added to the processor kwargs, so
+        it is part of each video's cache key and data (`SCALE_CODE_KEY`, read by
+        `get_mrope_input_positions`). Keys are cached after RoPE, so the prefix cache is salted
+        with it too (`request_scale.scale_cache_salt`; a client's own salt is joined to it by
+        `plugin.salt_with_request_scale`): blocks computed at one scale never serve another.
+        """
+        if SCALE_CODE_KEY in inputs.hf_processor_mm_kwargs:
+            raise ValueError(f"mm_processor_kwargs.{SCALE_CODE_KEY} is set by the server; allowed: "
+                             f"[{REQUEST_FRAMES_KWARG!r}]")
+        if not self.per_request_scale:
+            return super().apply(inputs, timing_ctx)
+        trained_context = self.info.get_hf_config().text_config.max_position_embeddings
+        code = request_scale_code(self._expanded_prompt_length(inputs), trained_context)
+        kwargs = {**inputs.hf_processor_mm_kwargs, SCALE_CODE_KEY: code}
+        result = super().apply(dataclasses.replace(inputs, hf_processor_mm_kwargs=kwargs), timing_ctx)
+        if code:
+            result["cache_salt"] = scale_cache_salt(code)
+        return result
+
+    @property
+    def per_request_scale(self) -> bool:
+        """Whether each request gets its own RoPE scale (intp factor "auto"), and so its own salt."""
+        return self.info.get_intp_config().factor == "auto"
+
+    def _get_mm_fields_config(
+        self, hf_inputs: BatchFeature, hf_processor_mm_kwargs: Mapping[str, object]
+    ) -> Mapping[str, MultiModalFieldConfig]:
+        fields = {"pixel_values_videos": MultiModalFieldConfig.batched("video")}
+        if SCALE_CODE_KEY in hf_inputs:
+            # keep_on_cpu: vLLM keeps only such fields for M-RoPE when the prefix cache covers a video
+            fields[SCALE_CODE_KEY] = MultiModalFieldConfig.batched("video", keep_on_cpu=True)
+        return fields
+
+    def _get_prompt_updates(
+        self,
+        mm_items: MultiModalDataItems,
+        hf_processor_mm_kwargs: Mapping[str, object],
+        out_mm_kwargs: MultiModalKwargsItems,
+    ) -> Sequence[PromptUpdate]:
+        video_token_id = self.info.get_hf_config().video_token_index
+        per_frame = self.info.get_tokens_per_frame()
+
+        def replacement(item_idx: int) -> list[int]:
+            """The video's placeholder becomes one token per frame token, frames padded to clips."""
+            pixels = out_mm_kwargs["video"][item_idx]["pixel_values_videos"].data
+            return [video_token_id] * (pixels.shape[0] * per_frame)
+
+        return [PromptReplacement(modality="video", target=[video_token_id], replacement=replacement)]
+
+
+class VideoLlavaProjector(nn.Module):
+    """Linear -> GELU -> Linear, named as in the HF checkpoint."""
+
+    def __init__(self, vision_hidden: int, text_hidden: int, act: str, bias: bool):
+        super().__init__()
+        self.linear_1 = nn.Linear(vision_hidden, text_hidden, bias=bias)
+        self.act = get_act_fn(act)
+        self.linear_2 = nn.Linear(text_hidden, text_hidden, bias=bias)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """(..., vision_hidden) tower features -> (..., text_hidden) language-model embeddings."""
+        return self.linear_2(self.act(self.linear_1(features)))
+
+
+@MULTIMODAL_REGISTRY.register_processor(
+    VideoLlavaMultiModalProcessor,
+    info=VideoLlavaProcessingInfo,
+    dummy_inputs=VideoLlavaDummyInputsBuilder,
+)
+class VideoLlavaForConditionalGeneration(nn.Module, SupportsMultiModal, SupportsPP, SupportsMRoPE):
+    """Serves unchanged HF Video-LLaVA checkpoints (`LanguageBind/Video-LLaVA-7B-hf` layout)."""
+
+    packed_modules_mapping = {
+        "qkv_proj": ["q_proj", "k_proj", "v_proj"],
+        "gate_up_proj": ["gate_proj", "up_proj"],
+    }
+
+    hf_to_vllm_mapper = WeightsMapper(
+        orig_to_new_regex={
+            # transformers >= 5 drops `vision_model.` when saving; hub files keep it.
+            re.compile(r"^(model\.)?video_tower\.(?!vision_model\.)"): "video_tower.vision_model.",
+            re.compile(r"^model\.video_tower\.vision_model\."): "video_tower.vision_model.",
+            # in-memory transformers names (model.language_model.*, lm_head.*)
+            re.compile(r"^model\.language_model\."): "language_model.model.",
+            re.compile(r"^lm_head\."): "language_model.lm_head.",
+            re.compile(r"^model\.(multi_modal_projector|temporal_attention)\."): r"\1.",
+            # video only: the image tower is not loaded (see README)
+            re.compile(r"^(model\.)?image_tower\."): None,
+        }
+    )
+
+    @classmethod
+    def get_placeholder_str(cls, modality: str, i: int) -> str | None:
+        """What vLLM's chat parser puts in the prompt for a video part: `<video>`. Raises for
+        other modalities."""
+        if modality.startswith("video"):
+            return VIDEO_PLACEHOLDER
+        raise ValueError(f"modality {modality!r} is not served; Video-LLaVA here takes 'video' only")
+
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
+        super().__init__()
+        config = vllm_config.model_config.hf_config
+        self.config = config
+        self.intp = IntpConfig.from_hf_config(config)
+        self.tokens_per_frame = tokens_per_frame(config.vision_config.image_size, config.vision_config.patch_size)
+        vision = config.vision_config
+        if not isinstance(config.vision_feature_layer, int):
+            raise ValueError(
+                f"vision_feature_layer {config.vision_feature_layer!r}: only a single layer index is supported"
+            )
+        with self._mark_tower_model(vllm_config, "video"):
+            self.video_tower = CLIPVisionModel(
+                vision,
+                quant_config=vllm_config.quant_config,
+                num_hidden_layers_override=get_layer_index(config.vision_feature_layer, vision.num_hidden_layers),
+                require_post_norm=False,
+                prefix=maybe_prefix(prefix, "video_tower"),
+            )
+            self.multi_modal_projector = VideoLlavaProjector(
+                vision.hidden_size,
+                config.text_config.hidden_size,
+                config.projector_hidden_act,
+                getattr(config, "multimodal_projector_bias", True),
+            )
+            self.temporal_attention = self._build_temporal_attention(config)
+        with self._mark_language_model(vllm_config):
+            self.language_model = init_vllm_registered_model(
+                vllm_config=vllm_config,
+                hf_config=config.text_config,
+                prefix=maybe_prefix(prefix, "language_model"),
+            )
+        self.make_empty_intermediate_tensors = self.language_model.model.make_empty_intermediate_tensors
+        self.rope = install_scaled_rope(
+            self.language_model,
+            config.text_config,
+            self.intp,
+            vllm_config.model_config.max_model_len,
+            vllm_config.model_config.dtype,
+        )
+        logger.info("intp_vllm: language model RoPE %s", self.rope.extra_repr())
+
+    def _build_temporal_attention(self, config) -> TemporalAttention | None:
+        spec = TemporalAttentionSpec.from_hf_config(config)
+        if spec is None:
+            return None
+        if spec.frames != self.intp.encoder_frames:
+            raise ValueError(
+                f"intp.encoder_frames ({self.intp.encoder_frames}) must equal temporal_attention.frames "
+                f"({spec.frames}): the tower's temporal embedding has exactly that many slots"
+            )
+        return TemporalAttention(spec, config.vision_config.hidden_size)
+
+    def encode_clips(self, clips: torch.Tensor) -> torch.Tensor:
+        """Frozen tower + projector on clips (K, N, 3, H, W) -> (K, N, tokens_per_frame, hidden).
+
+        The CLIP tower sees each frame on its own, so all K*N frames go through in one
+        batch; the temporal attention, when the checkpoint has one, then mixes the N frames
+        of each clip.
+        """
+        features = self.video_tower(clips.flatten(0, 1).to(self.video_tower.dtype)).unflatten(0, clips.shape[:2])
+        if self.temporal_attention is not None:
+            features = self.temporal_attention(features)
+        return self.multi_modal_projector(features)
+
+    def embed_video(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(F, 3, H, W) with F a multiple of N -> (F * tokens_per_frame, hidden) in frame-time order."""
+        return encode_in_groups(pixels, self.encode_clips, self.intp.encoder_frames, self.intp.grouping)
+
+    def get_mrope_input_positions(self, input_tokens: list[int], mm_features: list) -> tuple[torch.Tensor, int]:
+        """A request's positions with its RoPE scale encoded in them (see request_scale.py).
+
+        vLLM asks this once per request at prefill; only used with intp.factor "auto". The
+        scale code is the one the processor decided (each video's `SCALE_CODE_KEY`); requests
+        without video keep scale 1. Returns ((3, prompt tokens) int64, M-RoPE delta).
+        """
+        codes = {int(feature.data[SCALE_CODE_KEY].data) for feature in mm_features}
+        if len(codes) > 1:
+            raise ValueError(f"a request's videos carry different RoPE scale codes {sorted(codes)}")
+        code = codes.pop() if codes else 0
+        positions = encode_positions(len(input_tokens), code)
+        return positions.expand(3, -1).clone(), position_offset(code)
+
+    def embed_multimodal(self, **kwargs: object) -> MultiModalEmbeddings:
+        """One (F * tokens_per_frame, text_hidden) tensor per video of the batch, in the order of
+        `pixel_values_videos`, tokens in frame-time order (INTP's groups put back); [] when the
+        batch holds no video. F is each video's padded frame count."""
+        videos = kwargs.get("pixel_values_videos")
+        if videos is None:
+            return []
+        return [self.embed_video(video) for video in videos]
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None,
+        positions: torch.Tensor,
+        intermediate_tensors: IntermediateTensors | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        **kwargs: object,
+    ) -> torch.Tensor | IntermediateTensors:
+        """The language model over (tokens,) ids or (tokens, hidden) embeddings at `positions`,
+        (tokens,) or M-RoPE (3, tokens) with the scale code in them; -> (tokens, hidden)."""
+        if intermediate_tensors is not None:
+            inputs_embeds = None
+        if positions.ndim == 2:
+            # M-RoPE layout [3, tokens] (per-request scale): the channels are equal, and vLLM's
+            # Llama marks positions' dim 0 as the dynamic token dim for torch.compile.
+            positions = positions[0]
+        return self.language_model.model(input_ids, positions, intermediate_tensors, inputs_embeds=inputs_embeds)
+
+    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
+        """(tokens, text_hidden) -> (tokens, vocab) logits (None on pipeline stages without the head)."""
+        return self.language_model.compute_logits(hidden_states)
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        """Load HF checkpoint tensors by name (`hf_to_vllm_mapper`); returns the names loaded."""
+        loader = AutoWeightsLoader(self)
+        return loader.load_weights(weights, mapper=self.hf_to_vllm_mapper)
