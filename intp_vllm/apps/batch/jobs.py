@@ -1,5 +1,6 @@
 """Jobs of `intp-vllm batch`: the JSONL input, validated line by line (a bad id stops the run, any
-other fault becomes the job's error record), and where each job's video is."""
+other fault becomes the job's error record), where each job's video is, and what a job gets for
+the keys it leaves out (`JobDefaults`)."""
 
 from __future__ import annotations
 
@@ -7,11 +8,12 @@ import collections
 import json
 import math
 import urllib.parse
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-
+from intp_vllm.video.fetch import HostPolicy
+from intp_vllm.video.io import VideoLimits
+from intp_vllm.video.preprocess import ClipPreprocessConfig
 
 REQUIRED_KEYS = ("id", "video", "question")
 SAMPLING_KEYS = ("max_tokens", "temperature", "top_p", "seed")
@@ -20,13 +22,11 @@ FETCHED_SCHEMES = ("http", "https", "data")
 """`video` URLs read into memory: http(s) by `fetch.py` (public hosts, capped), data: by urllib;
 anything else is a path (file:// URLs become one)."""
 MAX_FAULTS_SHOWN = 20
+"""Most faulty lines a BatchError lists; the rest are counted."""
 
 
 class BatchError(Exception):
     """A fault of the run's inputs or flags, found before or between jobs: printed, exit code 2."""
-
-
-
 
 
 @dataclass(frozen=True)
@@ -37,6 +37,26 @@ class Job:
     video: str
     question: str
     options: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class JobDefaults:
+    """What a job gets for the keys it leaves out, and the limits it must keep to.
+
+    `frames`: frames a job without its own gets, `frame_limit`: the most it may ask for (the
+    engine's intp config: --frames, --max-frames or the checkpoint's). `sampling`: SamplingParams
+    keywords (SAMPLING_KEYS). `fetch_timeout` in seconds and `max_video_bytes` bound one http(s)
+    download; `decoder` is a `video.io` decoder name; `preprocess` resizes and crops the frames.
+    """
+
+    frames: int
+    frame_limit: int
+    sampling: dict
+    preprocess: ClipPreprocessConfig
+    fetch_timeout: float = 60.0
+    decoder: str = "pyav"
+    max_video_bytes: int = VideoLimits.max_bytes
+    media_hosts: HostPolicy = field(default_factory=HostPolicy)
 
 
 def id_key(job_id) -> str:
@@ -132,6 +152,7 @@ def parse_jobs(path: Path) -> tuple[list[Job], list[dict]]:
 
 
 def video_scheme(video: str) -> str:
+    """The lower-case URL scheme of a job's `video` ("" for a plain path)."""
     return urllib.parse.urlsplit(video).scheme.lower()
 
 

@@ -1,5 +1,6 @@
-"""Where `intp-vllm batch` runs jobs: one engine per replica, chunks decoding ahead of generation,
-in this process or as local or remote Ray replicas."""
+"""Where `intp-vllm batch` runs jobs: each job turned into an engine request and its answer or
+error into a record; one engine per replica, chunks decoding ahead of generation, in this process
+or as local or remote Ray replicas."""
 
 from __future__ import annotations
 
@@ -10,14 +11,52 @@ import functools
 import os
 import threading
 
+from intp_vllm.apps.batch.jobs import SAMPLING_KEYS, BatchError, Job, JobDefaults
+from intp_vllm.apps.batch.videos import load_video
+from intp_vllm.core.prompt import VIDEO_PROMPT
 from intp_vllm.vllm_ext.cpu_memory import CPU_REPLICAS_ENV
 from intp_vllm.vllm_ext.engine import shutdown_llm
-from intp_vllm.apps.batch.jobs import BatchError, Job
-from intp_vllm.apps.batch.inputs import JobDefaults, error_record, prepare, answer_record
-
 
 CHUNKS_IN_FLIGHT = 2
 """Per engine replica: one chunk decodes while the other generates."""
+
+
+def error_record(job: Job, exc: BaseException) -> dict:
+    """The result record of a failed job: {"id", "error"}, with the exception's message (its type
+    when the message is empty)."""
+    return {"id": job.id, "error": f"{exc}" or type(exc).__name__}
+
+
+def prepare(job: Job, defaults: JobDefaults):
+    """(request for `LLM.generate`, SamplingParams, frames decoded) for a job, its video decoded
+    (uint8 (T, crop, crop, 3)); or, for any fault of the job (frames above the run's limit,
+    sampling values SamplingParams rejects, a bad video), its error record (a dict)."""
+    from vllm import SamplingParams
+
+    from intp_vllm.vllm_ext.model import REQUEST_FRAMES_KWARG
+
+    frames = job.options.get("frames", defaults.frames)
+    try:
+        if frames > defaults.frame_limit:
+            raise ValueError(f"'frames' {frames} is more than this run allows ({defaults.frame_limit}); "
+                             "raise it with --max-frames")
+        own = {k: job.options[k] for k in SAMPLING_KEYS if k in job.options}
+        params = SamplingParams(**{**defaults.sampling, **own})
+        video = load_video(job.video, frames, defaults)
+    except Exception as exc:  # noqa: BLE001 - a bad job never stops the run
+        return error_record(job, exc)
+    request = {"prompt": VIDEO_PROMPT.format(question=job.question), "multi_modal_data": {"video": video},
+               "mm_processor_kwargs": {REQUEST_FRAMES_KWARG: frames}}
+    return request, params, len(video)
+
+
+def answer_record(job: Job, output, frames: int) -> dict:
+    """The result record of an answered job from its vLLM RequestOutput; token counts are the
+    prompt's (video tokens included) and the answer's, `frames` those decoded from the video."""
+    completion = output.outputs[0]
+    return {"id": job.id, "answer": completion.text, "finish_reason": completion.finish_reason,
+            "prompt_tokens": len(output.prompt_token_ids), "output_tokens": len(completion.token_ids),
+            "frames": frames}
 
 
 class Runner:
