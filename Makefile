@@ -21,7 +21,7 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q tests
 
-# no vLLM engine, server or training: what to run while working (under 2 minutes on 2 cores)
+# no vLLM engine, server or training: what to run while working (under a minute on 2 cores)
 test-fast: $(STAMP)
 	$(PY) -m pytest -q tests -m "not engine and not slow"
 

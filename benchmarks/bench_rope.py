@@ -32,7 +32,7 @@ import torch
 from intp_vllm.machine import machine
 from intp_vllm.core.request_scale import POSITION_BITS, all_code_scales, request_scale_code
 from intp_vllm.core.rope_scaling import yarn_ramp_bounds
-from intp_vllm.vllm_ext.rotary import _rotate, apply_scaled_rotary, cos_sin_rows, inv_freq_per_scale
+from intp_vllm.vllm_ext.rotary import ROTARY_TYPES, _rotate, apply_scaled_rotary, cos_sin_rows, inv_freq_per_scale
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE = 10000.0
@@ -185,7 +185,7 @@ def parse_args(argv=None):
     parser.add_argument("--layouts", nargs="+", choices=["neox", "gptj"], default=["neox", "gptj"])
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="CPU dtype")
     parser.add_argument("--gpu-dtypes", nargs="+", default=["bfloat16", "float32"])
-    parser.add_argument("--rope-type", default="yarn", choices=["none", "linear", "ntk", "yarn"])
+    parser.add_argument("--rope-type", default="yarn", choices=ROTARY_TYPES)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--no-cpu", action="store_true", help="skip the CPU part (a GPU host without vLLM)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "rope")

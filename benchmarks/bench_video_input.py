@@ -4,10 +4,10 @@ Four parts, each timed against its baselines in the same run (interleaved a, b, 
 ...; the median of --repeats), so load on a shared machine hits every method alike:
 
 decode      Generated videos (`synthetic.index_coded_video` under a moving texture, written
-            with PyAV's encoders by `video_io.write_video`): 1080p H.264 (GOP 30, B-frames)
+            with PyAV's encoders by `video.io.write_video`): 1080p H.264 (GOP 30, B-frames)
             20 s, 360p H.264 GOP 250 2 min, HEVC and VP9 at 720p 20 s, all 30 fps. At each
             of --frames frames, per video:
-              ours_pyav              video_io.sample_video(bytes, n, decoder="pyav")
+              ours_pyav              video.io.sample_video(bytes, n, decoder="pyav")
               ours_pyav_preprocess   the same with ClipPreprocessConfig() (224 crop while decoding:
                                      what the server does)
               ours_opencv            sample_video(bytes, n, decoder="opencv")

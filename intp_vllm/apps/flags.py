@@ -44,18 +44,24 @@ def intp_section(args: argparse.Namespace) -> dict:
     return {key: getattr(args, attr) for attr, key in keys.items() if getattr(args, attr, None) is not None}
 
 
-def add_media_host_arguments(parser: argparse.ArgumentParser) -> None:
-    """Which hosts http(s) videos may come from (fetch.py), shared by serve and batch."""
+def cidr_list(text: str) -> list[str]:
+    """--allowed-media-networks: comma-separated CIDRs (checked by `fetch.HostPolicy`)."""
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def add_media_host_arguments(parser) -> None:
+    """Which hosts http(s) videos may come from (fetch.py), shared by serve and batch; `parser`
+    may be an argument group."""
     parser.add_argument("--allow-private-media-hosts", action="store_true",
                         help="fetch http(s) videos from any address, loopback and private networks included; by "
                         "default only public addresses are fetched (a video URL could otherwise read this host's "
                         "own network: cloud metadata, admin ports). For closed deployments")
-    parser.add_argument("--allowed-media-networks", nargs="+", default=[], metavar="CIDR",
-                        help="networks fetched although not public, e.g. 10.20.0.0/16 fd00::/8 (narrower than "
-                        "--allow-private-media-hosts)")
+    parser.add_argument("--allowed-media-networks", type=cidr_list, default=[], metavar="CIDR[,CIDR...]",
+                        help="networks fetched although not public, comma-separated, e.g. 10.20.0.0/16,fd00::/8 "
+                        "(narrower than --allow-private-media-hosts)")
 
 
-def add_video_decoder_argument(parser: argparse.ArgumentParser) -> None:
-    """--video-decoder, shared by serve and batch."""
+def add_video_decoder_argument(parser) -> None:
+    """--video-decoder, shared by serve and batch; `parser` may be an argument group."""
     parser.add_argument("--video-decoder", choices=sorted(DECODERS), default="pyav",
                         help="how videos are decoded: " + "; ".join(f"{k}: {v}" for k, v in DECODERS.items()))

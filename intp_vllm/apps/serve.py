@@ -94,12 +94,12 @@ def add_limit_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--max-video-bytes", type=int, default=defaults.video.max_bytes,
                        help="most bytes of one encoded video (file://, data: or http; default %(default)s = 128 MiB)")
     group.add_argument("--video-fetch-timeout", type=float, default=defaults.fetch_timeout_s,
-                       help="seconds to fetch and decode one video_url, retries included (default %(default)s)")
+                       help="seconds to fetch and decode one video_url, in one attempt (default %(default)s)")
     group.add_argument("--max-in-flight-requests", type=int, default=defaults.max_in_flight,
                        help="POST requests served at once by each API-server process, from arrival (video fetch "
                        "included); more get a 503 (default %(default)s)")
-    add_video_decoder_argument(parser)
-    add_media_host_arguments(parser)
+    add_video_decoder_argument(group)
+    add_media_host_arguments(group)
 
 
 # ------------------------------------------------------------------------------ load shedding

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, fields
 
-from intp_vllm.core.rearrange import GROUPINGS
+from intp_vllm.core.rearrange import GROUPINGS, padded_frame_count
 from intp_vllm.core.rope_scaling import ROPE_TYPES
 from intp_vllm.core.checks import check_positive_int
 
@@ -81,6 +81,12 @@ def tokens_per_frame(image_size: int, patch_size: int) -> int:
     """Video tokens one frame becomes: its patches plus CLS, which Video-LLaVA keeps for video
     (257 at 224 px / 14 px patches). The one home of this count."""
     return (image_size // patch_size) ** 2 + 1
+
+
+def video_tokens(num_frames: int, encoder_frames: int, per_frame: int) -> int:
+    """Prompt tokens of a video sampled at `num_frames`: frames padded to whole encoder clips of
+    `encoder_frames`, `per_frame` tokens each (`tokens_per_frame`)."""
+    return padded_frame_count(num_frames, encoder_frames) * per_frame
 
 
 def default_encoder_frames(hf_config) -> int:

@@ -13,7 +13,8 @@ Bodies are read in chunks and the fetch stops once `max_bytes` is crossed. Failu
 `FetchError`, whose message names the URL, the host and the reason; `refused` tells a
 policy refusal (the client's fault: a 400) from a failed fetch (a 422).
 
-Used by `intp-vllm serve` (`serve.SafeMediaConnection`) and `intp-vllm batch`.
+Used by `intp-vllm serve` (`vllm_ext.media.SafeMediaConnection`) and `intp-vllm batch`
+(`apps.batch.videos`).
 """
 
 from __future__ import annotations
@@ -49,12 +50,12 @@ def short_url(url: str) -> str:
 
 def address_kind(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str | None:
     """Why an address is not public ("loopback", "private", ...), or None for a public one."""
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
+    if isinstance(address, ipaddress.IPv6Address) and (address.ipv4_mapped or address.sixtofour):
+        address = address.ipv4_mapped or address.sixtofour  # the IPv4 address it reaches
     for kind in ("loopback", "link_local", "multicast", "unspecified", "private", "reserved"):
         if getattr(address, f"is_{kind}"):
             return kind.replace("_", "-")
-    return None if address.is_global else "not globally routable"
+    return None if address.is_global else "non-public"
 
 
 @dataclass(frozen=True)
@@ -86,7 +87,7 @@ class HostPolicy:
         kind = address_kind(ip)
         if kind is None or self.allow_private or any(ip in network for network in self._networks):
             return None
-        return f"{ip}, a {kind} address"
+        return f"{ip}, {'an' if kind[0] in 'aeiou' else 'a'} {kind} address"
 
 
 class GuardedResolver:

@@ -89,13 +89,13 @@ def install_media_limits(limits: ServeLimits) -> None:
 
 
 class IntpVideoLoader:
-    """vLLM video loader (VIDEO_LOADER_REGISTRY, name `intp_vllm`): `video_io.sample_video`,
+    """vLLM video loader (VIDEO_LOADER_REGISTRY, name `intp_vllm`): `video.io.sample_video`,
     each frame resized and cropped for the vision tower as it is decoded.
 
     The plugin makes it the checkpoint's default loader (`plugin.py`), for the server and
     offline `LLM.chat` alike; `media_io_kwargs.video` may set `num_frames`, `frame_size` (the
     tower's input side, set by the plugin; 0 keeps full-size frames) and `decoder` (a key of
-    `video_io.DECODERS`). Under `intp-vllm serve` the server's `ServeLimits` apply (and its
+    `video.io.DECODERS`). Under `intp-vllm serve` the server's `ServeLimits` apply (and its
     decoder); elsewhere (offline `LLM.chat`) the default limits, with as many frames as asked for.
     vLLM's own OpenCV loader decodes every frame up to the last sampled one, all of them for
     num_frames=-1, at full size, and reads bytes through OpenCV's in-memory stream, which

@@ -47,7 +47,7 @@ from vllm.multimodal.processing import (
 )
 from vllm.sequence import IntermediateTensors
 
-from intp_vllm.core.config import IntpConfig, tokens_per_frame
+from intp_vllm.core.config import IntpConfig, tokens_per_frame, video_tokens
 from intp_vllm.core.prompt import VIDEO_PLACEHOLDER
 from intp_vllm.vllm_ext.llm_rope import install_scaled_rope
 from intp_vllm.video.preprocess import ClipPreprocessConfig, preprocess_frames
@@ -93,8 +93,7 @@ class VideoLlavaProcessingInfo(BaseProcessingInfo):
 
     def get_num_video_tokens(self, num_frames: int) -> int:
         """Prompt tokens of a video sampled at `num_frames`, padded to whole encoder clips."""
-        intp = self.get_intp_config()
-        return len(pad_frame_indices(num_frames, intp.encoder_frames)) * self.get_tokens_per_frame()
+        return video_tokens(num_frames, self.get_intp_config().encoder_frames, self.get_tokens_per_frame())
 
     def get_mm_max_tokens_per_item(self, seq_len: int, mm_counts: Mapping[str, int]) -> Mapping[str, int]:
         """The most tokens one video can take: `get_num_video_tokens(intp.max_frames)`."""

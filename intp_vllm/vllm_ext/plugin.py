@@ -43,16 +43,14 @@ class VideoLlavaConfigHook:
         """Size max_model_len for intp.max_frames, declare the M-RoPE section that carries
         per-request scales (factor "auto"), and make our loader the video default (frames at
         intp.frames, resized for the tower). Raises for a server frame count outside `intp`."""
-        from intp_vllm.core.config import IntpConfig, TEXT_MARGIN_TOKENS, tokens_per_frame
-        from intp_vllm.core.rearrange import padded_frame_count
+        from intp_vllm.core.config import IntpConfig, TEXT_MARGIN_TOKENS, tokens_per_frame, video_tokens
 
         hf_config = model_config.hf_config
         intp = IntpConfig.from_hf_config(hf_config)
         vision = hf_config.vision_config
-        video_tokens = padded_frame_count(intp.frame_limit, intp.encoder_frames) * tokens_per_frame(
-            vision.image_size, vision.patch_size
-        )
-        needed = video_tokens + TEXT_MARGIN_TOKENS
+        most_video_tokens = video_tokens(intp.frame_limit, intp.encoder_frames,
+                                         tokens_per_frame(vision.image_size, vision.patch_size))
+        needed = most_video_tokens + TEXT_MARGIN_TOKENS
         if model_config.original_max_model_len is None and model_config.max_model_len < needed:
             model_config.max_model_len = needed
         if intp.factor == "auto":
@@ -79,7 +77,7 @@ class VideoLlavaConfigHook:
         logger.info(
             "intp_vllm: %s; up to %d video tokens a request, max_model_len %d",
             intp.as_dict(),
-            video_tokens,
+            most_video_tokens,
             model_config.max_model_len,
         )
 
