@@ -55,7 +55,7 @@ def load_reference(model_dir: str, rope_type: str, scale: float, frames: int, gr
     from transformers import AutoConfig
 
     from intp_vllm.research.hf_video_llava import hf_model_class
-    from intp_vllm.vllm_ext.llm_rope import rope_geometry
+    from intp_vllm.core.config import rope_geometry
     from intp_vllm.core.rope_scaling import hf_rope_parameters
 
     config = AutoConfig.from_pretrained(model_dir)

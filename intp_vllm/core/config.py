@@ -83,6 +83,17 @@ def tokens_per_frame(image_size: int, patch_size: int) -> int:
     return (image_size // patch_size) ** 2 + 1
 
 
+def head_size(text_config) -> int:
+    """Per-head width of the language model (HF `head_dim`, else hidden size / attention heads)."""
+    return getattr(text_config, "head_dim", None) or text_config.hidden_size // text_config.num_attention_heads
+
+
+def rope_geometry(text_config) -> tuple[int, int]:
+    """(head_size, rotary_dim) of the language model (`partial_rotary_factor` of its heads rotate)."""
+    size = head_size(text_config)
+    return size, int(size * getattr(text_config, "partial_rotary_factor", 1.0))
+
+
 def video_tokens(num_frames: int, encoder_frames: int, per_frame: int) -> int:
     """Prompt tokens of a video sampled at `num_frames`: frames padded to whole encoder clips of
     `encoder_frames`, `per_frame` tokens each (`tokens_per_frame`)."""

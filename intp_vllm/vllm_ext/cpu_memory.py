@@ -21,6 +21,8 @@ import logging
 import os
 from pathlib import Path
 
+from intp_vllm.core.config import head_size
+
 logger = logging.getLogger("vllm.intp_vllm")  # under "vllm": its handler and level apply
 
 KV_CACHE_FLOOR_BYTES = 64 << 20
@@ -38,7 +40,7 @@ def kv_bytes_per_token(model_config) -> int:
     text = model_config.hf_text_config
     layers = text.num_hidden_layers
     kv_heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
-    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    head_dim = head_size(text)
     element = torch.empty((), dtype=model_config.dtype).element_size()
     return 2 * layers * kv_heads * head_dim * element
 

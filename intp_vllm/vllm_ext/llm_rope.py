@@ -18,7 +18,7 @@ from vllm.model_executor.layers.rotary_embedding import RotaryEmbedding
 
 from intp_vllm_kernels.scaled_rotary import HAS_TRITON, scaled_rotary_op
 
-from intp_vllm.core.config import IntpConfig
+from intp_vllm.core.config import IntpConfig, rope_geometry
 from intp_vllm.core.request_scale import all_code_scales, decode_positions
 from intp_vllm.core.rope_scaling import PER_TOKEN_ROPE_TYPES, rope_inv_freq, yarn_ramp_bounds
 from intp_vllm.vllm_ext.rotary import cos_sin_rows, inv_freq_per_scale
@@ -97,12 +97,6 @@ class PerRequestRotaryEmbedding(torch.nn.Module):
     def extra_repr(self) -> str:
         return (f"rope_type={self.rope_type}, factor=per request, base={self.base:g}, "
                 f"rotary_dim={self.rotary_dim}, trained_context={self.original_max_position}")
-
-
-def rope_geometry(text_config) -> tuple[int, int]:
-    """(head_size, rotary_dim) of the Llama."""
-    head_size = getattr(text_config, "head_dim", None) or text_config.hidden_size // text_config.num_attention_heads
-    return head_size, int(head_size * getattr(text_config, "partial_rotary_factor", 1.0))
 
 
 def install_scaled_rope(language_model, text_config, intp: IntpConfig, max_model_len: int, dtype: torch.dtype):

@@ -56,7 +56,7 @@ class VideoLlavaConfigHook:
         if intp.factor == "auto":
             # Per-request RoPE scale rides on M-RoPE positions (request_scale.py); declaring
             # an M-RoPE section makes vLLM ask the model for each request's positions.
-            from intp_vllm.vllm_ext.llm_rope import rope_geometry
+            from intp_vllm.core.config import rope_geometry
 
             _, rotary_dim = rope_geometry(hf_config.text_config)
             hf_config.text_config.rope_parameters["mrope_section"] = [rotary_dim // 2]

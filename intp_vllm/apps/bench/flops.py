@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from intp_vllm.core.config import tokens_per_frame
+from intp_vllm.core.config import head_size, tokens_per_frame
 
 
 @dataclass(frozen=True)
@@ -46,7 +46,7 @@ class ModelShape:
             text_layers=text.num_hidden_layers,
             heads=text.num_attention_heads,
             kv_heads=text.num_key_value_heads,
-            head_dim=getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads,
+            head_dim=head_size(text),
             vocab=text.vocab_size,
         )
 
