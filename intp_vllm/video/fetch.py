@@ -132,7 +132,7 @@ def check_url(url: str, policy: HostPolicy, allowed_domains: tuple[str, ...] = (
 
 
 async def fetch_bytes(url: str, *, policy: HostPolicy, max_bytes: int, timeout_s: float,
-                      allowed_domains: tuple[str, ...] = (), headers: dict | None = None) -> bytes:
+                      allowed_domains: tuple[str, ...] = ()) -> bytes:
     """The body of `url` (at most `max_bytes`), following redirects under `policy`, within
     `timeout_s` seconds in all. Raises FetchError."""
     import aiohttp
@@ -141,7 +141,7 @@ async def fetch_bytes(url: str, *, policy: HostPolicy, max_bytes: int, timeout_s
     timeout = aiohttp.ClientTimeout(total=timeout_s)
     seen = [url]
     try:
-        async with aiohttp.ClientSession(connector=connector, timeout=timeout, headers=headers) as session:
+        async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
             for _ in range(policy.max_redirects + 1):
                 try:
                     check_url(url, policy, allowed_domains)
