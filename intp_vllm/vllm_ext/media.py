@@ -11,15 +11,20 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
+import binascii
 import json
 import math
 import os
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+import numpy as np
+
 from intp_vllm.video.fetch import FetchError, HostPolicy, fetch_bytes, short_url
 from intp_vllm.video.io import DECODERS, VideoLimits, sample_video
-from intp_vllm.video.preprocess import ClipPreprocessConfig
+from intp_vllm.video.preprocess import ClipPreprocessConfig, resize_and_crop
+from intp_vllm.vllm_ext.image_frames import frame_list_urls
 from intp_vllm.core.checks import check_positive_int
 
 LIMITS_ENV = "INTP_VLLM_SERVE_LIMITS"
@@ -33,13 +38,15 @@ REQUEST_TEXT_BYTES = 1 << 20
 class ServeLimits:
     """What one request may cost the server: its video (see VideoLimits), its fetch time,
     and how many requests may be in flight at once; which hosts its video may come from
-    (see fetch.HostPolicy); and which decoder reads its video."""
+    (see fetch.HostPolicy); which decoder reads its video; and whether a video may come as
+    its frames, image_url parts (image_frames.py)."""
 
     video: VideoLimits = field(default_factory=VideoLimits)
     fetch_timeout_s: float = 30.0
     max_in_flight: int = 64
     video_decoder: str = "pyav"
     media_hosts: HostPolicy = field(default_factory=HostPolicy)
+    image_frames: bool = True
 
     def __post_init__(self) -> None:
         if self.video_decoder not in DECODERS:
@@ -63,7 +70,8 @@ class ServeLimits:
             raise ValueError(f"--frames/--max-frames {frames} exceeds --max-video-frames {video.max_frames}: "
                              "no video could be decoded at that many frames; raise --max-video-frames")
         return cls(video, fetch_timeout_s=args.video_fetch_timeout, max_in_flight=args.max_in_flight_requests,
-                   video_decoder=args.video_decoder, media_hosts=HostPolicy.from_args(args))
+                   video_decoder=args.video_decoder, media_hosts=HostPolicy.from_args(args),
+                   image_frames=args.image_frames)
 
     @classmethod
     def from_env(cls) -> "ServeLimits":
@@ -113,25 +121,36 @@ class IntpVideoLoader:
         limits = ServeLimits.from_env().video
         if LIMITS_ENV not in os.environ and isinstance(num_frames, int) and num_frames > limits.max_frames:
             limits = replace(limits, max_frames=num_frames)
-        preprocess = None
-        if frame_size:
-            if isinstance(frame_size, int) and frame_size * frame_size > limits.max_frame_pixels:
-                raise ValueError(f"media_io_kwargs.video frame_size {frame_size} makes frames of more than "
-                                 f"{limits.max_frame_pixels} pixels, this server's limit")
-            try:
-                preprocess = ClipPreprocessConfig(shortest_edge=frame_size, crop_size=frame_size)
-            except ValueError as exc:
-                raise ValueError(f"media_io_kwargs.video frame_size: {exc}") from None
-        video = sample_video(data, num_frames, limits, decoder=decoder, preprocess=preprocess)
-        metadata = {
-            "total_num_frames": video.total_frames,
-            "fps": video.fps,
-            "duration": video.total_frames / video.fps if video.fps > 0 else 0.0,
-            "video_backend": MEDIA_HOOK_NAME,
-            "frames_indices": video.indices,
-            "do_sample_frames": False,
-        }
-        return video.frames, metadata
+        video = sample_video(data, num_frames, limits, decoder=decoder,
+                             preprocess=frame_preprocess(frame_size, limits))
+        return video.frames, video_metadata(video.total_frames, video.fps, video.indices)
+
+
+def frame_preprocess(frame_size: int, limits: VideoLimits) -> ClipPreprocessConfig | None:
+    """The resize and crop of `media_io_kwargs.video.frame_size` (None for 0: frames kept whole).
+    Raises ValueError for a size that is not a positive integer or makes frames over the
+    limit of pixels."""
+    if not frame_size:
+        return None
+    if isinstance(frame_size, int) and frame_size * frame_size > limits.max_frame_pixels:
+        raise ValueError(f"media_io_kwargs.video frame_size {frame_size} makes frames of more than "
+                         f"{limits.max_frame_pixels} pixels, this server's limit")
+    try:
+        return ClipPreprocessConfig(shortest_edge=frame_size, crop_size=frame_size)
+    except ValueError as exc:
+        raise ValueError(f"media_io_kwargs.video frame_size: {exc}") from None
+
+
+def video_metadata(total_frames: int, fps: float, indices: list[int]) -> dict:
+    """vLLM's video metadata dict for frames already sampled by our loader."""
+    return {
+        "total_num_frames": total_frames,
+        "fps": fps,
+        "duration": total_frames / fps if fps > 0 else 0.0,
+        "video_backend": MEDIA_HOOK_NAME,
+        "frames_indices": indices,
+        "do_sample_frames": False,
+    }
 
 
 class BoundedMediaConnector:
@@ -141,7 +160,9 @@ class BoundedMediaConnector:
     it, a data URL's encoding, and a total deadline on fetching and decoding (vLLM retries
     a dead host three times with growing timeouts). Every failure becomes a 4xx naming the
     URL: ValueError -> 400, fetch failures -> 422. Video decodes with IntpVideoLoader and the
-    server's decoder, whatever video_backend or decoder a request asks for. Everything else is vLLM's connector unchanged.
+    server's decoder, whatever video_backend or decoder a request asks for. A video sent as
+    image_url frames (`image_frames.py`) is fetched here, frame by frame, through vLLM's image
+    loading. Everything else is vLLM's connector unchanged.
     """
 
     def __init__(self, media_io_kwargs: dict | None = None, **kwargs) -> None:
@@ -159,29 +180,53 @@ class BoundedMediaConnector:
         return getattr(self.inner, name)
 
     async def fetch_video_async(self, video_url: str, **kwargs):
-        """vLLM's fetch, after our checks and within the fetch deadline; errors become 4xx naming the URL."""
+        """vLLM's fetch, after our checks and within the fetch deadline; errors become 4xx naming
+        the URL. A `image_frames.frame_list_url` is fetched frame by frame (`_fetch_frames_async`)."""
         from aiohttp import ClientError
         from vllm.exceptions import VLLMUnprocessableEntityError
 
-        label = short_url(video_url)
+        urls = frame_list_urls(video_url)
+        what = f"video_url {short_url(video_url)}" if urls is None else f"the {len(urls)} image_url frames"
         try:
             self._check_before_loading(video_url)
-            return await asyncio.wait_for(self.inner.fetch_video_async(video_url, **kwargs),
-                                          self.limits.fetch_timeout_s)
+            loading = self.inner.fetch_video_async(video_url, **kwargs) if urls is None else self._fetch_frames_async(urls)
+            return await asyncio.wait_for(loading, self.limits.fetch_timeout_s)
         except TimeoutError:
             raise VLLMUnprocessableEntityError(
-                f"video_url {label} was not fetched and decoded within {self.limits.fetch_timeout_s:g} s",
-                parameter="video_url") from None
+                f"{what} {'were' if urls else 'was'} not fetched and decoded within "
+                f"{self.limits.fetch_timeout_s:g} s", parameter="video_url") from None
         except FetchError as exc:
             if exc.refused:
-                raise ValueError(f"video_url {exc}") from None
-            raise VLLMUnprocessableEntityError(f"video_url {exc}", parameter="video_url") from None
+                raise ValueError(f"{what}: {exc}") from None
+            raise VLLMUnprocessableEntityError(f"{what}: {exc}", parameter="video_url") from None
         except ValueError as exc:
-            raise ValueError(f"video_url {label}: {exc}") from None
+            raise ValueError(f"{what}: {exc}") from None
         except (OSError, ClientError) as exc:  # unreachable hosts, HTTP errors after retries, missing files
             raise VLLMUnprocessableEntityError(
-                f"video_url {label} could not be fetched: {type(exc).__name__}: {exc}",
-                parameter="video_url") from None
+                f"{what} could not be fetched: {type(exc).__name__}: {exc}", parameter="video_url") from None
+
+    def fetch_video(self, video_url: str, **kwargs):
+        """vLLM's synchronous fetch (offline `LLM.chat`); frame lists as in `fetch_video_async`."""
+        urls = frame_list_urls(video_url)
+        if urls is None:
+            return self.inner.fetch_video(video_url, **kwargs)
+        return frames_video([self.inner.load_from_url(url, io) for url, io in zip(urls, self._frame_ios(urls))])
+
+    async def _fetch_frames_async(self, urls: list[str]) -> tuple:
+        """(uint8 frames (N, S, S, 3), metadata) of N image URLs, fetched at once, in order."""
+        loads = (self.inner.load_from_url_async(url, io) for url, io in zip(urls, self._frame_ios(urls)))
+        return frames_video(await asyncio.gather(*loads))
+
+    def _frame_ios(self, urls: list[str]) -> list["FrameImageIO"]:
+        """One checked image loader a frame (file:// frames checked as video files are)."""
+        self.limits.video.check_num_frames(len(urls))
+        for url in urls:
+            if url[:5].lower() == "file:":
+                self._check_file_url(url)
+        preprocess = frame_preprocess(self.inner.media_io_kwargs["video"].get("frame_size", 0), self.limits.video)
+        per_frame = replace(self.limits.video, max_bytes=max(1, self.limits.video.max_bytes // len(urls)))
+        return [FrameImageIO(per_frame, preprocess, f"image_url frame {i} ({short_url(url)})")
+                for i, url in enumerate(urls)]
 
     def _check_before_loading(self, url: str) -> None:
         scheme = url[: url.find(":")].lower() if ":" in url else ""
@@ -216,6 +261,60 @@ class BoundedMediaConnector:
         path = Path(url2pathname((spec.netloc or "") + (spec.path or ""))).resolve()
         if allowed in path.parents and path.is_file():  # vLLM rejects anything else, unread
             self.limits.video.check_size(path.stat().st_size, "the file")
+
+
+class FrameImageIO:
+    """A vLLM media IO (`load_bytes`, `load_base64`, `load_file`, `get_max_bytes`) for one frame
+    of a video sent as images: its bytes and size checked against `limits` before it is decoded
+    (`limits.max_bytes` is the frame's share of the video's), decoded by vLLM's `ImageMediaIO`
+    (RGB, EXIF orientation applied), then resized and cropped as `IntpVideoLoader` does a
+    decoded frame. Each load returns uint8 (S, S, 3), or (H, W, 3) without `preprocess`."""
+
+    def __init__(self, limits: VideoLimits, preprocess: ClipPreprocessConfig | None, label: str) -> None:
+        from vllm.multimodal.media.image import ImageMediaIO
+
+        self.image_io = ImageMediaIO(image_mode="RGB")
+        self.limits, self.preprocess, self.label = limits, preprocess, label
+
+    def get_max_bytes(self) -> int:
+        return self.limits.max_bytes
+
+    def load_bytes(self, data: bytes) -> np.ndarray:
+        from io import BytesIO
+
+        from vllm.multimodal.image import open_image
+
+        self.limits.check_size(len(data), self.label)
+        try:
+            with open_image(BytesIO(data)) as probe:  # reads the header only
+                width, height = probe.size
+        except OSError as exc:
+            raise ValueError(f"{self.label} is not an image: {exc}") from None
+        if width * height > self.limits.max_frame_pixels:
+            raise ValueError(f"{self.label} is {width}x{height} ({width * height} pixels); at most "
+                             f"{self.limits.max_frame_pixels} pixels a frame are allowed")
+        image = self.image_io.load_bytes(data).media
+        return np.asarray(image) if self.preprocess is None else resize_and_crop(image, self.preprocess)
+
+    def load_base64(self, media_type: str, data: str) -> np.ndarray:
+        try:
+            return self.load_bytes(base64.b64decode(data, validate=True))
+        except binascii.Error as exc:
+            raise ValueError(f"{self.label} is not valid base64: {exc}") from None
+
+    def load_file(self, filepath: Path) -> np.ndarray:
+        self.limits.check_size(filepath.stat().st_size, self.label)
+        return self.load_bytes(filepath.read_bytes())
+
+
+def frames_video(frames: list[np.ndarray]) -> tuple:
+    """(uint8 (N, H, W, 3), vLLM's video metadata) of frames in order. Raises ValueError for
+    frames of different sizes (possible only with frame_size 0: frames kept whole)."""
+    sizes = sorted({frame.shape for frame in frames})
+    if len(sizes) > 1:
+        raise ValueError(f"frames of different sizes {[f'{w}x{h}' for h, w, _ in sizes]}: with "
+                         "media_io_kwargs.video frame_size 0 frames are not resized, so they must match")
+    return np.stack(frames), video_metadata(len(frames), 0.0, list(range(len(frames))))
 
 
 class SafeMediaConnection:

@@ -82,10 +82,11 @@ class VideoLlavaConfigHook:
         )
 
 
-def decode_at_request_frames(render_chat):
-    """Wrap vLLM's `BaseRenderer.render_chat` (or `render_chat_async`) so that the videos of a
-    chat request are fetched and decoded at the frame count the model's processor chooses for
-    it (`VideoLlavaMultiModalProcessor.request_media_io_kwargs`).
+def prepare_chat_request(render_chat):
+    """Wrap vLLM's `BaseRenderer.render_chat` (or `render_chat_async`) so that, for our model,
+    a message's image_url frames become one video (`image_frames.frames_as_video`), and the
+    videos of a chat request are fetched and decoded at the frame count the model's processor
+    chooses for it (`VideoLlavaMultiModalProcessor.request_media_io_kwargs`).
 
     vLLM hands a video loader only `media_io_kwargs`, never the request's
     `mm_processor_kwargs`; without this a `video_url` is decoded at the server's count and
@@ -93,20 +94,46 @@ def decode_at_request_frames(render_chat):
     """
 
     @functools.wraps(render_chat)
-    def wrapper(self, conversations, chat_params, *args, **kwargs):
+    def wrapper(self, conversations, chat_params, *args, prompt_extras=None, **kwargs):
         choose = getattr(self.mm_processor, "request_media_io_kwargs", None)
         if choose is not None:
             from vllm.multimodal.media.connector import merge_media_io_kwargs
 
+            conversations, chat_params, prompt_extras = _frames_as_video(self, conversations, chat_params,
+                                                                         prompt_extras)
             defaults = self.model_config.multimodal_config.media_io_kwargs
             media_io_kwargs = merge_media_io_kwargs(defaults, chat_params.media_io_kwargs)
             chat_params = dataclasses.replace(
                 chat_params, media_io_kwargs=choose(media_io_kwargs or {}, chat_params.mm_processor_kwargs)
             )
-        return render_chat(self, conversations, chat_params, *args, **kwargs)
+        return render_chat(self, conversations, chat_params, *args, prompt_extras=prompt_extras, **kwargs)
 
     wrapper.intp_vllm_wrapped = True
     return wrapper
+
+
+def _frames_as_video(renderer, conversations, chat_params, prompt_extras):
+    """Conversations with image_url frames as one video each; chat params and prompt extras
+    (which carry the request's `mm_processor_kwargs` to the processor) asking for all of their
+    frames unless the request asked for a count (`image_frames.py`)."""
+    from vllm import envs
+
+    from intp_vllm.vllm_ext.image_frames import frames_as_video
+    from intp_vllm.vllm_ext.media import MEDIA_HOOK_NAME, ServeLimits
+    from intp_vllm.vllm_ext.model import REQUEST_FRAMES_KWARG
+
+    conversations, counts = frames_as_video(
+        conversations, enabled=ServeLimits.from_env().image_frames,
+        frame_limit=renderer.mm_processor.info.get_intp_config().frame_limit,
+        connector_serves_frames=envs.VLLM_MEDIA_CONNECTOR == MEDIA_HOOK_NAME)
+    if len(counts) > 1:
+        raise ValueError(f"conversations of {sorted(counts)} image_url frames in one call: their frame counts "
+                         "differ; send each in its own call")
+    if counts:
+        mm_kwargs = {REQUEST_FRAMES_KWARG: counts.pop(), **(chat_params.mm_processor_kwargs or {})}
+        chat_params = dataclasses.replace(chat_params, mm_processor_kwargs=mm_kwargs)
+        prompt_extras = {**(prompt_extras or {}), "mm_processor_kwargs": mm_kwargs}
+    return conversations, chat_params, prompt_extras
 
 
 def salt_with_request_scale(process_tokens):
@@ -155,8 +182,8 @@ def _join_salts(engine_input: dict, client_salt: str | None) -> dict:
 
 
 RENDERER_WRAPPERS = {
-    "render_chat": decode_at_request_frames,
-    "render_chat_async": decode_at_request_frames,
+    "render_chat": prepare_chat_request,
+    "render_chat_async": prepare_chat_request,
     "_process_tokens": salt_with_request_scale,
     "_process_tokens_async": salt_with_request_scale_async,
 }

@@ -1,0 +1,142 @@
+"""A video sent as its frames, one `image_url` part each (lmms-eval's default), served as one video.
+
+Video-LLaVA's image path is not served (the image tower is skipped), and evaluation harnesses
+send a video as N evenly spaced frames, each a base64 `image_url` part of one user message.
+`frames_as_video` runs in the renderer before vLLM parses the messages (plugin.py): it puts
+one `video_url` part in place of a message's N >= 2 image parts, whose URL lists the frames'
+URLs (`FRAME_LIST_PREFIX`); the media connector (`media.BoundedMediaConnector`) fetches each
+frame through vLLM's own image loading (data:, file:// and http(s) URLs, with the server's
+host rules), resizes and crops it as a decoded video frame is, and hands the frames on, in
+order, as one video. From there it is any video: INTP grouping, the request's RoPE scale.
+
+Rules (each refusal a 400 naming the input): a single image is refused (Video-LLaVA's image
+path is not served); image and video parts in one request are refused; frames in more than
+one message are refused (one video a request); more frames than `intp.max_frames` are
+refused. A request that does not set `mm_processor_kwargs.frames` gets it set to the number
+of frames, so all of them are used; one that sets it gets its frames sampled to that count
+as any video's. Every frame is resized (short side) and centre-cropped to the tower's input,
+so frames of different sizes make one video.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping
+
+FRAME_LIST_PREFIX = "intp-frames:"
+"""A `video_url` made of frames: this prefix, then the frames' URLs as a JSON list."""
+IMAGE_PART_TYPES = frozenset({"image_url", "input_image", "image_pil", "image_embeds"})
+VIDEO_PART_TYPES = frozenset({"video_url", "video_embeds"})
+URL_PART_TYPES = frozenset({"image_url", "input_image"})
+"""Image parts that can be frames: those given by URL."""
+DISABLED_HINT = "this server was started with --no-image-frames"
+SEND_FRAMES_HINT = ("send a video_url, or a video's frames as 2 or more image_url parts of one message "
+                    "(served as one video)")
+
+
+def frame_list_url(urls: list[str]) -> str:
+    """The `video_url` that stands for frames at `urls`, in order."""
+    return FRAME_LIST_PREFIX + json.dumps(urls)
+
+
+def frame_list_urls(url: str) -> list[str] | None:
+    """The frames' URLs of a `frame_list_url`, or None for any other URL. Raises ValueError
+    for a malformed list."""
+    if not url.startswith(FRAME_LIST_PREFIX):
+        return None
+    try:
+        urls = json.loads(url[len(FRAME_LIST_PREFIX):])
+    except json.JSONDecodeError:
+        urls = None
+    if not isinstance(urls, list) or not urls or not all(isinstance(u, str) for u in urls):
+        raise ValueError(f"video_url {url[:40]!r}... is not a list of frame URLs")
+    return urls
+
+
+def _part_type(part) -> tuple[str | None, object]:
+    """(type, content) of a message part as vLLM's parser reads it; (None, None) for text or a
+    part vLLM will reject itself."""
+    from vllm.exceptions import VLLMValidationError
+    from vllm.renderers.chat_utils import _parse_chat_message_content_mm_part
+
+    if not isinstance(part, dict):
+        return None, None
+    try:
+        return _parse_chat_message_content_mm_part(part)
+    except VLLMValidationError:
+        return None, None
+
+
+def frames_as_video(conversations: Iterable[list[Mapping]], *, enabled: bool, frame_limit: int,
+                    connector_serves_frames: bool) -> tuple[list[list[Mapping]], set[int]]:
+    """`conversations` with each message's image_url frames replaced by one video part, and
+    the frame counts found (one per conversation that had frames).
+
+    `enabled` is the server's --image-frames; `frame_limit` is intp.max_frames;
+    `connector_serves_frames` says whether the media connector in use is ours (only it reads
+    `frame_list_url`s). Messages whose content is an iterator (as vLLM's request validation
+    leaves it) come back with a list. Raises ValueError by the rules in this module's docstring.
+    """
+    out, counts = [], set()
+    for conversation in conversations:
+        conversation = [_materialize(message) for message in conversation]
+        images = [(m, i) for m, message in enumerate(conversation) for i, part in enumerate(_parts(message))
+                  if _part_type(part)[0] in IMAGE_PART_TYPES]
+        if images:
+            counts.add(_check_frames(conversation, images, enabled, frame_limit, connector_serves_frames))
+            conversation = _replace_frames(conversation, images)
+        out.append(conversation)
+    return out, counts
+
+
+def _materialize(message):
+    content = message.get("content") if isinstance(message, Mapping) else None
+    if content is None or isinstance(content, (str, list)):
+        return message
+    return {**message, "content": list(content)}
+
+
+def _parts(message) -> list:
+    content = message.get("content") if isinstance(message, Mapping) else None
+    return content if isinstance(content, list) else []
+
+
+def _check_frames(conversation, images, enabled: bool, frame_limit: int, connector_serves_frames: bool) -> int:
+    if not enabled:
+        raise ValueError(f"image parts are not served: {DISABLED_HINT}; send the video as a video_url")
+    videos = sum(_part_type(part)[0] in VIDEO_PART_TYPES for message in conversation for part in _parts(message))
+    if videos:
+        raise ValueError(f"a request has {len(images)} image part(s) and {videos} video part(s): this model takes "
+                         "one video a request, as a video_url or as its frames (image_url parts), not both")
+    if len(images) == 1:
+        raise ValueError(f"a single image is not served: Video-LLaVA's image path is not (only its video "
+                         f"path is); {SEND_FRAMES_HINT}")
+    if len({m for m, _ in images}) > 1:
+        raise ValueError("image_url frames came in more than one message: a video's frames go in one message "
+                         "(this model takes one video a request)")
+    if len(images) > frame_limit:
+        raise ValueError(f"{len(images)} image_url frames: at most {frame_limit} frames are served a request "
+                         "(intp.max_frames, the server's --max-frames); send fewer frames")
+    message = conversation[images[0][0]]
+    for _, i in images:
+        kind, content = _part_type(message["content"][i])
+        if kind not in URL_PART_TYPES or not isinstance(content, str):
+            raise ValueError(f"image part {i} of a message of frames is a {kind} part without a URL; frames are "
+                             "served from image_url parts with a url (data:, http(s) or file://)")
+    if not connector_serves_frames:
+        raise ValueError("image_url frames are served as one video by `intp-vllm serve` (its media connector, "
+                         "VLLM_MEDIA_CONNECTOR=intp_vllm); offline, pass the frames as one video array, "
+                         "multi_modal_data={'video': frames}")
+    return len(images)
+
+
+def _replace_frames(conversation, images) -> list:
+    """The conversation with the frames' message holding one video part where its first frame was."""
+    m = images[0][0]
+    message = conversation[m]
+    frames = [i for _, i in images]
+    video = {"type": "video_url",
+             "video_url": {"url": frame_list_url([_part_type(message["content"][i])[1] for i in frames])}}
+    content = [video if i == frames[0] else part for i, part in enumerate(message["content"])
+               if i == frames[0] or i not in frames]
+    return [*conversation[:m], {**message, "content": content}, *conversation[m + 1:]]
