@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import numpy as np
@@ -40,8 +41,34 @@ def hf_pixel_values(frames: np.ndarray, image_size: int) -> torch.Tensor:
     return torch.from_numpy(pixels)[None]
 
 
-def hf_generate(model, prompt_ids: list[int], pixel_values: torch.Tensor, max_new_tokens: int):
-    """Greedy new tokens and the log-probability of every prompt token after the first."""
+@contextlib.contextmanager
+def pruned_video_features(model, pruning):
+    """HF's video features (frames, tokens_per_frame, hidden) pruned by `pruning`
+    (`vllm_ext.pruning.VideoPruning`) while the block runs: HF then fills the prompt's video
+    tokens, as many as are kept, with the kept features in frame-time order."""
+    get_video_features = model.model.get_video_features
+
+    @functools.wraps(get_video_features)  # HF's generate reads its signature
+    def pruned(*args, **kwargs):
+        output = get_video_features(*args, **kwargs)
+        features = output.pooler_output
+        flat = features.flatten(0, 1)
+        output.pooler_output = flat[pruning.retention_mask(flat, features.shape[0])][None]
+        return output
+
+    model.model.get_video_features = pruned
+    try:
+        yield model
+    finally:
+        del model.model.get_video_features
+
+
+def hf_generate(model, prompt_ids: list[int], pixel_values: torch.Tensor, max_new_tokens: int, pruning=None):
+    """Greedy new tokens and the log-probability of every prompt token after the first; with
+    `pruning`, of the video's kept tokens (`pruned_video_features`)."""
+    if pruning is not None and pruning.rate:
+        with pruned_video_features(model, pruning):
+            return hf_generate(model, prompt_ids, pixel_values, max_new_tokens)
     input_ids = torch.tensor([prompt_ids])
     with torch.no_grad():
         logits = model(input_ids=input_ids, pixel_values_videos=pixel_values).logits[0]

@@ -27,7 +27,13 @@ from vllm.config import VllmConfig
 from vllm.config.multimodal import MultiModalDummyOptions
 from vllm.model_executor.layers.activation import get_act_fn
 from vllm.model_executor.models.clip import CLIPVisionModel
-from vllm.model_executor.models.interfaces import MultiModalEmbeddings, SupportsMRoPE, SupportsMultiModal, SupportsPP
+from vllm.model_executor.models.interfaces import (
+    MultiModalEmbeddings,
+    SupportsMRoPE,
+    SupportsMultiModal,
+    SupportsMultiModalPruning,
+    SupportsPP,
+)
 from vllm.model_executor.models.utils import (
     AutoWeightsLoader,
     WeightsMapper,
@@ -47,12 +53,13 @@ from vllm.multimodal.processing import (
 )
 from vllm.sequence import IntermediateTensors
 
-from intp_vllm.core.config import IntpConfig, tokens_per_frame, video_tokens
+from intp_vllm.core.config import IntpConfig, tokens_per_frame
 from intp_vllm.core.prompt import VIDEO_PLACEHOLDER
 from intp_vllm.vllm_ext.llm_rope import install_scaled_rope
+from intp_vllm.vllm_ext.pruning import PRUNING_METHODS, VideoPruning
 from intp_vllm.video.preprocess import ClipPreprocessConfig, preprocess_frames
 from intp_vllm.core.grouped_encoding import encode_in_groups
-from intp_vllm.core.rearrange import pad_frame_indices, uniform_frame_indices
+from intp_vllm.core.rearrange import pad_frame_indices, padded_frame_count, uniform_frame_indices
 from intp_vllm.core.request_scale import encode_positions, position_offset, request_scale_code, scale_cache_salt
 from intp_vllm.core.temporal_attention import TemporalAttention, TemporalAttentionSpec
 from intp_vllm.video.io import as_frames
@@ -61,6 +68,14 @@ logger = logging.getLogger("vllm.intp_vllm")  # under "vllm": its handler and le
 
 REQUEST_FRAMES_KWARG = "frames"
 """`mm_processor_kwargs={"frames": n}` asks for n frames (up to intp.max_frames)."""
+PRUNING_RATE_KWARG = "pruning_rate"
+PRUNING_METHOD_KWARG = "pruning_method"
+"""`mm_processor_kwargs={"pruning_rate": q, "pruning_method": "evs"}` prunes a request's video
+tokens (pruning.py); the defaults are the server's --video-pruning-rate / --video-pruning-method."""
+REQUEST_KWARGS = (REQUEST_FRAMES_KWARG, PRUNING_RATE_KWARG, PRUNING_METHOD_KWARG)
+PRUNING_RATE_KEY, PRUNING_METHOD_KEY = "video_pruning_rate", "video_pruning_method"
+"""Each video's pruning, as the processor decided it, in its data for `embed_multimodal`
+(the method as its index in PRUNING_METHODS)."""
 SCALE_CODE_KEY = "rope_scale_code"
 """The request's RoPE scale code (request_scale.py): set by the processor, never by a request;
 it rides in the processor kwargs (so in the multimodal cache key) and in each video's data."""
@@ -91,9 +106,16 @@ class VideoLlavaProcessingInfo(BaseProcessingInfo):
         vision = self.get_hf_config().vision_config
         return tokens_per_frame(vision.image_size, vision.patch_size)
 
-    def get_num_video_tokens(self, num_frames: int) -> int:
-        """Prompt tokens of a video sampled at `num_frames`, padded to whole encoder clips."""
-        return video_tokens(num_frames, self.get_intp_config().encoder_frames, self.get_tokens_per_frame())
+    def get_num_video_tokens(self, num_frames: int, pruning: VideoPruning | None = None) -> int:
+        """Prompt tokens of a video sampled at `num_frames`, padded to whole encoder clips, and
+        left by `pruning` (pruning.py; None prunes nothing)."""
+        frames = padded_frame_count(num_frames, self.get_intp_config().encoder_frames)
+        return (pruning or VideoPruning()).kept_tokens(frames, self.get_tokens_per_frame())
+
+    def get_default_pruning(self) -> VideoPruning:
+        """The server's pruning: vLLM's --video-pruning-rate / --video-pruning-method."""
+        spec = self.ctx.model_config.multimodal_config.get_video_pruning_spec()
+        return VideoPruning() if spec is None else VideoPruning(*spec)
 
     def get_mm_max_tokens_per_item(self, seq_len: int, mm_counts: Mapping[str, int]) -> Mapping[str, int]:
         """The most tokens one video can take: `get_num_video_tokens(intp.max_frames)`."""
@@ -143,6 +165,17 @@ class VideoLlavaMultiModalProcessor(BaseMultiModalProcessor[VideoLlavaProcessing
             )
         return requested
 
+    def requested_pruning(self, mm_processor_kwargs: Mapping[str, object] | None) -> VideoPruning:
+        """A request's pruning: `mm_processor_kwargs` pruning_rate / pruning_method over the
+        server's. Raises ValueError naming the kwarg."""
+        default = self.info.get_default_pruning()
+        kwargs = mm_processor_kwargs or {}
+        try:
+            return VideoPruning(kwargs.get(PRUNING_METHOD_KWARG, default.method),
+                                kwargs.get(PRUNING_RATE_KWARG, default.rate))
+        except ValueError as exc:
+            raise ValueError(f"mm_processor_kwargs.{exc}") from None
+
     def request_media_io_kwargs(
         self, media_io_kwargs: Mapping[str, Mapping[str, object]], mm_processor_kwargs: Mapping[str, object] | None
     ) -> dict[str, dict[str, object]]:
@@ -165,10 +198,11 @@ class VideoLlavaMultiModalProcessor(BaseMultiModalProcessor[VideoLlavaProcessing
         return {**media_io_kwargs, "video": video}
 
     def _call_hf_processor(self, hf_data: Mapping[str, object], hf_kwargs: Mapping[str, object]) -> BatchFeature:
-        unknown = sorted(set(hf_kwargs) - {REQUEST_FRAMES_KWARG, SCALE_CODE_KEY})
+        unknown = sorted(set(hf_kwargs) - {*REQUEST_KWARGS, SCALE_CODE_KEY})
         if unknown:
-            raise ValueError(f"unknown mm_processor_kwargs {unknown}; allowed: [{REQUEST_FRAMES_KWARG!r}]")
+            raise ValueError(f"unknown mm_processor_kwargs {unknown}; allowed: {list(REQUEST_KWARGS)}")
         requested = self.requested_frames(hf_kwargs)
+        pruning = self.requested_pruning(hf_kwargs)
         encoder_frames = self.info.get_intp_config().encoder_frames
         preprocess = self.info.get_preprocess_config()
         pixel_values = []
@@ -176,7 +210,9 @@ class VideoLlavaMultiModalProcessor(BaseMultiModalProcessor[VideoLlavaProcessing
             frames = as_frames(video, name=f"video {i}")
             chosen = frames[select_frames(len(frames), requested, encoder_frames)]
             pixel_values.append(torch.from_numpy(preprocess_frames(chosen, preprocess)))
-        outputs = {"pixel_values_videos": pixel_values}
+        outputs = {"pixel_values_videos": pixel_values,
+                   PRUNING_RATE_KEY: torch.full((len(pixel_values),), pruning.rate, dtype=torch.float64),
+                   PRUNING_METHOD_KEY: torch.full((len(pixel_values),), pruning.code, dtype=torch.int64)}
         if SCALE_CODE_KEY in hf_kwargs:
             outputs[SCALE_CODE_KEY] = torch.full((len(pixel_values),), hf_kwargs[SCALE_CODE_KEY], dtype=torch.int64)
         return BatchFeature(outputs)
@@ -187,6 +223,7 @@ class VideoLlavaMultiModalProcessor(BaseMultiModalProcessor[VideoLlavaProcessing
     def _expanded_prompt_length(self, inputs) -> int:
         """Prompt tokens once each video placeholder has become its video tokens."""
         requested = self.requested_frames(inputs.hf_processor_mm_kwargs)
+        pruning = self.requested_pruning(inputs.hf_processor_mm_kwargs)
         length = len(inputs.prompt)
         videos = inputs.mm_data_items.get("video")
         for i in range(videos.get_count() if videos is not None else 0):
@@ -195,7 +232,7 @@ class VideoLlavaMultiModalProcessor(BaseMultiModalProcessor[VideoLlavaProcessing
                 raise ValueError(f"video {i} came as a multi_modal_uuid alone: with intp factor 'auto' its frames "
                                  "decide the request's RoPE scale, so send the video itself")
             frames = len(as_frames(video, name=f"video {i}"))
-            length += self.info.get_num_video_tokens(min(frames, requested)) - 1
+            length += self.info.get_num_video_tokens(min(frames, requested), pruning) - 1
         return length
 
     def apply(self, inputs, timing_ctx):
@@ -209,7 +246,7 @@ class VideoLlavaMultiModalProcessor(BaseMultiModalProcessor[VideoLlavaProcessing
         """
         if SCALE_CODE_KEY in inputs.hf_processor_mm_kwargs:
             raise ValueError(f"mm_processor_kwargs.{SCALE_CODE_KEY} is set by the server; allowed: "
-                             f"[{REQUEST_FRAMES_KWARG!r}]")
+                             f"{list(REQUEST_KWARGS)}")
         if not self.per_request_scale:
             return super().apply(inputs, timing_ctx)
         trained_context = self.info.get_hf_config().text_config.max_position_embeddings
@@ -228,7 +265,9 @@ class VideoLlavaMultiModalProcessor(BaseMultiModalProcessor[VideoLlavaProcessing
     def _get_mm_fields_config(
         self, hf_inputs: BatchFeature, hf_processor_mm_kwargs: Mapping[str, object]
     ) -> Mapping[str, MultiModalFieldConfig]:
-        fields = {"pixel_values_videos": MultiModalFieldConfig.batched("video")}
+        fields = {"pixel_values_videos": MultiModalFieldConfig.batched("video"),
+                  PRUNING_RATE_KEY: MultiModalFieldConfig.batched("video"),
+                  PRUNING_METHOD_KEY: MultiModalFieldConfig.batched("video")}
         if SCALE_CODE_KEY in hf_inputs:
             # keep_on_cpu: vLLM keeps only such fields for M-RoPE when the prefix cache covers a video
             fields[SCALE_CODE_KEY] = MultiModalFieldConfig.batched("video", keep_on_cpu=True)
@@ -244,9 +283,10 @@ class VideoLlavaMultiModalProcessor(BaseMultiModalProcessor[VideoLlavaProcessing
         per_frame = self.info.get_tokens_per_frame()
 
         def replacement(item_idx: int) -> list[int]:
-            """The video's placeholder becomes one token per frame token, frames padded to clips."""
-            pixels = out_mm_kwargs["video"][item_idx]["pixel_values_videos"].data
-            return [video_token_id] * (pixels.shape[0] * per_frame)
+            """The video's placeholder becomes one token per kept frame token (frames padded to clips)."""
+            item = out_mm_kwargs["video"][item_idx]
+            pruning = VideoPruning.from_code(item[PRUNING_METHOD_KEY].data, item[PRUNING_RATE_KEY].data)
+            return [video_token_id] * pruning.kept_tokens(item["pixel_values_videos"].data.shape[0], per_frame)
 
         return [PromptReplacement(modality="video", target=[video_token_id], replacement=replacement)]
 
@@ -270,8 +310,11 @@ class VideoLlavaProjector(nn.Module):
     info=VideoLlavaProcessingInfo,
     dummy_inputs=VideoLlavaDummyInputsBuilder,
 )
-class VideoLlavaForConditionalGeneration(nn.Module, SupportsMultiModal, SupportsPP, SupportsMRoPE):
+class VideoLlavaForConditionalGeneration(nn.Module, SupportsMultiModal, SupportsPP, SupportsMRoPE,
+                                         SupportsMultiModalPruning):
     """Serves unchanged HF Video-LLaVA checkpoints (`LanguageBind/Video-LLaVA-7B-hf` layout)."""
+
+    supported_video_pruning_methods = PRUNING_METHODS
 
     packed_modules_mapping = {
         "qkv_proj": ["q_proj", "k_proj", "v_proj"],
@@ -383,14 +426,28 @@ class VideoLlavaForConditionalGeneration(nn.Module, SupportsMultiModal, Supports
         positions = encode_positions(len(input_tokens), code)
         return positions.expand(3, -1).clone(), position_offset(code)
 
+    def recompute_mrope_positions(self, input_ids, multimodal_embeddings, mrope_positions, num_computed_tokens):
+        """vLLM's pruning hook (`SupportsMultiModalPruning`): positions stay as they are. The
+        processor already gave a pruned video as many placeholders as it keeps tokens, so
+        `get_mrope_input_positions` numbered the kept tokens in order; the delta is the scale
+        code's offset, read back from the first position."""
+        return multimodal_embeddings, mrope_positions, int(mrope_positions[0, 0])
+
     def embed_multimodal(self, **kwargs: object) -> MultiModalEmbeddings:
-        """One (F * tokens_per_frame, text_hidden) tensor per video of the batch, in the order of
-        `pixel_values_videos`, tokens in frame-time order (INTP's groups put back); [] when the
+        """One (kept tokens, text_hidden) tensor per video of the batch, in the order of
+        `pixel_values_videos`, tokens in frame-time order (INTP's groups put back), then pruned
+        by the video's pruning (pruning.py; all F * tokens_per_frame kept at rate 0); [] when the
         batch holds no video. F is each video's padded frame count."""
         videos = kwargs.get("pixel_values_videos")
         if videos is None:
             return []
-        return [self.embed_video(video) for video in videos]
+        rates, methods = kwargs[PRUNING_RATE_KEY], kwargs[PRUNING_METHOD_KEY]
+        embeddings = []
+        for video, rate, method in zip(videos, rates, methods):
+            tokens = self.embed_video(video)
+            pruning = VideoPruning.from_code(method, rate)
+            embeddings.append(tokens[pruning.retention_mask(tokens, video.shape[0])] if pruning.rate else tokens)
+        return embeddings
 
     def forward(
         self,
