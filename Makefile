@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo test test-fast bench clean
+.PHONY: setup demo test test-fast eval clean
 
 setup: $(STAMP)
 
@@ -25,5 +25,20 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(PY) -m pytest -q tests -m "not engine and not slow"
 
+# lmms-eval in its own venv (it pins torchvision and av<16, which clash with the product's);
+# scored against eval-needle on the same clips (docs/lmms-eval.md)
+LMMS_VENV  := .venv-lmms-eval
+LMMS_STAMP := $(LMMS_VENV)/.installed
+
+$(LMMS_STAMP): benchmarks/lmms_eval/requirements.txt
+	$(PYTHON) -m venv $(LMMS_VENV)
+	$(LMMS_VENV)/bin/python -m pip install -q -r benchmarks/lmms_eval/requirements.txt
+	# PyPI's torchvision is a CUDA build that cannot load against the CPU torch (see requirements.txt).
+	$(LMMS_VENV)/bin/python -m pip uninstall -y -q torchvision
+	touch $(LMMS_STAMP)
+
+eval: $(STAMP) $(LMMS_STAMP)
+	$(PY) benchmarks/lmms_eval_needle.py
+
 clean:
-	rm -rf $(VENV) runs
+	rm -rf $(VENV) $(LMMS_VENV) runs

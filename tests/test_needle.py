@@ -68,3 +68,45 @@ def test_paired_comparison_can_tell_methods_apart():
     assert better["mcnemar_p"] < 0.001 and not better["agree"]
     with pytest.raises(ValueError, match="no per-clip answers: re-run intp-vllm eval-needle"):
         paired_comparison({"accuracy": 0.5}, ["red"] * 100, clips)
+
+
+@pytest.mark.parametrize("scene", ["static", "drifting"])
+def test_redundant_scenes_repeat_their_background(scene):
+    """Static: every frame without a needle is the same image; drifting: the image pans by a
+    pixel every DRIFT_FRAMES frames. Noise clips are drawn as before (the training distribution)."""
+    import numpy as np
+
+    from intp_vllm.research.needle import DRIFT_FRAMES, make_clip
+
+    clip = make_clip(np.random.default_rng(3), 32, "order", scene)
+    plain = [t for t in range(32) if t not in clip.needle_frames]
+    for a, b in zip(plain, plain[1:]):
+        shifted = scene == "drifting" and a // DRIFT_FRAMES != b // DRIFT_FRAMES
+        if not shifted:
+            assert np.array_equal(clip.frames[a], clip.frames[b]), (a, b)
+        elif b == a + 1:
+            assert np.array_equal(clip.frames[a][:, 1:], clip.frames[b][:, :-1])
+    noise = make_clip(np.random.default_rng(3), 32, "order")
+    assert not np.array_equal(noise.frames[plain[0]], noise.frames[plain[1]])
+    assert np.array_equal(noise.frames, make_clip(np.random.default_rng(3), 32, "order", "noise").frames)
+    with pytest.raises(ValueError, match="scene 'snow' is not one of noise, static, drifting"):
+        make_clip(np.random.default_rng(3), 8, "flash", "snow")
+
+
+@pytest.mark.engine
+def test_pruned_cells_report_their_tokens_and_plot_the_frontier(tmp_path):
+    """eval-needle with pruning asked per request, on the committed needle model and a drifting
+    scene: each cell records its video tokens; the report gains the accuracy-vs-tokens plot."""
+    from intp_vllm.vllm_ext.pruning import VideoPruning
+
+    evs = VideoPruning("evs", 0.75)
+    results = evaluate("assets/needle-video-llava", [32], ["yarn"], clips_per_cell=24, tasks=("order",),
+                       prunings=(VideoPruning(), evs), scene="drifting",
+                       engine_kwargs={"enforce_eager": True, "kv_cache_memory_bytes": 128 << 20})
+    order = results["results"]["order"]
+    assert order["yarn"]["32"]["video_tokens"] == 32 * 17
+    assert order["yarn, evs 0.75"]["32"]["video_tokens"] == evs.kept_tokens(32, 17) < 32 * 17 / 3
+    assert order["yarn, evs 0.75"]["32"]["accuracy"] >= order[SAMPLING_ROW]["32"]["accuracy"] + 0.3, order
+    paths = write_report(results, tmp_path)
+    assert [p.name for p in paths] == ["needle_eval.json", "needle_eval.png", "needle_frontier.png"]
+    assert paths[2].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

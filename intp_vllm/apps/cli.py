@@ -171,6 +171,8 @@ def _run_train_needle(args) -> None:
 
 
 def _add_eval_needle(sub) -> None:
+    from intp_vllm.research.needle import SCENES
+
     p = sub.add_parser(
         "eval-needle",
         help="needle accuracy at 8-128 frames through vLLM, against 8-frame sampling",
@@ -185,6 +187,14 @@ def _add_eval_needle(sub) -> None:
     p.add_argument("--grouping", default="interleaved",
                    help="comma-separated frame groupings: interleaved (INTP), consecutive (plain chunking); "
                    "compare them on a --temporal-attention model")
+    p.add_argument("--pruning-rate", default="0",
+                   help="comma-separated video token pruning rates in [0, 1), each asked per request (0: none); "
+                   "e.g. 0,0.5,0.75,0.875")
+    p.add_argument("--pruning-method", default="evs",
+                   help="comma-separated pruning methods for the rates above 0: evs, vidcom2")
+    p.add_argument("--scene", choices=SCENES, default="noise",
+                   help="the clips' background: noise drawn anew each frame (as trained), or a static or slowly "
+                   "drifting one, redundant in time as real video is (what pruning needs to be measured honestly)")
     p.add_argument("--clips", type=int, default=300, help="held-out clips per cell")
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--output-dir", type=Path, default=Path("runs/needle-eval"))
@@ -193,10 +203,17 @@ def _add_eval_needle(sub) -> None:
 def _run_eval_needle(args) -> None:
     from intp_vllm.research.needle_eval import evaluate, write_report
     from intp_vllm.apps.flags import parse_factor
+    from intp_vllm.vllm_ext.pruning import VideoPruning
 
+    try:
+        rates = [float(rate) for rate in args.pruning_rate.split(",")]
+        prunings = tuple(dict.fromkeys(VideoPruning(method, rate) if rate else VideoPruning()
+                                       for rate in rates for method in args.pruning_method.split(",")))
+    except ValueError as exc:
+        sys.exit(f"intp-vllm eval-needle: error: --pruning-rate/--pruning-method: {exc}")
     report = evaluate(args.model, [int(f) for f in args.frames.split(",")], args.rope.split(","),
                       factor=parse_factor(args.factor), clips_per_cell=args.clips, seed=args.seed,
-                      groupings=tuple(args.grouping.split(",")))
+                      groupings=tuple(args.grouping.split(",")), prunings=prunings, scene=args.scene)
     for path in write_report(report, args.output_dir):
         print(f"wrote {path}")
 

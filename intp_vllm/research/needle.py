@@ -39,11 +39,31 @@ class NeedleClip:
     needle_frames: tuple[int, ...]
 
 
-def make_clip(rng: np.random.Generator, num_frames: int, task: str) -> NeedleClip:
-    """Grey noise with one (flash) or two (order) frames showing a coloured square of 28-42 px."""
+SCENES = ("noise", "static", "drifting")
+"""The background of a clip: grey noise drawn anew every frame (what the model is trained on;
+no two frames alike), one noise image held still, or one panning by a pixel every
+DRIFT_FRAMES frames. The last two are redundant in time, as real video is, which token
+pruning exploits."""
+DRIFT_FRAMES = 4
+
+
+def _background(rng: np.random.Generator, num_frames: int, scene: str) -> np.ndarray:
+    if scene == "noise":
+        return np.repeat(rng.integers(96, 160, size=(num_frames, FRAME_SIZE, FRAME_SIZE, 1), dtype=np.uint8), 3, -1)
+    if scene not in SCENES:
+        raise ValueError(f"scene {scene!r} is not one of {', '.join(SCENES)}")
+    pan = (num_frames - 1) // DRIFT_FRAMES if scene == "drifting" else 0
+    image = np.repeat(rng.integers(96, 160, size=(FRAME_SIZE, FRAME_SIZE + pan, 1), dtype=np.uint8), 3, -1)
+    shifts = np.arange(num_frames) // DRIFT_FRAMES if scene == "drifting" else np.zeros(num_frames, int)
+    return np.stack([image[:, shift:shift + FRAME_SIZE] for shift in shifts])
+
+
+def make_clip(rng: np.random.Generator, num_frames: int, task: str, scene: str = "noise") -> NeedleClip:
+    """A `scene` background (SCENES) with one (flash) or two (order) frames showing a coloured
+    square of 28-42 px."""
     if task not in TASKS:
         raise ValueError(f"task {task!r} is not one of {', '.join(TASKS)}")
-    frames = np.repeat(rng.integers(96, 160, size=(num_frames, FRAME_SIZE, FRAME_SIZE, 1), dtype=np.uint8), 3, -1)
+    frames = _background(rng, num_frames, scene)
     names = list(COLOURS)
     count = 1 if task == "flash" else 2
     needle_frames = tuple(sorted(rng.choice(num_frames, size=count, replace=False).tolist()))
@@ -55,9 +75,10 @@ def make_clip(rng: np.random.Generator, num_frames: int, task: str) -> NeedleCli
     return NeedleClip(frames, task, colours[0], needle_frames)
 
 
-def make_clips(seed: int, count: int, num_frames: int, tasks: tuple[str, ...] = tuple(TASKS)) -> list[NeedleClip]:
+def make_clips(seed: int, count: int, num_frames: int, tasks: tuple[str, ...] = tuple(TASKS),
+               scene: str = "noise") -> list[NeedleClip]:
     rng = np.random.default_rng(seed)
-    return [make_clip(rng, num_frames, tasks[i % len(tasks)]) for i in range(count)]
+    return [make_clip(rng, num_frames, tasks[i % len(tasks)], scene) for i in range(count)]
 
 
 def build_tokenizer():

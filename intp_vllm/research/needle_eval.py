@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +23,7 @@ from intp_vllm.core.rearrange import uniform_frame_indices
 from intp_vllm.core.prompt import VIDEO_PROMPT
 from intp_vllm.machine import machine_name
 from intp_vllm.vllm_ext.engine import shutdown_llm
+from intp_vllm.vllm_ext.pruning import VideoPruning
 
 SAMPLING_ROW = "8-frame sampling"
 
@@ -49,35 +51,45 @@ def mcnemar_exact(only_a: int, only_b: int) -> float:
     return min(1.0, 2 * tail)
 
 
-def cell_clips(frames: int, task: str, count: int, seed: int):
-    return make_clips(seed * 1_000_003 + frames * 31 + list(TASKS).index(task), count, frames, (task,))
+def cell_clips(frames: int, task: str, count: int, seed: int, scene: str = "noise"):
+    return make_clips(seed * 1_000_003 + frames * 31 + list(TASKS).index(task), count, frames, (task,), scene)
 
 
-def _ask(llm, videos: list[np.ndarray], tasks: list[str]) -> list[str]:
+def _ask(llm, videos: list[np.ndarray], tasks: list[str], pruning: VideoPruning = VideoPruning()) -> list:
+    """Each video's answer and its prompt's video token count (after pruning)."""
     from vllm import SamplingParams
 
-    requests = [{"prompt": VIDEO_PROMPT.format(question=TASKS[task]), "multi_modal_data": {"video": video}}
-                for video, task in zip(videos, tasks)]
+    kwargs = {"pruning_rate": pruning.rate, "pruning_method": pruning.method}
+    requests = [{"prompt": VIDEO_PROMPT.format(question=TASKS[task]), "multi_modal_data": {"video": video},
+                 "mm_processor_kwargs": kwargs} for video, task in zip(videos, tasks)]
     outputs = llm.generate(requests, SamplingParams(temperature=0.0, max_tokens=1), use_tqdm=False)
-    return [output.outputs[0].text.strip() for output in outputs]
+    video_token = llm.llm_engine.model_config.hf_config.video_token_index
+    return [(output.outputs[0].text.strip(), output.prompt_token_ids.count(video_token)) for output in outputs]
 
 
-def _score(answers: list[str], clips) -> dict:
+def _score(asked: list, clips) -> dict:
+    answers = [answer for answer, _ in asked]
     correct = sum(answer == clip.answer for answer, clip in zip(answers, clips))
     low, high = wilson_interval(correct, len(clips))
-    return {"accuracy": correct / len(clips), "ci95": [low, high], "n": len(clips), "answers": answers}
+    return {"accuracy": correct / len(clips), "ci95": [low, high], "n": len(clips),
+            "video_tokens": float(np.mean([tokens for _, tokens in asked])), "answers": answers}
 
 
-def method_label(rope_type: str, grouping: str, groupings: list[str]) -> str:
-    """A result row: the RoPE type, with the grouping when more than one is compared."""
-    return rope_type if len(groupings) == 1 else f"{rope_type}, {grouping}"
+def method_label(rope_type: str, grouping: str, groupings: list[str],
+                 pruning: VideoPruning = VideoPruning()) -> str:
+    """A result row: the RoPE type, with the grouping when more than one is compared, and the
+    pruning when there is any."""
+    label = rope_type if len(groupings) == 1 else f"{rope_type}, {grouping}"
+    return f"{label}, {pruning.method} {pruning.rate:g}" if pruning.rate else label
 
 
 def evaluate(model_dir: str, frames: list[int], rope_types: list[str], factor="auto", clips_per_cell: int = 300,
              tasks: tuple[str, ...] = tuple(TASKS), seed: int = 1234, groupings: tuple[str, ...] = ("interleaved",),
+             prunings: tuple[VideoPruning, ...] = (VideoPruning(),), scene: str = "noise",
              engine_kwargs: dict | None = None, log=print) -> dict:
-    """Accuracy per (task, method, frames); a method is a RoPE type (and grouping, when several are
-    compared), or the 8-frame sampling baseline."""
+    """Accuracy and video tokens per (task, method, frames) on clips of `scene`; a method is a
+    RoPE type (with the grouping, when several are compared, and the pruning, per request), or
+    the 8-frame sampling baseline."""
     from vllm import LLM
 
     for name, values, allowed in (("rope type", rope_types, ROPE_TYPES), ("grouping", groupings, GROUPINGS)):
@@ -87,24 +99,26 @@ def evaluate(model_dir: str, frames: list[int], rope_types: list[str], factor="a
     engine = dict(dtype="float32", max_num_seqs=32,
                   limit_mm_per_prompt={"video": 1}, seed=0)
     engine.update(engine_kwargs or {})
-    cells = {(f, t): cell_clips(f, t, clips_per_cell, seed) for f in frames for t in tasks}
+    cells = {(f, t): cell_clips(f, t, clips_per_cell, seed, scene) for f in frames for t in tasks}
     results: dict = {task: {} for task in tasks}
     methods = []
     started = time.perf_counter()
     for index, (grouping, rope_type) in enumerate((g, r) for g in groupings for r in rope_types):
-        method = method_label(rope_type, grouping, list(groupings))
-        methods.append(method)
         llm = LLM(model=model_dir, hf_overrides={"intp": {"frames": max(frames), "rope_type": rope_type,
                                                           "factor": factor, "grouping": grouping}}, **engine)
         try:
             for (f, task), clips in cells.items():
-                answers = _ask(llm, [c.frames for c in clips], [task] * len(clips))
-                results[task].setdefault(method, {})[str(f)] = _score(answers, clips)
-                log(f"{method:>8} {task:>5} {f:>4} frames: {results[task][method][str(f)]['accuracy']:.3f}")
+                for pruning in prunings:
+                    method = method_label(rope_type, grouping, list(groupings), pruning)
+                    if method not in methods:
+                        methods.append(method)
+                    score = _score(_ask(llm, [c.frames for c in clips], [task] * len(clips), pruning), clips)
+                    results[task].setdefault(method, {})[str(f)] = score
+                    log(f"{method:>8} {task:>5} {f:>4} frames: {score['accuracy']:.3f} "
+                        f"({score['video_tokens']:.0f} video tokens)")
                 if index == 0:
                     sampled = uniform_frame_indices(f, TRAIN_FRAMES)
-                    answers = _ask(llm, [c.frames[sampled] for c in clips], [task] * len(clips))
-                    score = _score(answers, clips)
+                    score = _score(_ask(llm, [c.frames[sampled] for c in clips], [task] * len(clips)), clips)
                     score["needles_caught"] = float(np.mean([set(c.needle_frames) <= set(sampled.tolist())
                                                              for c in clips]))
                     results[task].setdefault(SAMPLING_ROW, {})[str(f)] = score
@@ -113,6 +127,7 @@ def evaluate(model_dir: str, frames: list[int], rope_types: list[str], factor="a
         finally:
             shutdown_llm(llm)
     return {"model": str(model_dir), "machine": machine_name(), "factor": factor, "groupings": list(groupings),
+            "prunings": [asdict(p) for p in prunings], "scene": scene,
             "frames": frames, "rope_types": rope_types, "methods": methods, "clips_per_cell": clips_per_cell,
             "seed": seed, "seconds": round(time.perf_counter() - started, 1), "results": results}
 
@@ -143,8 +158,48 @@ def plot_heatmap(report: dict, path: Path) -> Path:
     return path
 
 
-def write_report(report: dict, output_dir: Path) -> tuple[Path, Path]:
+def plot_frontier(report: dict, path: Path) -> Path:
+    """Accuracy (95% interval) against video tokens per request, per task: one line per method
+    through its frame counts, 8-frame sampling as the reference point. Where pruning buys
+    frames for fewer tokens and where it costs accuracy, side by side."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = list(report["results"])
+    fig, axes = plt.subplots(1, len(tasks), figsize=(6.5 * len(tasks), 4.2), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        for row in [SAMPLING_ROW] + report["methods"]:
+            cells = [report["results"][task][row][str(f)] for f in report["frames"]]
+            x = [cell["video_tokens"] for cell in cells]
+            y = [cell["accuracy"] for cell in cells]
+            err = [[max(0.0, a - cell["ci95"][0]) for a, cell in zip(y, cells)],
+                   [max(0.0, cell["ci95"][1] - a) for a, cell in zip(y, cells)]]  # Wilson bounds round near 0, 1
+            ax.errorbar(x, y, yerr=err, marker="o" if row != SAMPLING_ROW else "s", capsize=2, label=row,
+                        linestyle="--" if row == SAMPLING_ROW else "-")
+            for f, xi, yi in zip(report["frames"], x, y):
+                ax.annotate(str(f), (xi, yi), textcoords="offset points", xytext=(3, -10), fontsize=6)
+        ax.set_xscale("log")
+        ax.set_xlabel("video tokens per request (labels: frames in the video)")
+        ax.set_ylabel("accuracy")
+        ax.set_ylim(0, 1.05)
+        ax.set_title(f"{task}: {TASKS[task]} ({report['scene']} scene)")
+        ax.legend(fontsize=6, loc="lower right")
+    fig.suptitle(f"needle accuracy against tokens, n={report['clips_per_cell']} per cell ({report['machine']})",
+                 fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def write_report(report: dict, output_dir: Path) -> tuple[Path, ...]:
+    """needle_eval.json and .png, and needle_frontier.png when the report has pruned rows."""
     output_dir.mkdir(parents=True, exist_ok=True)
     json_path = output_dir / "needle_eval.json"
     json_path.write_text(json.dumps(report, indent=2))
-    return json_path, plot_heatmap(report, output_dir / "needle_eval.png")
+    paths = (json_path, plot_heatmap(report, output_dir / "needle_eval.png"))
+    if any(p["rate"] for p in report.get("prunings", ())):
+        paths += (plot_frontier(report, output_dir / "needle_frontier.png"),)
+    return paths

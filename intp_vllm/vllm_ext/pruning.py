@@ -20,8 +20,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import torch
-
 PRUNING_METHODS = ("evs", "vidcom2")
 """vLLM's `VideoPruningMethod`s, in the order of their codes in a video's data."""
 
@@ -62,11 +60,13 @@ class VideoPruning:
             return frames * tokens_per_frame
         return frames + self._module().compute_retained_tokens_count(tokens_per_frame - 1, frames, self.rate)
 
-    def retention_mask(self, embeds: torch.Tensor, frames: int) -> torch.Tensor:
+    def retention_mask(self, embeds, frames: int):
         """(frames * tokens_per_frame,) bool, True for kept tokens, of `embeds`
         (frames * tokens_per_frame, hidden) in frame-time order, CLS first in each frame;
         `kept_tokens` of them are True. The method's `compute_retention_mask` scores the
         patches (as a grid of one row a frame: neither method uses the layout within a frame)."""
+        import torch
+
         per_frame = embeds.shape[0] // frames
         mask = torch.ones(frames, per_frame, dtype=torch.bool, device=embeds.device)
         if self.rate:

