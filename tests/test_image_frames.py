@@ -118,13 +118,15 @@ def test_other_urls_are_not_frame_lists():
 
 def test_the_serve_flag_reaches_the_limits_every_api_server_reads(monkeypatch):
     from intp_vllm.apps.cli import build_parser
-    from intp_vllm.vllm_ext.media import install_media_limits
+    from intp_vllm.vllm_ext.media import LIMITS_ENV, install_media_limits
 
+    for name in (LIMITS_ENV, "VLLM_MEDIA_CONNECTOR", "VLLM_MAX_MEDIA_DOWNLOAD_SIZE_MB"):
+        monkeypatch.setenv(name, "")  # restored (removed) after the test: later engines see no limits
+        monkeypatch.delenv(name)
     for flags, expected in (([], True), (["--no-image-frames"], False)):
         args, _ = build_parser().parse_known_args(["serve", "/models/x", *flags])
         limits = ServeLimits.from_args(args, {})
         assert limits.image_frames is expected
-        monkeypatch.delenv("INTP_VLLM_SERVE_LIMITS", raising=False)
         install_media_limits(limits)
         assert ServeLimits.from_env() == limits
 
