@@ -55,9 +55,10 @@ metric_list:
 """
 
 
-def write_task(clips_by_task: dict, work: Path) -> Path:
-    """Lossless videos, the JSONL and the task folder under `work`; returns the task folder.
-    Raises AssertionError if a video does not decode to its clip's frames."""
+def write_task(clips_by_task: dict, work: Path) -> tuple[Path, list[str]]:
+    """Lossless videos, the JSONL and the task folder under `work`; returns the task folder and
+    each row's id ("<task>-<clip>"; lmms-eval's doc_id is the row's index). Raises
+    AssertionError if a video does not decode to its clip's frames."""
     import av
     import numpy as np
 
@@ -82,12 +83,12 @@ def write_task(clips_by_task: dict, work: Path) -> Path:
     shutil.copy(TASK_DIR / "utils.py", tasks / "utils.py")
     for task, visual in (("intp_needle", "doc_to_frames"), ("intp_needle_video_url", "doc_to_video_path")):
         (tasks / f"{task}.yaml").write_text(TASK_YAML.format(task=task, data=data, visual=visual))
-    return tasks
+    return tasks, [row["id"] for row in rows]
 
 
-def run_lmms_eval(python: Path, base_url: str, model: str, frames: int, mode: str, tasks: Path, out: Path,
-                  log) -> dict:
-    """One lmms-eval run; {doc id: answer} from its logged samples."""
+def run_lmms_eval(python: Path, base_url: str, model: str, frames: int, mode: str, tasks: Path, ids: list[str],
+                  out: Path, log) -> dict:
+    """One lmms-eval run; {row id: answer} from its logged samples."""
     task, extra = MODES[mode]
     model_args = {"model_version": model, "base_url": f"{base_url}/v1", "api_key": "none",
                   "max_frames_num": str(frames), "num_concurrent": "8", **extra}
@@ -109,7 +110,7 @@ def run_lmms_eval(python: Path, base_url: str, model: str, frames: int, mode: st
         while isinstance(response, list):
             response = response[0] if response else ""
         words = str(response).strip().split()
-        answers[sample["doc"]["id"]] = words[0] if words else ""
+        answers[ids[sample["doc_id"]]] = words[0] if words else ""
     return {"answers": answers, "seconds": round(time.perf_counter() - started, 1), "command": command}
 
 
@@ -177,17 +178,18 @@ def main(argv=None) -> dict:
 
     work = args.work_dir.resolve()
     clips_by_task = {task: cell_clips(args.frames, task, args.clips, args.seed) for task in TASKS}
-    tasks = write_task(clips_by_task, work)
+    tasks, ids = write_task(clips_by_task, work)
     log(f"wrote {2 * args.clips} lossless clips and the task definitions under {work}")
     needle_report = evaluate(str(args.model), [args.frames], ["yarn"], clips_per_cell=args.clips, seed=args.seed,
                              log=lambda line: log(f"eval-needle: {line}"))
+    # pass_video_url sends media_io_kwargs.video.num_frames, which vLLM takes only from trusted clients
     server_args = ["--dtype", "float32", "--frames", str(args.frames), "--max-num-seqs", "16",
-                   "--allowed-local-media-path", str(work)]
+                   "--allowed-local-media-path", str(work), "--trust-request-mm-kwargs"]
     runs = {}
     with serve(args.model, server_args) as base_url:
         model = served_model(base_url)
         for mode in MODES:
-            runs[mode] = run_lmms_eval(args.lmms_python, base_url, model, args.frames, mode, tasks,
+            runs[mode] = run_lmms_eval(args.lmms_python, base_url, model, args.frames, mode, tasks, ids,
                                        work / "output", log)
             log(f"{mode}: {runs[mode]['seconds']} s")
     version = subprocess.run([str(args.lmms_python), "-c", "import importlib.metadata as m; "

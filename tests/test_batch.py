@@ -267,3 +267,17 @@ def test_help_explains_jobs_results_resume_and_ray(capsys):
     for phrase in ("required: id", "optional: max_tokens", "data:video/mp4;base64", '"error"', "resuming:",
                    "--retry-errors", "--ray-workers", "--ray-address", "--tensor-parallel-size", "--frames"):
         assert phrase in text
+
+
+def test_pruning_flags_reach_every_replica_s_engine():
+    """vLLM's --video-pruning-rate/--video-pruning-method, as batch flags, go to each LLM(); unset stay out."""
+    from intp_vllm.apps.batch.cli import engine_kwargs_from
+    from intp_vllm.apps.cli import build_parser
+
+    base = ["batch", "--model", "/m", "--input", "in.jsonl", "--output", "out.jsonl"]
+    args = build_parser().parse_args([*base, "--video-pruning-rate", "0.75", "--video-pruning-method", "vidcom2"])
+    kwargs = engine_kwargs_from(args, {})
+    assert kwargs["video_pruning_rate"] == 0.75 and kwargs["video_pruning_method"] == "vidcom2"
+    assert "video_pruning_rate" not in engine_kwargs_from(build_parser().parse_args(base), {})
+    with pytest.raises(SystemExit):
+        build_parser().parse_args([*base, "--video-pruning-method", "fastv"])

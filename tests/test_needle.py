@@ -48,6 +48,8 @@ def test_intervals_match_published_examples():
     """Newcombe (1998): Wilson interval of 81/263. Exact McNemar by hand: 6 vs 1 discordant clips
     is 2 x (1 + 7) / 2^7, 1 vs 9 is 2 x (1 + 10) / 2^10."""
     assert wilson_interval(81, 263) == pytest.approx((0.2553, 0.3662), abs=1e-4)
+    for total in (8, 100, 300):  # a perfect score lies in its own interval, not above it by rounding
+        assert wilson_interval(total, total)[1] == 1.0 and wilson_interval(0, total)[0] == 0.0
     assert mcnemar_exact(6, 1) == pytest.approx(0.125)
     assert mcnemar_exact(1, 9) == pytest.approx(22 / 1024)
     assert mcnemar_exact(9, 1) == mcnemar_exact(1, 9)

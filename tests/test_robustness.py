@@ -155,6 +155,10 @@ def all_frames_requested(media, clip):
     return f"file://{clip}", {"media_io_kwargs": {"video": {"num_frames": -1}}}
 
 
+def conflicting_frame_counts(media, clip):
+    return f"file://{clip}", {"media_io_kwargs": {"video": {"num_frames": 16}}, "mm_processor_kwargs": {"frames": 12}}
+
+
 def too_many_processed_frames(media, clip):
     return f"file://{clip}", {"mm_processor_kwargs": {"frames": MAX_FRAMES + 1}}
 
@@ -227,10 +231,12 @@ HOSTILE = [
     pytest.param(not_a_video_media_type, 400, "expected a base64 encoded video file.*got data:image/png;base64",
                  id="data-url-image-type"),
     pytest.param(eight_k_mp4, 400, r"7680x4320 frames \(33177600 pixels\); at most 2073600 pixels", id="8k"),
-    pytest.param(too_many_decoded_frames, 400, r"media_io_kwargs.video.num_frames=17 conflicts with 8 frames: a "
-                 r"request's frame count is mm_processor_kwargs.frames", id="num-frames-over-max"),
-    pytest.param(all_frames_requested, 400, "media_io_kwargs.video.num_frames=-1 conflicts with 8 frames",
+    pytest.param(too_many_decoded_frames, 400, r"media_io_kwargs.video.num_frames=17: expected an integer from 1 "
+                 r"to 16 \(intp.max_frames\)", id="num-frames-over-max"),
+    pytest.param(all_frames_requested, 400, "media_io_kwargs.video.num_frames=-1: expected an integer from 1 to 16",
                  id="all-frames"),
+    pytest.param(conflicting_frame_counts, 400, r"media_io_kwargs.video.num_frames=16 conflicts with 12 frames: a "
+                 r"request's frame count is mm_processor_kwargs.frames", id="num-frames-conflict"),
     pytest.param(too_many_processed_frames, 400, r"frames=17: expected an integer from 1 to 16",
                  id="processor-frames-over-max"),
     pytest.param(scale_code_from_the_request, 400, r"mm_processor_kwargs.rope_scale_code is set by the server",
@@ -260,6 +266,17 @@ def test_hostile_video_is_a_4xx_naming_the_problem_and_the_next_request_succeeds
     assert got == status, reply
     assert re.search(message, reply["error"]["message"]), reply["error"]["message"]
     assert_served(server, model, clip)
+
+
+def test_num_frames_alone_is_the_request_s_frame_count(server, model, clip):
+    """What lmms-eval's pass_video_url sends: the video is read at num_frames, as with frames."""
+    def prompt_tokens(extra: dict) -> int:
+        status, reply = post(server, video_request(model, f"file://{clip}", **extra))
+        assert status == 200, reply
+        return reply["usage"]["prompt_tokens"]
+
+    assert prompt_tokens({"media_io_kwargs": {"video": {"num_frames": 16}}}) \
+        == prompt_tokens({"mm_processor_kwargs": {"frames": 16}}) > prompt_tokens({})
 
 
 def test_more_videos_than_allowed_is_a_400(server, model, clip):

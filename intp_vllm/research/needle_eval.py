@@ -29,13 +29,14 @@ SAMPLING_ROW = "8-frame sampling"
 
 
 def wilson_interval(correct: int, total: int, z: float = 1.96) -> tuple[float, float]:
-    """95% Wilson score interval of a proportion."""
+    """95% Wilson score interval of a proportion; it always holds the proportion itself (at 0
+    or 1 the bound is exact, not off by rounding)."""
     if total == 0:
         return 0.0, 1.0
     p = correct / total
     centre = (p + z * z / (2 * total)) / (1 + z * z / total)
     half = z * math.sqrt(p * (1 - p) / total + z * z / (4 * total * total)) / (1 + z * z / total)
-    return max(0.0, centre - half), min(1.0, centre + half)
+    return min(p, max(0.0, centre - half)), max(p, min(1.0, centre + half))
 
 
 def mcnemar_exact(only_a: int, only_b: int) -> float:

@@ -176,6 +176,26 @@ class VideoLlavaMultiModalProcessor(BaseMultiModalProcessor[VideoLlavaProcessing
         except ValueError as exc:
             raise ValueError(f"mm_processor_kwargs.{exc}") from None
 
+    def request_frames_kwargs(
+        self, media_io_kwargs: Mapping[str, Mapping[str, object]], mm_processor_kwargs: Mapping[str, object] | None
+    ) -> Mapping[str, object] | None:
+        """`mm_processor_kwargs` asking for `media_io_kwargs.video.num_frames` frames when a
+        request sets that count (to other than intp.frames) and no `frames` of its own, else
+        `mm_processor_kwargs` as they are: a client that can only send vLLM's `num_frames`
+        (lmms-eval with `pass_video_url`) gets that many frames, up to intp.max_frames.
+
+        Called by the renderer before `request_media_io_kwargs` (plugin.py). Raises ValueError
+        for a `num_frames` outside 1..intp.max_frames.
+        """
+        intp = self.info.get_intp_config()
+        asked = (media_io_kwargs.get("video") or {}).get("num_frames", intp.frames)
+        if asked == intp.frames or REQUEST_FRAMES_KWARG in (mm_processor_kwargs or {}):
+            return mm_processor_kwargs
+        if isinstance(asked, bool) or not isinstance(asked, int) or not 1 <= asked <= intp.frame_limit:
+            raise ValueError(f"media_io_kwargs.video.num_frames={asked!r}: expected an integer from 1 to "
+                             f"{intp.frame_limit} (intp.max_frames), the frames this request's video is read at")
+        return {**(mm_processor_kwargs or {}), REQUEST_FRAMES_KWARG: asked}
+
     def request_media_io_kwargs(
         self, media_io_kwargs: Mapping[str, Mapping[str, object]], mm_processor_kwargs: Mapping[str, object] | None
     ) -> dict[str, dict[str, object]]:

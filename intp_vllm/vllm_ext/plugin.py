@@ -84,9 +84,11 @@ class VideoLlavaConfigHook:
 
 def prepare_chat_request(render_chat):
     """Wrap vLLM's `BaseRenderer.render_chat` (or `render_chat_async`) so that, for our model,
-    a message's image_url frames become one video (`image_frames.frames_as_video`), and the
-    videos of a chat request are fetched and decoded at the frame count the model's processor
-    chooses for it (`VideoLlavaMultiModalProcessor.request_media_io_kwargs`).
+    a message's image_url frames become one video (`image_frames.frames_as_video`), a request's
+    `media_io_kwargs.video.num_frames` is its frame count unless it names `frames`
+    (`VideoLlavaMultiModalProcessor.request_frames_kwargs`), and the videos of a chat request
+    are fetched and decoded at the frame count the model's processor chooses for it
+    (`VideoLlavaMultiModalProcessor.request_media_io_kwargs`).
 
     vLLM hands a video loader only `media_io_kwargs`, never the request's
     `mm_processor_kwargs`; without this a `video_url` is decoded at the server's count and
@@ -103,6 +105,9 @@ def prepare_chat_request(render_chat):
                                                                          prompt_extras)
             defaults = self.model_config.multimodal_config.media_io_kwargs
             media_io_kwargs = merge_media_io_kwargs(defaults, chat_params.media_io_kwargs)
+            mm_kwargs = self.mm_processor.request_frames_kwargs(media_io_kwargs or {}, chat_params.mm_processor_kwargs)
+            if mm_kwargs is not chat_params.mm_processor_kwargs:
+                chat_params, prompt_extras = _with_mm_processor_kwargs(chat_params, prompt_extras, mm_kwargs)
             chat_params = dataclasses.replace(
                 chat_params, media_io_kwargs=choose(media_io_kwargs or {}, chat_params.mm_processor_kwargs)
             )
@@ -131,9 +136,15 @@ def _frames_as_video(renderer, conversations, chat_params, prompt_extras):
                          "differ; send each in its own call")
     if counts:
         mm_kwargs = {REQUEST_FRAMES_KWARG: counts.pop(), **(chat_params.mm_processor_kwargs or {})}
-        chat_params = dataclasses.replace(chat_params, mm_processor_kwargs=mm_kwargs)
-        prompt_extras = {**(prompt_extras or {}), "mm_processor_kwargs": mm_kwargs}
+        chat_params, prompt_extras = _with_mm_processor_kwargs(chat_params, prompt_extras, mm_kwargs)
     return conversations, chat_params, prompt_extras
+
+
+def _with_mm_processor_kwargs(chat_params, prompt_extras, mm_kwargs):
+    """Chat params and prompt extras (which carry a request's `mm_processor_kwargs` to the
+    processor) with `mm_kwargs` as the request's."""
+    return (dataclasses.replace(chat_params, mm_processor_kwargs=mm_kwargs),
+            {**(prompt_extras or {}), "mm_processor_kwargs": mm_kwargs})
 
 
 def salt_with_request_scale(process_tokens):
