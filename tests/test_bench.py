@@ -9,6 +9,7 @@ import sys
 import pytest
 
 from intp_vllm.apps.bench import ModelShape, decoder_flops, make_workload, request_flops
+from intp_vllm.vllm_ext.pruning import VideoPruning
 
 ONE_LAYER = ModelShape(image_size=28, patch_size=14, vision_hidden=2, vision_intermediate=8, vision_layers=1,
                        text_hidden=2, text_intermediate=3, text_layers=1, heads=1, kv_heads=1, head_dim=2, vocab=5)
@@ -41,17 +42,17 @@ def test_workload_mixes_every_pair_and_changes_videos_per_round():
 
 @pytest.mark.engine
 def test_quick_bench_end_to_end(tmp_path):
-    completed = subprocess.run([sys.executable, "-m", "intp_vllm.apps.cli", "bench", "--quick", "--output-dir",
-                                str(tmp_path)], capture_output=True, text=True, timeout=600)
+    completed = subprocess.run([sys.executable, "-m", "intp_vllm.apps.cli", "bench", "--quick", "--pruning-rate",
+                                "0.5", "--output-dir", str(tmp_path)], capture_output=True, text=True, timeout=600)
     assert completed.returncode == 0, completed.stderr[-4000:]
     report = json.loads((tmp_path / "throughput.json").read_text())
     assert report["machine"]["name"] and report["peak_flops"] > 0
     settings = report["settings"]
-    assert list(report["runs"]) == ["hf_generate", "plugin_8f", "intp_16f", "unscaled_16f"]
+    assert list(report["runs"]) == ["hf_generate", "plugin_8f", "intp_16f", "unscaled_16f", "intp_16f_evs0.5"]
     requests = report["workload"]
     for name, run in report["runs"].items():
         for key in ("seconds", "req_per_s", "frames_per_s", "prompt_tokens_per_s", "output_tokens_per_s",
-                    "ttft_mean_s", "peak_rss_mib", "achieved_flops_per_s"):
+                    "ttft_mean_s", "kv_bytes_per_request", "peak_rss_mib", "achieved_flops_per_s"):
             assert run[key] > 0, (name, key)
         assert all(value > 0 for value in run["flops"].values()), name
         assert 0 < run["mfu"] <= 1, name
@@ -60,6 +61,18 @@ def test_quick_bench_end_to_end(tmp_path):
         assert run["frames"] == expected_frames, name
         assert len(run["round_seconds"]) == settings["repeats"]
     # the same visual tokens for INTP and its unscaled twin, so their FLOPs are equal
-    assert report["runs"]["intp_16f"]["flops"] == report["runs"]["unscaled_16f"]["flops"]
-    assert set(report["goals"]) == {"plugin_vs_hf_time_ratio", "intp_overhead"}
+    runs = report["runs"]
+    assert runs["intp_16f"]["flops"] == runs["unscaled_16f"]["flops"]
+    # pruning: the encoder still sees every frame; vLLM's EVS count of the patch tokens (17 a frame:
+    # 16 patches + CLS, which is kept) reach the language model, whose prefill and KV cache shrink
+    intp, pruned = runs["intp_16f"], runs["intp_16f_evs0.5"]
+    assert pruned["pruning"] == {"method": "evs", "rate": 0.5} and intp["pruning"] is None
+    assert pruned["frames"] == intp["frames"] and pruned["flops"]["vision"] == intp["flops"]["vision"]
+    evs = VideoPruning("evs", 0.5)
+    assert pruned["video_tokens"] == sum(evs.kept_tokens(min(r["frames"], 16), 17) for r in requests)
+    assert intp["video_tokens"] == intp["frames"] * 17 > pruned["video_tokens"]
+    assert pruned["flops"]["prefill"] < intp["flops"]["prefill"]
+    saved = report["kv_bytes_per_token"] * (intp["video_tokens"] - pruned["video_tokens"]) / len(requests)
+    assert intp["kv_bytes_per_request"] - pruned["kv_bytes_per_request"] == pytest.approx(saved)
+    assert set(report["goals"]) == {"plugin_vs_hf_time_ratio", "intp_overhead", "pruning_speedup"}
     assert (tmp_path / "throughput.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -88,6 +88,13 @@ def head_size(text_config) -> int:
     return getattr(text_config, "head_dim", None) or text_config.hidden_size // text_config.num_attention_heads
 
 
+def kv_bytes_per_token(text_config, element_size: int) -> int:
+    """Bytes of K and V that one token costs in every attention layer, at `element_size` bytes
+    an element (4 for float32)."""
+    kv_heads = getattr(text_config, "num_key_value_heads", None) or text_config.num_attention_heads
+    return 2 * text_config.num_hidden_layers * kv_heads * head_size(text_config) * element_size
+
+
 def rope_geometry(text_config) -> tuple[int, int]:
     """(head_size, rotary_dim) of the language model (`partial_rotary_factor` of its heads rotate)."""
     size = head_size(text_config)

@@ -21,7 +21,7 @@ import logging
 import os
 from pathlib import Path
 
-from intp_vllm.core.config import head_size
+from intp_vllm.core.config import kv_bytes_per_token as config_kv_bytes_per_token
 
 logger = logging.getLogger("vllm.intp_vllm")  # under "vllm": its handler and level apply
 
@@ -37,12 +37,8 @@ def kv_bytes_per_token(model_config) -> int:
     """Bytes of K and V that one token costs in every attention layer (`model_config.dtype`)."""
     import torch
 
-    text = model_config.hf_text_config
-    layers = text.num_hidden_layers
-    kv_heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
-    head_dim = head_size(text)
     element = torch.empty((), dtype=model_config.dtype).element_size()
-    return 2 * layers * kv_heads * head_dim * element
+    return config_kv_bytes_per_token(model_config.hf_text_config, element)
 
 
 def weight_bytes(model: str) -> int:

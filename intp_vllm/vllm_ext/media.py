@@ -195,10 +195,11 @@ class BoundedMediaConnector:
             raise VLLMUnprocessableEntityError(
                 f"{what} {'were' if urls else 'was'} not fetched and decoded within "
                 f"{self.limits.fetch_timeout_s:g} s", parameter="video_url") from None
-        except FetchError as exc:
+        except FetchError as exc:  # its message starts with the URL it names
+            message = f"video_url {exc}" if urls is None else f"{what}: {exc}"
             if exc.refused:
-                raise ValueError(f"{what}: {exc}") from None
-            raise VLLMUnprocessableEntityError(f"{what}: {exc}", parameter="video_url") from None
+                raise ValueError(message) from None
+            raise VLLMUnprocessableEntityError(message, parameter="video_url") from None
         except ValueError as exc:
             raise ValueError(f"{what}: {exc}") from None
         except (OSError, ClientError) as exc:  # unreachable hosts, HTTP errors after retries, missing files

@@ -11,7 +11,9 @@ from intp_vllm.apps.bench.harness import run_isolated, stop
 from intp_vllm.apps.bench.report import goals, summarize_run
 from intp_vllm.apps.bench.runners import make_runs, run_hf, run_vllm, select_runs
 from intp_vllm.apps.bench.workload import make_workload
+from intp_vllm.core.config import kv_bytes_per_token
 from intp_vllm.machine import machine
+from intp_vllm.vllm_ext.pruning import VideoPruning
 
 
 @dataclass(frozen=True)
@@ -24,6 +26,8 @@ class Settings:
     enforce_eager: bool = False
     kv_cache_gib: float = 2.0
     peak_seconds: float = 3.0  # matmul peak measurement, before and after the runs
+    pruning_rate: float = 0.0  # > 0: a fifth run, INTP with vLLM's video token pruning at this rate
+    pruning_method: str = "evs"
 
 
 QUICK_SETTINGS = Settings(requests=4, frames=(8, 16), new_tokens=(4, 8), repeats=1, enforce_eager=True,
@@ -33,11 +37,15 @@ QUICK_SETTINGS = Settings(requests=4, frames=(8, 16), new_tokens=(4, 8), repeats
 def benchmark(model_dir: str, settings: Settings, run_names: list[str] | None = None, log=print) -> dict:
     from transformers import AutoConfig
 
+    import torch
+
     intp_frames = settings.intp_frames or max(settings.frames)
-    runs = make_runs(intp_frames)
+    runs = make_runs(intp_frames, VideoPruning(settings.pruning_method, settings.pruning_rate))
     selected = select_runs(runs, run_names)
     device, dtype = accelerator()
-    shape = ModelShape.from_hf_config(AutoConfig.from_pretrained(model_dir))
+    hf_config = AutoConfig.from_pretrained(model_dir)
+    shape = ModelShape.from_hf_config(hf_config)
+    kv_per_token = kv_bytes_per_token(hf_config.text_config, torch.empty((), dtype=getattr(torch, dtype)).element_size())
     # warm-up: one short request per frame count (first-call costs: allocator, oneDNN, new shapes)
     rounds = [make_workload(len(settings.frames), settings.frames, settings.new_tokens[:1], 0)]
     rounds += [make_workload(settings.requests, settings.frames, settings.new_tokens, i)
@@ -55,8 +63,8 @@ def benchmark(model_dir: str, settings: Settings, run_names: list[str] | None = 
                 result, process = run_isolated(run_hf, model_dir=model_dir, rounds=rounds, frames=run.frames,
                                                device=device, dtype=dtype)
             else:
-                result, process = run_isolated(run_vllm, model_dir=model_dir, rounds=rounds, intp=run.intp,
-                                               engine=engine)
+                result, process = run_isolated(run_vllm, model_dir=model_dir, rounds=rounds, frames=run.frames,
+                                               intp=run.intp, pruning=run.pruning, engine=engine)
             results[run.name] = result
             exiting.append(process)
             log(f"{run.name}: rounds {[round(r['seconds'], 2) for r in result['rounds']]} s (first is warm-up)")
@@ -65,7 +73,7 @@ def benchmark(model_dir: str, settings: Settings, run_names: list[str] | None = 
             stop(process)
     peaks.append(matmul_peak(device, dtype, seconds=settings.peak_seconds))
     peak = max(peaks)
-    summaries = {run.name: summarize_run(run, results[run.name], shape, peak) for run in selected}
+    summaries = {run.name: summarize_run(run, results[run.name], shape, peak, kv_per_token) for run in selected}
     report = {
         "machine": info,
         "device": device,
@@ -75,6 +83,7 @@ def benchmark(model_dir: str, settings: Settings, run_names: list[str] | None = 
         "model": str(model_dir),
         "model_name": Path(model_dir).name,
         "model_shape": asdict(shape),
+        "kv_bytes_per_token": kv_per_token,
         "settings": {**asdict(settings), "intp_frames": intp_frames},
         "workload": [asdict(r) for r in rounds[1]],
         "runs": summaries,

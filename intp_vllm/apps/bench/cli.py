@@ -12,6 +12,7 @@ from intp_vllm.apps.bench.benchmark import QUICK_SETTINGS, Settings, benchmark
 from intp_vllm.apps.bench.report import table, write_report
 from intp_vllm.apps.bench.runners import make_runs, select_runs
 from intp_vllm.apps.bench.workload import QUICK_SPEC, SMALL_SPEC
+from intp_vllm.vllm_ext.pruning import PRUNING_METHODS, VideoPruning
 
 
 def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
@@ -30,8 +31,13 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
                         "(default: the largest of --frames)")
     parser.add_argument("--repeats", type=int, help=f"timed rounds after the warm-up round; the fastest is "
                         f"reported (default {defaults.repeats})")
+    parser.add_argument("--pruning-rate", type=float,
+                        help="add a fifth run, intp_<F>f_<method><rate>: INTP with vLLM's video token pruning at "
+                        "this rate, in [0, 1) (default 0: no such run)")
+    parser.add_argument("--pruning-method", choices=PRUNING_METHODS,
+                        help=f"the fifth run's pruning method (default {defaults.pruning_method})")
     parser.add_argument("--runs", help="comma-separated subset of hf_generate,plugin_8f,intp_<F>f,unscaled_<F>f "
-                        "(default all; the goals need all four)")
+                        "and the pruned run (default all; the goals need all of them)")
     parser.add_argument("--enforce-eager", action="store_true", default=None,
                         help="vLLM without torch.compile (faster start, slower run)")
     parser.add_argument("--kv-cache-gib", type=float, help=f"KV cache per engine (default {defaults.kv_cache_gib})")
@@ -59,10 +65,16 @@ def settings_from(args) -> Settings:
         "repeats": args.repeats,
         "enforce_eager": args.enforce_eager,
         "kv_cache_gib": args.kv_cache_gib,
+        "pruning_rate": args.pruning_rate,
+        "pruning_method": args.pruning_method,
     }
     settings = replace(base, **{k: v for k, v in given.items() if v is not None})
     if settings.requests < 1 or settings.repeats < 1 or (settings.intp_frames is not None and settings.intp_frames < 1):
         raise SystemExit("--requests, --repeats and --intp-frames must be at least 1")
+    try:
+        VideoPruning(settings.pruning_method, settings.pruning_rate)
+    except ValueError as error:
+        raise SystemExit(f"--pruning-rate/--pruning-method: {error}") from None
     return settings
 
 
@@ -72,7 +84,8 @@ def main_bench(args) -> dict:
     settings = settings_from(args)
     run_names = args.runs.split(",") if args.runs else None
     try:
-        select_runs(make_runs(settings.intp_frames or max(settings.frames)), run_names)
+        select_runs(make_runs(settings.intp_frames or max(settings.frames),
+                              VideoPruning(settings.pruning_method, settings.pruning_rate)), run_names)
     except ValueError as error:
         raise SystemExit(str(error)) from None
     with tempfile.TemporaryDirectory(prefix="intp-bench-") as tmp:

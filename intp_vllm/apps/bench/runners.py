@@ -10,6 +10,7 @@ from intp_vllm.apps.bench.flops import ModelShape
 from intp_vllm.apps.bench.workload import Request, make_video
 from intp_vllm.core.prompt import VIDEO_PROMPT
 from intp_vllm.vllm_ext.engine import shutdown_llm
+from intp_vllm.vllm_ext.pruning import VideoPruning
 
 
 @dataclass(frozen=True)
@@ -19,17 +20,25 @@ class Run:
     engine: str  # "hf" or "vllm"
     frames: int  # frames a video is read at (sampled uniformly when it has more)
     intp: dict | None = None  # the checkpoint's `intp` section; None = the plugin's defaults
+    pruning: VideoPruning | None = None  # vLLM's video token pruning of the engine; None = none
 
 
-def make_runs(intp_frames: int) -> list[Run]:
-    return [
+def make_runs(intp_frames: int, pruning: VideoPruning | None = None) -> list[Run]:
+    """The four runs the goals compare, and with `pruning` (rate > 0) INTP with that pruning,
+    `intp_<F>f_<method><rate>`."""
+    intp = {"frames": intp_frames, "rope_type": "yarn", "factor": "auto"}
+    runs = [
         Run("hf_generate", "HF generate, 8 frames", "hf", 8),
         Run("plugin_8f", "plugin, 8 frames", "vllm", 8),
-        Run(f"intp_{intp_frames}f", f"INTP (YaRN), {intp_frames} frames", "vllm", intp_frames,
-            {"frames": intp_frames, "rope_type": "yarn", "factor": "auto"}),
+        Run(f"intp_{intp_frames}f", f"INTP (YaRN), {intp_frames} frames", "vllm", intp_frames, intp),
         Run(f"unscaled_{intp_frames}f", f"{intp_frames} frames, no RoPE scaling", "vllm", intp_frames,
             {"frames": intp_frames, "rope_type": "none", "factor": 1, "grouping": "consecutive"}),
     ]
+    if pruning is not None and pruning.rate > 0:
+        runs.append(Run(f"intp_{intp_frames}f_{pruning.method}{pruning.rate:g}",
+                        f"INTP (YaRN), {intp_frames} frames, {pruning.method} {pruning.rate:g}", "vllm", intp_frames,
+                        intp, pruning))
+    return runs
 
 
 def select_runs(runs: list[Run], names: list[str] | None) -> list[Run]:
@@ -95,21 +104,29 @@ def run_hf(report, model_dir: str, rounds: list[list[Request]], frames: int, dev
                 out = model.generate(input_ids=torch.tensor([ids], device=device),
                                      pixel_values_videos=pixels.to(device, model.dtype),
                                      max_new_tokens=request.max_tokens, do_sample=False, streamer=streamer)
-            records.append({"prompt_tokens": len(ids), "output_tokens": out.shape[1] - len(ids),
+            records.append({"frames": len(chosen), "prompt_tokens": len(ids), "output_tokens": out.shape[1] - len(ids),
                             "video_tokens": ids.count(video_id), "ttft_s": streamer.at - begin})
         results.append({"seconds": time.perf_counter() - round_start, "requests": records})
     report({"startup_s": startup, "rounds": results})
 
 
-def run_vllm(report, model_dir: str, rounds: list[list[Request]], intp: dict | None, engine: dict) -> None:
+def run_vllm(report, model_dir: str, rounds: list[list[Request]], frames: int, intp: dict | None,
+             pruning: VideoPruning | None, engine: dict) -> None:
     """All of a round's requests in one `LLM.generate` (vLLM batches them); TTFT is vLLM's own
-    per-request first-token latency, from the request's arrival at the engine."""
+    per-request first-token latency, from the request's arrival at the engine. `frames`: what
+    the processor reads a video at (`intp.frames`); `pruning` the engine's video token pruning."""
     from vllm import LLM, SamplingParams
 
+    from intp_vllm.core.config import default_encoder_frames
+    from intp_vllm.vllm_ext.model import select_frames
+
+    if pruning is not None:
+        engine = {**engine, "video_pruning_rate": pruning.rate, "video_pruning_method": pruning.method}
     start = time.perf_counter()
     llm = LLM(model=model_dir, hf_overrides={"intp": intp} if intp else None, disable_log_stats=False, **engine)
     startup = time.perf_counter() - start
-    video_id = llm.llm_engine.model_config.hf_config.video_token_index
+    hf_config = llm.llm_engine.model_config.hf_config
+    video_id, encoder_frames = hf_config.video_token_index, default_encoder_frames(hf_config)
     results = []
     for requests in rounds:
         prompts = [{"prompt": VIDEO_PROMPT.format(question=r.question), "multi_modal_data": {"video": make_video(r)}}
@@ -119,9 +136,10 @@ def run_vllm(report, model_dir: str, rounds: list[list[Request]], intp: dict | N
         outputs = llm.generate(prompts, params, use_tqdm=False)
         seconds = time.perf_counter() - round_start
         results.append({"seconds": seconds, "requests": [
-            {"prompt_tokens": len(o.prompt_token_ids), "output_tokens": len(o.outputs[0].token_ids),
-             "video_tokens": o.prompt_token_ids.count(video_id), "ttft_s": o.metrics.first_token_latency}
-            for o in outputs]})
+            {"frames": len(select_frames(r.frames, frames, encoder_frames)), "prompt_tokens": len(o.prompt_token_ids),
+             "output_tokens": len(o.outputs[0].token_ids), "video_tokens": o.prompt_token_ids.count(video_id),
+             "ttft_s": o.metrics.first_token_latency}
+            for r, o in zip(requests, outputs)]})
     # The result goes to the parent before the engine's seconds-long shutdown, which then
     # overlaps the next run's process start-up.
     report({"startup_s": startup, "rounds": results})
