@@ -21,3 +21,6 @@ def test_demo_answers_the_flash_that_8_frame_sampling_misses(tmp_path):
     assert report["video tokens (INTP)"] == str(64 * 17)
     assert (tmp_path / "needle-64-frames.mkv").stat().st_size > 0
     assert "the flash was not in any sampled frame" in report["answer, 8 sampled frames"]
+    assert report["motion question"].endswith("truth: fast)")
+    assert report["answer, interleaved groups"] == "fast" and report["answer, consecutive groups"] == "slow"
+    assert (tmp_path / "speed-32-frames.mkv").stat().st_size > 0

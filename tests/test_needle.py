@@ -72,6 +72,25 @@ def test_paired_comparison_can_tell_methods_apart():
         paired_comparison({"accuracy": 0.5}, ["red"] * 100, clips)
 
 
+def test_groupings_are_compared_clip_by_clip():
+    """Interleaved right on 12 clips consecutive gets wrong (and none the other way) is a
+    difference (McNemar p < 0.001); the same accuracy with different clips right is not."""
+    from intp_vllm.research.needle import NeedleClip
+    from intp_vllm.research.needle_eval import compare_groupings
+
+    clips = [NeedleClip(None, "speed", "fast", ()) for _ in range(100)]
+    answers = {"yarn, interleaved": ["fast"] * 62 + ["slow"] * 38, "yarn, consecutive": ["fast"] * 50 + ["slow"] * 50,
+               "ntk, interleaved": ["fast"] * 50 + ["slow"] * 50, "ntk, consecutive": ["slow"] * 50 + ["fast"] * 50}
+    report = {"groupings": ["interleaved", "consecutive"], "rope_types": ["yarn", "ntk"],
+              "prunings": [{"method": "evs", "rate": 0.0}],
+              "results": {"speed": {label: {"32": {"answers": a}} for label, a in answers.items()}}}
+    yarn, ntk = compare_groupings(report, {(32, "speed"): clips})
+    assert (yarn["interleaved"], yarn["consecutive"], yarn["only_interleaved_right"], yarn["only_consecutive_right"]) \
+        == (0.62, 0.5, 12, 0) and yarn["mcnemar_p"] < 0.001
+    assert ntk["interleaved"] == ntk["consecutive"] == 0.5 and ntk["only_interleaved_right"] == 50
+    assert ntk["mcnemar_p"] == 1.0
+
+
 @pytest.mark.parametrize("scene", ["static", "drifting"])
 def test_redundant_scenes_repeat_their_background(scene):
     """Static: every frame without a needle is the same image; drifting: the image pans by a
@@ -95,6 +114,42 @@ def test_redundant_scenes_repeat_their_background(scene):
         make_clip(np.random.default_rng(3), 8, "flash", "snow")
 
 
+def _travel(first, last) -> tuple[int, int]:
+    """(axis, signed shift) that maps `first` onto `last`: the texture's motion between them."""
+    import numpy as np
+
+    for shift in range(0, 30):
+        for axis in (1, 0):
+            for sign in (1, -1):
+                a = np.moveaxis(first, axis, 0)[: first.shape[axis] - shift] if sign > 0 \
+                    else np.moveaxis(first, axis, 0)[shift:]
+                b = np.moveaxis(last, axis, 0)[shift:] if sign > 0 else np.moveaxis(last, axis, 0)[: last.shape[axis] - shift]
+                if np.array_equal(a, b):
+                    return axis, sign * shift
+    raise AssertionError("the last frame is not the first one shifted")
+
+
+@pytest.mark.parametrize("frames", [8, 32])
+def test_speed_clips_slide_one_texture_by_their_answer_s_distance(frames):
+    """The whole clip travels SPEEDS[answer] px, whatever its frame count; frames in between
+    step evenly (rounded); both answers and all four directions occur."""
+    import numpy as np
+
+    from intp_vllm.research.needle import SPEEDS, make_clips
+
+    clips = make_clips(11, 40, frames, ("speed",))
+    assert {c.answer for c in clips} == set(SPEEDS) and all(c.needle_frames == () for c in clips)
+    directions = set()
+    for clip in clips:
+        assert clip.frames.shape == (frames, 56, 56, 3) and clip.frames.dtype == np.uint8
+        axis, shift = _travel(clip.frames[0], clip.frames[-1])
+        assert abs(shift) == SPEEDS[clip.answer], clip.answer
+        directions.add((axis, shift > 0))
+        steps = [abs(_travel(a, b)[1]) for a, b in zip(clip.frames, clip.frames[1:])]
+        assert sum(steps) == SPEEDS[clip.answer] and max(steps) - min(steps) <= 1, steps
+    assert len(directions) == 4
+
+
 @pytest.mark.engine
 def test_pruned_cells_report_their_tokens_and_plot_the_frontier(tmp_path):
     """eval-needle with pruning asked per request, on the committed needle model and a drifting
@@ -112,3 +167,33 @@ def test_pruned_cells_report_their_tokens_and_plot_the_frontier(tmp_path):
     paths = write_report(results, tmp_path)
     assert [p.name for p in paths] == ["needle_eval.json", "needle_eval.png", "needle_frontier.png"]
     assert paths[2].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.engine
+def test_interleaved_groups_read_speed_that_consecutive_chunks_miss():
+    """The paper's claim at CI size, on the committed speed model (temporal attention over its
+    8-frame window): at 32 frames interleaved groups show the encoder motion at its trained
+    stride and it answers; consecutive chunks show a quarter of it and it says "slow". The
+    same clips both ways, compared clip by clip; HF transformers gives the plugin's answers."""
+    results = evaluate("assets/motion-video-llava-temporal", [32], ["yarn"], clips_per_cell=40, tasks=("speed",),
+                       groupings=("interleaved", "consecutive"),
+                       engine_kwargs={"enforce_eager": True, "kv_cache_memory_bytes": 128 << 20})
+    speed = results["results"]["speed"]
+    assert speed["yarn, interleaved"]["32"]["accuracy"] >= 0.9, speed
+    assert speed["yarn, consecutive"]["32"]["accuracy"] <= 0.7, speed
+    (row,) = results["grouping_comparison"]
+    assert row["only_interleaved_right"] > 10 * max(1, row["only_consecutive_right"]) and row["mcnemar_p"] < 1e-3
+    hf = parity(results)
+    assert hf["cells_agreeing"] == hf["cells"] == 3, hf["rows"]
+    assert all(r["same_answer"] >= 0.95 for r in hf["rows"]), hf["rows"]
+
+
+def test_task_flags_name_the_tasks_allowed(capsys):
+    from intp_vllm.apps.cli import build_parser
+
+    args = build_parser().parse_args(["train-needle", "out", "--tasks", "speed"])
+    assert args.tasks == ("speed",)
+    assert build_parser().parse_args(["eval-needle", "--model", "m"]).tasks == ("flash", "order")
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["eval-needle", "--model", "m", "--tasks", "speed,spin"])
+    assert "unknown task(s) ['spin']; choose from flash,order,speed" in capsys.readouterr().err

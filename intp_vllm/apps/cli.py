@@ -70,7 +70,8 @@ def _add_demo(sub) -> None:
         description="Write a 64-frame lossless video (FFV1 in mkv, with PyAV; grey noise, one frame flashes a coloured square), "
         "ask the needle Video-LLaVA (trained here on 8-frame clips) which colour flashed, through vLLM "
         "with INTP reading all frames, and show what 8 uniformly sampled frames would have given. "
-        "Prints the answer, the truth, video tokens and timings.",
+        "Prints the answer, the truth, video tokens and timings. Then asks the speed model how fast a "
+        "32-frame texture slides, with interleaved groups and with consecutive chunks (the answer changes).",
     )
     p.add_argument("--workdir", type=Path, default=DEFAULT_DEMO_DIR, help="where the video (and a model "
                    "trained on first use) go")
@@ -139,8 +140,18 @@ def _run_batch(args) -> None:
     main_batch(args)
 
 
+def _task_list(text: str) -> tuple[str, ...]:
+    from intp_vllm.research.needle import QUESTIONS
+
+    tasks = tuple(dict.fromkeys(text.split(",")))
+    unknown = [task for task in tasks if task not in QUESTIONS]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown task(s) {unknown}; choose from {','.join(QUESTIONS)}")
+    return tasks
+
+
 def _add_train_needle(sub) -> None:
-    from intp_vllm.research.needle import TrainConfig
+    from intp_vllm.research.needle import QUESTIONS, TrainConfig
 
     defaults = TrainConfig()
     p = sub.add_parser(
@@ -159,6 +170,10 @@ def _add_train_needle(sub) -> None:
     p.add_argument("--temporal-attention", action="store_true",
                    help="give the video tower temporal attention over its 8-frame window (like LanguageBind's), "
                    "so that which frames share a clip matters: the model for comparing --grouping values")
+    p.add_argument("--tasks", type=_task_list, default=defaults.tasks,
+                   help=f"comma-separated tasks to train on, of {','.join(QUESTIONS)} (default "
+                   f"{','.join(defaults.tasks)}; speed: which way a texture slides fast or slow, which needs "
+                   "the encoder's window)")
 
 
 def _run_train_needle(args) -> None:
@@ -166,12 +181,12 @@ def _run_train_needle(args) -> None:
 
     report = train_needle(args.dir, TrainConfig(seed=args.seed, max_steps=args.max_steps,
                                                 target_accuracy=args.target,
-                                                temporal_attention=args.temporal_attention))
+                                                temporal_attention=args.temporal_attention, tasks=args.tasks))
     print(f"wrote {args.dir} after {report['steps']} steps ({report['seconds']} s): {report['accuracy_8_frames']}")
 
 
 def _add_eval_needle(sub) -> None:
-    from intp_vllm.research.needle import SCENES
+    from intp_vllm.research.needle import SCENES, TASKS
 
     p = sub.add_parser(
         "eval-needle",
@@ -195,6 +210,8 @@ def _add_eval_needle(sub) -> None:
     p.add_argument("--scene", choices=SCENES, default="noise",
                    help="the clips' background: noise drawn anew each frame (as trained), or a static or slowly "
                    "drifting one, redundant in time as real video is (what pruning needs to be measured honestly)")
+    p.add_argument("--tasks", type=_task_list, default=tuple(TASKS),
+                   help=f"comma-separated tasks the model was trained on (default {','.join(TASKS)})")
     p.add_argument("--clips", type=int, default=300, help="held-out clips per cell")
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--output-dir", type=Path, default=Path("runs/needle-eval"))
@@ -213,7 +230,8 @@ def _run_eval_needle(args) -> None:
         sys.exit(f"intp-vllm eval-needle: error: --pruning-rate/--pruning-method: {exc}")
     report = evaluate(args.model, [int(f) for f in args.frames.split(",")], args.rope.split(","),
                       factor=parse_factor(args.factor), clips_per_cell=args.clips, seed=args.seed,
-                      groupings=tuple(args.grouping.split(",")), prunings=prunings, scene=args.scene)
+                      tasks=args.tasks, groupings=tuple(args.grouping.split(",")), prunings=prunings,
+                      scene=args.scene)
     for path in write_report(report, args.output_dir):
         print(f"wrote {path}")
 
@@ -226,7 +244,8 @@ def _add_bench(sub) -> None:
         help="offline throughput: HF generate vs the plugin at 8 frames vs INTP at Kx8 frames, with MFU",
         description="Answer the same questions about the same videos four ways, each in a fresh process: "
         "HF transformers generate (8 frames), the plugin at the encoder window (8 frames), INTP at Kx8 "
-        "frames (YaRN), and Kx8 frames without RoPE scaling (INTP's overhead). Reports req/s, video "
+        "frames (YaRN), and Kx8 frames without RoPE scaling (INTP's overhead); with --pruning-rate a fifth, "
+        "INTP with vLLM's video token pruning. Reports req/s, video "
         "frames/s, prompt and output tokens/s, TTFT, peak memory, model FLOPs (counted analytically) and "
         "MFU against the matmul peak measured in the same run; names the machine; writes throughput.json "
         "and throughput.png. Without --model it generates a small random-weight checkpoint.",

@@ -4,6 +4,12 @@ The model is the needle Video-LLaVA trained here on 8-frame clips (committed und
 assets/, or trained on first use). The video is 64 frames of grey noise with a coloured
 square flashed in one frame; the demo asks which colour flashed, with INTP reading all 64
 frames, and shows what the model would have seen with 8 uniformly sampled frames instead.
+
+Then a motion question, where INTP's grouping decides the answer: a 32-frame video of a
+texture sliding fast, asked "How fast did it move?" of the speed model (temporal attention
+over its 8-frame window; assets/motion-video-llava-temporal), once with interleaved groups
+(the default: each group shows the motion at the stride the encoder was trained on) and once
+with consecutive chunks (each shows a quarter of the motion, which looks slow).
 """
 
 from __future__ import annotations
@@ -15,7 +21,9 @@ import numpy as np
 
 DEFAULT_DEMO_DIR = Path("runs/demo")
 BUNDLED_MODEL = Path(__file__).resolve().parents[2] / "assets" / "needle-video-llava"
+MOTION_MODEL = BUNDLED_MODEL.with_name("motion-video-llava-temporal")
 DEMO_FRAMES = 64
+MOTION_FRAMES = 32
 DEMO_SEED = 7
 
 
@@ -45,6 +53,35 @@ def demo_clip():
             return clip
 
 
+def ask_motion(workdir: Path) -> dict:
+    """The speed model's answer to a fast 32-frame slide under each grouping."""
+    from vllm import LLM, SamplingParams
+
+    from intp_vllm.core.prompt import VIDEO_PROMPT
+    from intp_vllm.core.rearrange import GROUPINGS
+    from intp_vllm.research.needle import QUESTIONS, make_motion_clip
+    from intp_vllm.video.io import read_video, write_video
+    from intp_vllm.vllm_ext.engine import shutdown_llm
+
+    rng = np.random.default_rng(DEMO_SEED)
+    clip = make_motion_clip(rng, MOTION_FRAMES)
+    while clip.answer != "fast":
+        clip = make_motion_clip(rng, MOTION_FRAMES)
+    video = read_video(write_video(workdir / f"speed-{MOTION_FRAMES}-frames.mkv", clip.frames), MOTION_FRAMES)
+    report = {"motion question": f"{QUESTIONS['speed']} ({MOTION_FRAMES} frames; truth: {clip.answer})"}
+    for grouping in GROUPINGS:
+        llm = LLM(model=str(MOTION_MODEL), dtype="float32", max_num_seqs=1, limit_mm_per_prompt={"video": 1},
+                  hf_overrides={"intp": {"frames": MOTION_FRAMES, "grouping": grouping}})
+        try:
+            (output,) = llm.generate([{"prompt": VIDEO_PROMPT.format(question=QUESTIONS["speed"]),
+                                       "multi_modal_data": {"video": video}}],
+                                     SamplingParams(temperature=0.0, max_tokens=1), use_tqdm=False)
+        finally:
+            shutdown_llm(llm)
+        report[f"answer, {grouping} groups"] = output.outputs[0].text.strip()
+    return report
+
+
 def run_demo(workdir: Path = DEFAULT_DEMO_DIR, frames: int = DEMO_FRAMES) -> dict:
     from vllm import LLM, SamplingParams
 
@@ -52,6 +89,7 @@ def run_demo(workdir: Path = DEFAULT_DEMO_DIR, frames: int = DEMO_FRAMES) -> dic
     from intp_vllm.core.rearrange import uniform_frame_indices
     from intp_vllm.core.prompt import VIDEO_PROMPT
     from intp_vllm.video.io import read_video, write_video
+    from intp_vllm.vllm_ext.engine import shutdown_llm
 
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -77,8 +115,9 @@ def run_demo(workdir: Path = DEFAULT_DEMO_DIR, frames: int = DEMO_FRAMES) -> dic
                                 {"prompt": prompt, "multi_modal_data": {"video": video[sampled]}}],
                                params, use_tqdm=False)
     generate_s = time.perf_counter() - started
-
     video_token = llm.llm_engine.model_config.hf_config.video_token_index
+    shutdown_llm(llm)
+
     report = {
         "model": str(model_dir),
         "video": f"{video_path} ({len(video)} frames decoded)",
@@ -91,6 +130,7 @@ def run_demo(workdir: Path = DEFAULT_DEMO_DIR, frames: int = DEMO_FRAMES) -> dic
         "load_s": round(load_s, 2),
         "decode_s": round(decode_s, 3),
         "preprocess_prefill_decode_s (both requests)": round(generate_s, 3),
+        **ask_motion(workdir),
     }
     print()
     for key, value in report.items():

@@ -25,10 +25,23 @@ from intp_vllm.research.synthetic import COLOURS
 from intp_vllm.research.tiny_model import SPECIAL_TOKENS
 
 TASKS = {"flash": "What colour flashed?", "order": "Which came first?"}
+"""The needle tasks: what a needle model is trained and evaluated on by default."""
+MOTION_TASKS = {"speed": "How fast did it move?"}
+"""A task that needs the encoder's temporal window (`make_motion_clip`)."""
+QUESTIONS = {**TASKS, **MOTION_TASKS}
+"""Every task's question (the one table; a task's index here seeds its held-out clips)."""
 FRAME_SIZE = 56
 PATCH_SIZE = 14
 TRAIN_FRAMES = 8
 WORDS = ["USER:", "ASSISTANT:", "What", "colour", "flashed?", "Which", "came", "first?"]
+SPEEDS = {"slow": 7, "fast": 28}
+"""Answer of the speed task -> pixels the texture travels over the whole clip, whatever its
+frame count: at TRAIN_FRAMES frames 1 and 4 px a frame."""
+MOTION_WORDS = ["How", "fast", "did", "it", "move?", "slow"]
+"""After the colours in the vocabulary, so that the needle model's token ids are unchanged."""
+TEXTURE_CELL = 7
+"""Pixels per cell of the speed task's texture: smooth over a few pixels, so a shift of 1 px
+keeps it alike and one of 4 px does not."""
 
 
 @dataclass
@@ -58,11 +71,40 @@ def _background(rng: np.random.Generator, num_frames: int, scene: str) -> np.nda
     return np.stack([image[:, shift:shift + FRAME_SIZE] for shift in shifts])
 
 
+def make_motion_clip(rng: np.random.Generator, num_frames: int) -> NeedleClip:
+    """The speed task: the whole frame is one smooth random texture (grey cells of TEXTURE_CELL
+    px, bilinearly blended) sliding left, right, up or down, `slow` or `fast` (SPEEDS: pixels
+    over the whole clip, so a clip of more frames is the same motion sampled more densely).
+    No single frame says anything about the answer: only how frames differ does, which the
+    per-frame tower cannot see and a tower with temporal attention over its window can."""
+    from PIL import Image
+
+    answer = ("slow", "fast")[int(rng.integers(2))]
+    travel = SPEEDS[answer]
+    side = FRAME_SIZE + max(SPEEDS.values())
+    cells = rng.integers(64, 192, size=(side // TEXTURE_CELL + 2, side // TEXTURE_CELL + 2), dtype=np.uint8)
+    texture = np.asarray(Image.fromarray(cells).resize((cells.shape[1] * TEXTURE_CELL, cells.shape[0] * TEXTURE_CELL),
+                                                       Image.BILINEAR))
+    offsets = np.rint(np.linspace(0, travel, num_frames)).astype(int) if num_frames > 1 else np.zeros(1, int)
+    start = int(rng.integers(0, side - FRAME_SIZE - travel + 1))
+    across = int(rng.integers(0, side - FRAME_SIZE + 1))
+    direction = int(rng.integers(4))  # 0 right, 1 left, 2 down, 3 up: the texture moves that way
+    frames = np.empty((num_frames, FRAME_SIZE, FRAME_SIZE, 3), np.uint8)
+    for t, offset in enumerate(offsets):
+        along = start + (travel - offset if direction in (0, 2) else offset)
+        window = (texture[across:across + FRAME_SIZE, along:along + FRAME_SIZE] if direction < 2
+                  else texture[along:along + FRAME_SIZE, across:across + FRAME_SIZE])
+        frames[t] = window[..., None]
+    return NeedleClip(frames, "speed", answer, ())
+
+
 def make_clip(rng: np.random.Generator, num_frames: int, task: str, scene: str = "noise") -> NeedleClip:
     """A `scene` background (SCENES) with one (flash) or two (order) frames showing a coloured
-    square of 28-42 px."""
+    square of 28-42 px; for "speed", `make_motion_clip` (its own scene)."""
+    if task in MOTION_TASKS:
+        return make_motion_clip(rng, num_frames)
     if task not in TASKS:
-        raise ValueError(f"task {task!r} is not one of {', '.join(TASKS)}")
+        raise ValueError(f"task {task!r} is not one of {', '.join(QUESTIONS)}")
     frames = _background(rng, num_frames, scene)
     names = list(COLOURS)
     count = 1 if task == "flash" else 2
@@ -88,7 +130,7 @@ def build_tokenizer():
 
     from intp_vllm.core.prompt import VIDEO_LLAVA_CHAT_TEMPLATE
 
-    vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS + WORDS + list(COLOURS))}
+    vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS + WORDS + list(COLOURS) + MOTION_WORDS)}
     tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", vocab["<s>"])])
@@ -112,6 +154,8 @@ class TrainConfig:
     target_accuracy: float = 0.98
     temporal_attention: bool = False
     """Give the tower temporal attention over its 8-frame window (temporal_attention.py)."""
+    tasks: tuple[str, ...] = tuple(TASKS)
+    """What it is trained on (keys of QUESTIONS); the first alone for `single_task_steps`."""
 
 
 def build_model(tokenizer, seed: int, temporal_attention: bool = False):
@@ -142,7 +186,7 @@ def build_model(tokenizer, seed: int, temporal_attention: bool = False):
 
 def prompt_ids(tokenizer, task: str, video_tokens: int) -> list[int]:
     """Prompt token ids with the video placeholder expanded, as vLLM's processor does."""
-    ids = tokenizer(VIDEO_PROMPT.format(question=TASKS[task])).input_ids
+    ids = tokenizer(VIDEO_PROMPT.format(question=QUESTIONS[task])).input_ids
     video = tokenizer.convert_tokens_to_ids("<video>")
     at = ids.index(video)
     return ids[:at] + [video] * video_tokens + ids[at + 1:]
@@ -199,12 +243,12 @@ def train_needle(output_dir: str | Path, cfg: TrainConfig = TrainConfig(), log=p
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate)
     rng = np.random.default_rng(cfg.seed)
     validation = {task: make_clips(cfg.seed + 1000 + i, cfg.eval_clips // 2, TRAIN_FRAMES, (task,))
-                  for i, task in enumerate(TASKS)}
+                  for i, task in enumerate(cfg.tasks)}
     history, started = [], time.perf_counter()
-    scores = {task: 0.0 for task in TASKS}
+    scores = {task: 0.0 for task in cfg.tasks}
     step = 0
     for step in range(1, cfg.max_steps + 1):
-        tasks = ("flash",) if step <= cfg.single_task_steps else tuple(TASKS)
+        tasks = cfg.tasks[:1] if step <= cfg.single_task_steps else cfg.tasks
         clips = [make_clip(rng, TRAIN_FRAMES, tasks[int(rng.integers(len(tasks)))]) for _ in range(cfg.batch_size)]
         model.train()
         ids, pixels, targets = _batch(model, tokenizer, clips)

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from intp_vllm.core.config import GROUPINGS, ROPE_TYPES
-from intp_vllm.research.needle import TASKS, TRAIN_FRAMES, make_clips
+from intp_vllm.research.needle import QUESTIONS, TASKS, TRAIN_FRAMES, make_clips
 from intp_vllm.core.rearrange import uniform_frame_indices
 from intp_vllm.core.prompt import VIDEO_PROMPT
 from intp_vllm.machine import machine_name
@@ -53,7 +53,7 @@ def mcnemar_exact(only_a: int, only_b: int) -> float:
 
 
 def cell_clips(frames: int, task: str, count: int, seed: int, scene: str = "noise"):
-    return make_clips(seed * 1_000_003 + frames * 31 + list(TASKS).index(task), count, frames, (task,), scene)
+    return make_clips(seed * 1_000_003 + frames * 31 + list(QUESTIONS).index(task), count, frames, (task,), scene)
 
 
 def _ask(llm, videos: list[np.ndarray], tasks: list[str], pruning: VideoPruning = VideoPruning()) -> list:
@@ -61,7 +61,7 @@ def _ask(llm, videos: list[np.ndarray], tasks: list[str], pruning: VideoPruning 
     from vllm import SamplingParams
 
     kwargs = {"pruning_rate": pruning.rate, "pruning_method": pruning.method}
-    requests = [{"prompt": VIDEO_PROMPT.format(question=TASKS[task]), "multi_modal_data": {"video": video},
+    requests = [{"prompt": VIDEO_PROMPT.format(question=QUESTIONS[task]), "multi_modal_data": {"video": video},
                  "mm_processor_kwargs": kwargs} for video, task in zip(videos, tasks)]
     outputs = llm.generate(requests, SamplingParams(temperature=0.0, max_tokens=1), use_tqdm=False)
     video_token = llm.llm_engine.model_config.hf_config.video_token_index
@@ -120,17 +120,42 @@ def evaluate(model_dir: str, frames: list[int], rope_types: list[str], factor="a
                 if index == 0:
                     sampled = uniform_frame_indices(f, TRAIN_FRAMES)
                     score = _score(_ask(llm, [c.frames[sampled] for c in clips], [task] * len(clips)), clips)
-                    score["needles_caught"] = float(np.mean([set(c.needle_frames) <= set(sampled.tolist())
-                                                             for c in clips]))
+                    caught = ""
+                    if task in TASKS:
+                        score["needles_caught"] = float(np.mean([set(c.needle_frames) <= set(sampled.tolist())
+                                                                 for c in clips]))
+                        caught = f" (needles caught {score['needles_caught']:.2f})"
                     results[task].setdefault(SAMPLING_ROW, {})[str(f)] = score
-                    log(f"{SAMPLING_ROW} {task:>5} {f:>4} frames: {score['accuracy']:.3f} "
-                        f"(needles caught {score['needles_caught']:.2f})")
+                    log(f"{SAMPLING_ROW} {task:>5} {f:>4} frames: {score['accuracy']:.3f}{caught}")
         finally:
             shutdown_llm(llm)
-    return {"model": str(model_dir), "machine": machine_name(), "factor": factor, "groupings": list(groupings),
-            "prunings": [asdict(p) for p in prunings], "scene": scene,
-            "frames": frames, "rope_types": rope_types, "methods": methods, "clips_per_cell": clips_per_cell,
-            "seed": seed, "seconds": round(time.perf_counter() - started, 1), "results": results}
+    report = {"model": str(model_dir), "machine": machine_name(), "factor": factor, "groupings": list(groupings),
+              "prunings": [asdict(p) for p in prunings], "scene": scene,
+              "frames": frames, "rope_types": rope_types, "methods": methods, "clips_per_cell": clips_per_cell,
+              "seed": seed, "seconds": round(time.perf_counter() - started, 1), "results": results}
+    if len(groupings) == 2:
+        report["grouping_comparison"] = compare_groupings(report, cells)
+    return report
+
+
+def compare_groupings(report: dict, cells: dict) -> list[dict]:
+    """The two groupings of a report on the same clips, per task, frame count, RoPE type and
+    pruning: accuracies, the clips only one of them gets right, and the exact McNemar p-value of
+    that split (`cells`: (frames, task) -> the clips asked)."""
+    first, second = report["groupings"]
+    rows = []
+    for (frames, task), clips in cells.items():
+        for rope in report["rope_types"]:
+            for pruning in report["prunings"]:
+                labels = [method_label(rope, g, report["groupings"], VideoPruning(**pruning)) for g in (first, second)]
+                right = [[a == c.answer for a, c in zip(report["results"][task][label][str(frames)]["answers"], clips)]
+                         for label in labels]
+                only = [sum(a and not b for a, b in zip(right[i], right[1 - i])) for i in (0, 1)]
+                rows.append({"task": task, "frames": frames, "rope": rope, "pruning": pruning,
+                             first: sum(right[0]) / len(clips), second: sum(right[1]) / len(clips),
+                             f"only_{first}_right": only[0], f"only_{second}_right": only[1],
+                             "mcnemar_p": mcnemar_exact(*only)})
+    return rows
 
 
 def plot_heatmap(report: dict, path: Path) -> Path:
@@ -149,7 +174,7 @@ def plot_heatmap(report: dict, path: Path) -> Path:
         ax.set_xticks(range(len(report["frames"])), [str(f) for f in report["frames"]])
         ax.set_yticks(range(len(rows)), rows)
         ax.set_xlabel("frames in the video")
-        ax.set_title(f"{task}: {TASKS[task]}")
+        ax.set_title(f"{task}: {QUESTIONS[task]}")
         for (i, j), value in np.ndenumerate(grid):
             ax.text(j, i, f"{value:.2f}", ha="center", va="center", color="white" if value < 0.6 else "black")
     fig.suptitle(f"needle accuracy, n={report['clips_per_cell']} per cell ({report['machine']})", fontsize=8)
@@ -185,7 +210,7 @@ def plot_frontier(report: dict, path: Path) -> Path:
         ax.set_xlabel("video tokens per request (labels: frames in the video)")
         ax.set_ylabel("accuracy")
         ax.set_ylim(0, 1.05)
-        ax.set_title(f"{task}: {TASKS[task]} ({report['scene']} scene)")
+        ax.set_title(f"{task}: {QUESTIONS[task]} ({report['scene']} scene)")
         ax.legend(fontsize=6, loc="lower right")
     fig.suptitle(f"needle accuracy against tokens, n={report['clips_per_cell']} per cell ({report['machine']})",
                  fontsize=8)

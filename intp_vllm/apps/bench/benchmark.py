@@ -35,9 +35,8 @@ QUICK_SETTINGS = Settings(requests=4, frames=(8, 16), new_tokens=(4, 8), repeats
 
 
 def benchmark(model_dir: str, settings: Settings, run_names: list[str] | None = None, log=print) -> dict:
-    from transformers import AutoConfig
-
     import torch
+    from transformers import AutoConfig
 
     intp_frames = settings.intp_frames or max(settings.frames)
     runs = make_runs(intp_frames, VideoPruning(settings.pruning_method, settings.pruning_rate))
