@@ -23,7 +23,8 @@ from pathlib import Path
 
 from intp_vllm.research.needle import NeedleClip, TRAIN_FRAMES, build_tokenizer, predictions, prompt_ids
 from intp_vllm.machine import machine_name
-from intp_vllm.research.needle_eval import SAMPLING_ROW, cell_clips, mcnemar_exact, method_label, wilson_interval
+from intp_vllm.research.needle_eval import (SAMPLING_ROW, cell_clips, discordant, mcnemar_exact, method_label,
+                                         wilson_interval)
 from intp_vllm.core.config import tokens_per_frame
 from intp_vllm.core.rearrange import uniform_frame_indices
 
@@ -118,15 +119,13 @@ def paired_comparison(plugin: dict, hf_answers: list[str], clips) -> dict:
     Raises ValueError for a report without per-clip answers (made before they were kept)."""
     if "answers" not in plugin:
         raise ValueError("the report has no per-clip answers: re-run intp-vllm eval-needle to make one")
-    truth = [clip.answer for clip in clips]
-    plugin_right = [a == t for a, t in zip(plugin["answers"], truth)]
-    hf_right = [a == t for a, t in zip(hf_answers, truth)]
-    only_plugin = sum(p and not h for p, h in zip(plugin_right, hf_right))
-    only_hf = sum(h and not p for p, h in zip(plugin_right, hf_right))
+    plugin_right = sum(a == c.answer for a, c in zip(plugin["answers"], clips))
+    hf_right = sum(a == c.answer for a, c in zip(hf_answers, clips))
+    only_plugin, only_hf = discordant(plugin["answers"], hf_answers, clips)
     p_value = mcnemar_exact(only_plugin, only_hf)
-    n = len(truth)
-    return {"n": n, "plugin": sum(plugin_right) / n, "plugin_ci95": list(wilson_interval(sum(plugin_right), n)),
-            "hf": sum(hf_right) / n, "hf_ci95": list(wilson_interval(sum(hf_right), n)),
+    n = len(clips)
+    return {"n": n, "plugin": plugin_right / n, "plugin_ci95": list(wilson_interval(plugin_right, n)),
+            "hf": hf_right / n, "hf_ci95": list(wilson_interval(hf_right, n)),
             "same_answer": sum(a == b for a, b in zip(plugin["answers"], hf_answers)) / n,
             "only_plugin_right": only_plugin, "only_hf_right": only_hf, "mcnemar_p": p_value,
             "agree": p_value >= 0.05}

@@ -83,7 +83,8 @@ def test_groupings_are_compared_clip_by_clip():
                "ntk, interleaved": ["fast"] * 50 + ["slow"] * 50, "ntk, consecutive": ["slow"] * 50 + ["fast"] * 50}
     report = {"groupings": ["interleaved", "consecutive"], "rope_types": ["yarn", "ntk"],
               "prunings": [{"method": "evs", "rate": 0.0}],
-              "results": {"speed": {label: {"32": {"answers": a}} for label, a in answers.items()}}}
+              "results": {"speed": {label: {"32": {"answers": a, "accuracy": a.count("fast") / 100}}
+                                    for label, a in answers.items()}}}
     yarn, ntk = compare_groupings(report, {(32, "speed"): clips})
     assert (yarn["interleaved"], yarn["consecutive"], yarn["only_interleaved_right"], yarn["only_consecutive_right"]) \
         == (0.62, 0.5, 12, 0) and yarn["mcnemar_p"] < 0.001

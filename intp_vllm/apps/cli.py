@@ -172,7 +172,7 @@ def _add_train_needle(sub) -> None:
                    "so that which frames share a clip matters: the model for comparing --grouping values")
     p.add_argument("--tasks", type=_task_list, default=defaults.tasks,
                    help=f"comma-separated tasks to train on, of {','.join(QUESTIONS)} (default "
-                   f"{','.join(defaults.tasks)}; speed: which way a texture slides fast or slow, which needs "
+                   f"{','.join(defaults.tasks)}; speed: whether a texture slides fast or slow, which needs "
                    "the encoder's window)")
 
 

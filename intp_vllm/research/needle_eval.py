@@ -52,6 +52,12 @@ def mcnemar_exact(only_a: int, only_b: int) -> float:
     return min(1.0, 2 * tail)
 
 
+def discordant(answers_a: list[str], answers_b: list[str], clips) -> tuple[int, int]:
+    """(clips only a answers right, clips only b does): the two counts `mcnemar_exact` takes."""
+    right = [(a == c.answer, b == c.answer) for a, b, c in zip(answers_a, answers_b, clips)]
+    return sum(a and not b for a, b in right), sum(b and not a for a, b in right)
+
+
 def cell_clips(frames: int, task: str, count: int, seed: int, scene: str = "noise"):
     return make_clips(seed * 1_000_003 + frames * 31 + list(QUESTIONS).index(task), count, frames, (task,), scene)
 
@@ -147,12 +153,12 @@ def compare_groupings(report: dict, cells: dict) -> list[dict]:
     for (frames, task), clips in cells.items():
         for rope in report["rope_types"]:
             for pruning in report["prunings"]:
-                labels = [method_label(rope, g, report["groupings"], VideoPruning(**pruning)) for g in (first, second)]
-                right = [[a == c.answer for a, c in zip(report["results"][task][label][str(frames)]["answers"], clips)]
-                         for label in labels]
-                only = [sum(a and not b for a, b in zip(right[i], right[1 - i])) for i in (0, 1)]
+                cells_of = [report["results"][task][method_label(rope, g, report["groupings"],
+                                                                 VideoPruning(**pruning))][str(frames)]
+                            for g in (first, second)]
+                only = discordant(cells_of[0]["answers"], cells_of[1]["answers"], clips)
                 rows.append({"task": task, "frames": frames, "rope": rope, "pruning": pruning,
-                             first: sum(right[0]) / len(clips), second: sum(right[1]) / len(clips),
+                             first: cells_of[0]["accuracy"], second: cells_of[1]["accuracy"],
                              f"only_{first}_right": only[0], f"only_{second}_right": only[1],
                              "mcnemar_p": mcnemar_exact(*only)})
     return rows

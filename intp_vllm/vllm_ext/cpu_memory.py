@@ -35,10 +35,7 @@ VLLM_DEFAULT_MEMORY_UTILIZATION = 0.92
 
 def kv_bytes_per_token(model_config) -> int:
     """Bytes of K and V that one token costs in every attention layer (`model_config.dtype`)."""
-    import torch
-
-    element = torch.empty((), dtype=model_config.dtype).element_size()
-    return config_kv_bytes_per_token(model_config.hf_text_config, element)
+    return config_kv_bytes_per_token(model_config.hf_text_config, model_config.dtype.itemsize)
 
 
 def weight_bytes(model: str) -> int:

@@ -44,7 +44,7 @@ def benchmark(model_dir: str, settings: Settings, run_names: list[str] | None = 
     device, dtype = accelerator()
     hf_config = AutoConfig.from_pretrained(model_dir)
     shape = ModelShape.from_hf_config(hf_config)
-    kv_per_token = kv_bytes_per_token(hf_config.text_config, torch.empty((), dtype=getattr(torch, dtype)).element_size())
+    kv_per_token = kv_bytes_per_token(hf_config.text_config, getattr(torch, dtype).itemsize)
     # warm-up: one short request per frame count (first-call costs: allocator, oneDNN, new shapes)
     rounds = [make_workload(len(settings.frames), settings.frames, settings.new_tokens[:1], 0)]
     rounds += [make_workload(settings.requests, settings.frames, settings.new_tokens, i)
