@@ -190,6 +190,17 @@ def sampled_logprobs(output) -> list[float]:
     return [next(iter(step.values())).logprob for step in output.outputs[0].logprobs]
 
 
+# A prefix-cache hit attends over cached and new blocks in another summation order than a full
+# prefill: the same computation up to float32 rounding (~1e-6 seen), far below what a different
+# scale or other frames change.
+LOGPROB_ATOL = 1e-5
+
+
+def logprob_gap(a, b) -> float:
+    """Largest difference between two outputs' sampled-token logprobs."""
+    return float(np.max(np.abs(np.subtract(sampled_logprobs(a), sampled_logprobs(b)))))
+
+
 def collapse_video(llm, token_ids: list[int]) -> list[int]:
     """A processed prompt with its video tokens folded back into the one placeholder."""
     video_token = llm.llm_engine.model_config.hf_config.video_token_index
@@ -224,7 +235,7 @@ def test_truncated_prompt_runs_at_the_scale_its_salt_names(long_llm):
     block = long_llm.llm_engine.vllm_config.cache_config.block_size
     assert reused.num_cached_tokens > len(kept) - block and alone.num_cached_tokens == 0
     assert reused.outputs[0].token_ids == alone.outputs[0].token_ids
-    assert sampled_logprobs(reused) == sampled_logprobs(alone)
+    assert logprob_gap(reused, alone) < LOGPROB_ATOL
 
 
 def test_chat_video_is_decoded_at_the_request_frames(long_llm):
@@ -246,6 +257,7 @@ def test_chat_video_is_decoded_at_the_request_frames(long_llm):
 
     as_array = from_array(read_video(path, 16))
     assert chat.prompt_token_ids == as_array.prompt_token_ids
-    assert sampled_logprobs(chat) == sampled_logprobs(as_array)
+    assert chat.outputs[0].token_ids == as_array.outputs[0].token_ids
+    assert logprob_gap(chat, as_array) < LOGPROB_ATOL
     sampled_twice = from_array(read_video(path, 128)[uniform_frame_indices(128, 16)])  # negative control
-    assert sampled_logprobs(sampled_twice) != sampled_logprobs(chat)
+    assert logprob_gap(sampled_twice, chat) > LOGPROB_ATOL
