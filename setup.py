@@ -30,7 +30,9 @@ setup(
     extras_require={
         "cpu": CPU,
         "gpu": GPU,
-        "ray": ["ray[default]==2.60.0"],
+        # `ray[llm]` pins vllm==0.29; Ray Serve LLM's modules run against vLLM 0.32 with
+        # `ray[serve]` and the packages they import (docs/ray-serve.md).
+        "ray": ["ray[serve]==2.60.0", "pyarrow", "pandas", "fsspec", "jsonschema", "typer"],
         "dev": ["pytest", "hypothesis", "openai", "requests"],
     },
     entry_points={

@@ -132,9 +132,9 @@ def serve(model_dir: str | Path, server_args: list[str], startup_timeout_s: floa
 
 
 @contextmanager
-def launch(command: list[str], startup_timeout_s: float = STARTUP_TIMEOUT_S):
-    """A server `command` (given --host 127.0.0.1 --port P here) until the block ends; yields
-    (base URL, its log so far as a callable returning the text)."""
+def launch(command: list[str], startup_timeout_s: float = STARTUP_TIMEOUT_S, ready_path: str = "/health"):
+    """A server `command` (given --host 127.0.0.1 --port P here) until the block ends, once GET
+    `ready_path` answers 200; yields (base URL, its log so far as a callable returning the text)."""
     port = free_port()
     command = [*command, "--host", "127.0.0.1", "--port", str(port)]
     with tempfile.TemporaryFile("w+") as log:
@@ -146,7 +146,7 @@ def launch(command: list[str], startup_timeout_s: float = STARTUP_TIMEOUT_S):
 
         try:
             base_url = f"http://127.0.0.1:{port}"
-            _wait_healthy(process, base_url, log, startup_timeout_s)
+            _wait_healthy(process, base_url + ready_path, log, startup_timeout_s)
             yield base_url, log_text
         finally:
             process.terminate()
@@ -156,14 +156,14 @@ def launch(command: list[str], startup_timeout_s: float = STARTUP_TIMEOUT_S):
                 process.kill()
 
 
-def _wait_healthy(process, base_url: str, log, timeout_s: float) -> None:
+def _wait_healthy(process, url: str, log, timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     while True:
         if process.poll() is not None:
             log.seek(0)
             raise RuntimeError(f"server exited with {process.returncode}:\n{log.read()[-3000:]}")
         try:
-            if requests.get(f"{base_url}/health", timeout=2).status_code == 200:
+            if requests.get(url, timeout=2).status_code == 200:
                 return
         except requests.ConnectionError:
             pass

@@ -1,0 +1,306 @@
+"""`intp-vllm serve --ray`: the endpoint as Ray Serve LLM replicas.
+
+Without a cluster: the flags, the refused vLLM flags, and the Serve config (CPU and GPU
+replicas) as Ray Serve LLM's own `LLMConfig` reads it. On a local Ray cluster started with
+`ray start` (its logs in a directory of ours): 2 CPU replicas of the tiny checkpoint behind
+Serve's router, compared with a plain `intp-vllm serve`; one replica SIGKILLed mid-load; and
+`intp-vllm batch --ray-address` on the same cluster while the endpoint answers.
+
+Which replica served a request is read from the replicas' own logs: vLLM's "Received request
+chatcmpl-<X-Request-Id>" line (--enable-log-requests) in the Ray worker log of the replica's
+process, `logs/worker-*-<pid>.out`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import psutil
+import pytest
+import requests
+import yaml
+
+from intp_vllm.apps.cli import main as cli_main
+from intp_vllm.apps.ray_serve import APP_NAME, Scale, ray_llm_config
+from intp_vllm.apps.serve import vllm_serve_args, vllm_serve_parser
+from intp_vllm.vllm_ext.media import LIMITS_ENV, ServeLimits
+from intp_vllm_benchmarks.load_test import chat_request, free_port, launch, serve, served_model
+
+ENGINE_FLAGS = ["--dtype", "float32", "--enforce-eager", "--seed", "0", "--max-num-seqs", "4"]
+"""No memory flag: each replica sizes its KV cache for the replicas sharing this machine."""
+QUESTIONS = ("What is happening in this video?", "What colour is the square?")
+REPLICA_RESTART_TIMEOUT_S = 300
+CLIENTS = 4
+
+
+# -- without a cluster -------------------------------------------------------------------------
+
+def run_cli(*argv: str) -> str:
+    """`intp-vllm` in this process; the SystemExit message, or "" when it returned."""
+    try:
+        cli_main(list(argv))
+    except SystemExit as exc:
+        return str(exc.code)
+    return ""
+
+
+def test_replica_flags_need_ray_and_must_agree(tiny_model_dir):
+    model = str(tiny_model_dir)
+    assert run_cli("serve", model, "--replicas", "2") == "intp-vllm serve: error: --replicas need --ray"
+    assert "--ray-address, --cpus-per-replica need --ray" in run_cli("serve", model, "--ray-address", "auto",
+                                                                     "--cpus-per-replica", "2")
+    assert "not both" in run_cli("serve", model, "--ray", "--replicas", "2", "--max-replicas", "3")
+    assert "--replicas must be >= 1, got 0" in run_cli("serve", model, "--ray", "--replicas", "0")
+    assert "0 <= min <= max" in run_cli("serve", model, "--ray", "--min-replicas", "3", "--max-replicas", "2")
+
+
+def test_flags_serve_cannot_honour_are_refused_by_name(tiny_model_dir, tmp_path):
+    out = tmp_path / "serve.yaml"
+    message = run_cli("serve", str(tiny_model_dir), "--ray", "--api-key", "k", "--headless",
+                      "--write-ray-config", str(out))
+    assert message.startswith("intp-vllm serve: error: with --ray these vLLM flags cannot be honoured:")
+    assert "--api-key (Serve's ingress does not check it" in message
+    assert "--headless (every replica runs its own engine" in message
+    assert not out.exists()
+
+
+def test_config_file_carries_intp_limits_and_template_to_every_replica(tiny_model_dir, tmp_path):
+    from ray.serve.llm import LLMConfig
+
+    template = tmp_path / "template.jinja"
+    template.write_text("{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    out = tmp_path / "serve.yaml"
+    assert run_cli("serve", str(tiny_model_dir), "--ray", "--min-replicas", "0", "--max-replicas", "3",
+                   "--cpus-per-replica", "2", "--frames", "32", "--max-video-bytes", "1000000",
+                   "--chat-template", str(template), "--served-model-name", "video-llava", "--port", "8123",
+                   "--max-in-flight-requests", "7", "--dtype", "float32", "--write-ray-config", str(out)) == ""
+    config = yaml.safe_load(out.read_text())
+    assert config["http_options"] == {"host": "0.0.0.0", "port": 8123}
+    [app] = config["applications"]
+    assert (app["name"], app["route_prefix"], app["import_path"]) == (APP_NAME, "/",
+                                                                      "ray.serve.llm:build_openai_app")
+    [llm] = app["args"]["llm_configs"]
+    engine = llm["engine_kwargs"]
+    assert engine["hf_overrides"] == {"intp": {"frames": 32}}
+    assert engine["chat_template"] == template.read_text()  # the text: nodes need not share files
+    assert engine["dtype"] == "float32"
+    assert not {"middleware", "port", "model", "served_model_name"} & engine.keys()
+    env = llm["runtime_env"]["env_vars"]
+    assert json.loads(env[LIMITS_ENV])["video"]["max_bytes"] == 1000000
+    assert env["VLLM_MAX_MEDIA_DOWNLOAD_SIZE_MB"] == "1"
+    assert env["VLLM_MEDIA_CONNECTOR"] == "intp_vllm"
+    assert (env["OMP_NUM_THREADS"], env["INTP_VLLM_CPU_REPLICAS"]) == ("2", "3")
+    assert llm["deployment_config"] == {"autoscaling_config": {"min_replicas": 0, "max_replicas": 3,
+                                                               "initial_replicas": 1},
+                                        "max_ongoing_requests": 7}
+
+    parsed = LLMConfig(**llm)  # Ray Serve LLM's own validation
+    assert parsed.model_id == "video-llava"
+    assert parsed.get_engine_config().placement_bundles == [{"CPU": 2}]
+
+
+def test_gpu_replicas_take_tensor_parallel_gpus(tiny_model_dir):
+    """On GPU vLLM no accelerator is set: Ray Serve LLM gives each replica TP x PP GPU bundles."""
+    from ray.serve.llm import LLMConfig
+
+    model = str(tiny_model_dir)
+    vllm_args = vllm_serve_args(model, {"frames": 32}, ["--tensor-parallel-size", "2"])
+    limits = ServeLimits()
+    config = ray_llm_config(model, vllm_args, vllm_serve_parser().parse_args([model]), limits,
+                            Scale(replicas=4), cpus_per_replica=None)
+    assert "accelerator_config" not in config and "placement_group_config" not in config
+    assert "OMP_NUM_THREADS" not in config["runtime_env"]["env_vars"]
+    assert config["deployment_config"] == {"num_replicas": 4, "max_ongoing_requests": limits.max_in_flight}
+    engine = LLMConfig(**config).get_engine_config()
+    assert engine.placement_bundles == [{"GPU": 1}, {"GPU": 1}]
+    assert engine.engine_kwargs["tensor_parallel_size"] == 2
+
+
+# -- on a local Ray cluster --------------------------------------------------------------------
+
+def replica_pids() -> set[int]:
+    """Processes of the application's LLMServer replicas (Ray titles them ServeReplica:APP:LLMServer...)."""
+    title = f"ServeReplica:{APP_NAME}:LLMServer"
+    return {p.pid for p in psutil.process_iter(["cmdline"]) if any(title in part for part in p.info["cmdline"] or [])}
+
+
+def served_by(logs: Path) -> dict[str, int]:
+    """Request id -> pid of the replica whose vLLM logged receiving it."""
+    owners = {}
+    for path in logs.glob("worker-*.out"):
+        pid = int(path.stem.rsplit("-", 1)[1])
+        for match in re.finditer(r"Received request chatcmpl-(\S+?):", path.read_text(errors="replace")):
+            owners[match.group(1)] = pid
+    return owners
+
+
+def post(base_url: str, body: dict, request_id: str) -> tuple[int | str, str]:
+    try:
+        response = requests.post(f"{base_url}/v1/chat/completions", json=body, headers={"X-Request-Id": request_id},
+                                 timeout=120)
+    except requests.RequestException as exc:
+        return type(exc).__name__, str(exc)
+    if response.status_code != 200:
+        return response.status_code, response.text
+    return 200, response.json()["choices"][0]["message"]["content"]
+
+
+@pytest.fixture(scope="module")
+def clips(tmp_path_factory):
+    from intp_vllm.research.synthetic import moving_shapes_video
+    from intp_vllm.video.io import write_video
+
+    media = tmp_path_factory.mktemp("ray-media")
+    return [write_video(media / f"clip{seed}.mp4", moving_shapes_video(num_frames=16, height=64, width=96, seed=seed))
+            for seed in (1, 2)]
+
+
+def bodies(model: str, clips: list[Path]) -> list[dict]:
+    return [chat_request(model, f"file://{clip}", max_tokens=8, text=question)
+            for clip in clips for question in QUESTIONS]
+
+
+def server_args(clips: list[Path]) -> list[str]:
+    return [*ENGINE_FLAGS, "--allowed-local-media-path", str(clips[0].parent)]
+
+
+@pytest.fixture(scope="module")
+def single_server_answers(tiny_model_dir, clips):
+    with serve(tiny_model_dir, server_args(clips)) as base_url:
+        model = served_model(base_url)
+        answers = [post(base_url, body, f"single-{i}") for i, body in enumerate(bodies(model, clips))]
+    assert all(status == 200 for status, _ in answers), answers
+    return [text for _, text in answers]
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """A Ray head on 127.0.0.1 (16 logical CPUs); yields (address, its session's log directory)."""
+    ray = Path(sys.executable).parent / "ray"
+    temp_dir = Path(tempfile.mkdtemp(prefix="ray-", dir="/tmp"))  # short: Ray's socket paths must fit
+    port = free_port()
+    subprocess.run([str(ray), "start", "--head", "--port", str(port), "--num-cpus", "16", "--temp-dir", str(temp_dir),
+                    "--include-dashboard=false", "--disable-usage-stats"], check=True, capture_output=True, timeout=120)
+    try:
+        yield f"127.0.0.1:{port}", temp_dir / "session_latest" / "logs"
+    finally:
+        subprocess.run([str(ray), "stop", "--force"], capture_output=True, timeout=120)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def ray_server(tiny_model_dir, clips, cluster, single_server_answers):
+    address, logs = cluster
+    command = [sys.executable, "-m", "intp_vllm.apps.cli", "serve", str(tiny_model_dir), "--ray", "--ray-address",
+               address, "--replicas", "2", "--enable-log-requests", *server_args(clips)]
+    with launch(command, ready_path="/v1/models") as (base_url, log):
+        yield base_url, logs, log
+
+
+
+@pytest.mark.engine
+def test_requests_spread_over_both_replicas_with_the_single_server_answers(ray_server, clips,
+                                                                            single_server_answers):
+    base_url, logs, log = ray_server
+    assert "ready at" in log() and "(2 replicas of" in log()
+    assert len(replica_pids()) == 2
+    work = [(f"spread-{round_}-{i}", i, body) for round_ in range(4)
+            for i, body in enumerate(bodies(served_model(base_url), clips))]
+    with ThreadPoolExecutor(CLIENTS) as pool:
+        replies = list(pool.map(lambda item: (item[0], item[1], post(base_url, item[2], item[0])), work))
+    for request_id, i, (status, text) in replies:
+        assert (request_id, status, text) == (request_id, 200, single_server_answers[i])
+    time.sleep(1)
+    owners = served_by(logs)
+    per_replica = Counter(owners.get(request_id) for request_id, _, _ in replies)
+    assert None not in per_replica, per_replica  # every request was logged by exactly one replica's vLLM
+    assert set(per_replica) == replica_pids() and min(per_replica.values()) >= 2, per_replica
+
+
+@pytest.mark.engine
+def test_a_killed_replica_loses_only_its_requests_in_flight_and_comes_back(ray_server, clips,
+                                                                           single_server_answers):
+    base_url, logs, _ = ray_server
+    body = bodies(served_model(base_url), clips)[0]
+    results: dict[str, tuple] = {}
+    stop = threading.Event()
+
+    def client(number: int) -> None:
+        sent = 0
+        while not stop.is_set():
+            request_id = f"load-{number}-{sent}"
+            sent += 1
+            started = time.monotonic()
+            status, text = post(base_url, body, request_id)
+            results[request_id] = (status, text, started, time.monotonic())
+
+    threads = [threading.Thread(target=client, args=(n,)) for n in range(CLIENTS)]
+    for thread in threads:
+        thread.start()
+    try:
+        while sum(r[0] == 200 for r in list(results.values())) < 20:
+            time.sleep(0.2)
+        survivors = replica_pids()
+        victim = min(survivors)
+        survivors.discard(victim)
+        killed_at = time.monotonic()
+        os.kill(victim, signal.SIGKILL)
+        deadline = killed_at + REPLICA_RESTART_TIMEOUT_S
+        while True:  # until a new replica process serves requests
+            newcomers = replica_pids() - survivors - {victim}
+            if newcomers and set(served_by(logs).values()) & newcomers and time.monotonic() > killed_at + 10:
+                break
+            assert time.monotonic() < deadline, f"no replica replaced pid {victim} in {REPLICA_RESTART_TIMEOUT_S} s"
+            time.sleep(2)
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join()
+
+    owners = served_by(logs)
+    failed = {rid: r for rid, r in results.items() if r[0] != 200}
+    for request_id, (status, text, started, ended) in failed.items():
+        assert isinstance(status, int) and 500 <= status < 600, (request_id, status, text)
+        assert started < killed_at < ended, f"{request_id} failed but was not in flight at the kill"
+        assert owners.get(request_id, victim) == victim, f"{request_id} failed on a surviving replica"
+    assert len(failed) <= CLIENTS
+    answered = [r for r in results.values() if r[0] == 200]
+    assert {text for _, text, _, _ in answered} == {single_server_answers[0]}
+    assert sum(started > killed_at for _, _, started, _ in answered) >= 20
+    assert len(replica_pids()) == 2
+
+
+@pytest.mark.engine
+def test_batch_shares_the_cluster_with_the_endpoint(ray_server, cluster, clips, single_server_answers,
+                                                    tiny_model_dir, tmp_path):
+    base_url, _, _ = ray_server
+    address, _ = cluster
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text("".join(json.dumps({"id": f"b{i}", "video": str(clip), "question": question}) + "\n"
+                            for i, (clip, question) in enumerate((c, q) for c in clips for q in QUESTIONS)))
+    output = tmp_path / "out.jsonl"
+    batch = subprocess.Popen([sys.executable, "-m", "intp_vllm.apps.cli", "batch", "--model", str(tiny_model_dir),
+                              "--input", str(jobs), "--output", str(output), "--ray-address", address,
+                              "--max-tokens", "8", *ENGINE_FLAGS], stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True)
+    body = bodies(served_model(base_url), clips)[1]
+    during = []
+    while batch.poll() is None:
+        during.append(post(base_url, body, f"beside-batch-{len(during)}"))
+    log = batch.stdout.read()
+    assert batch.returncode == 0, log[-4000:]
+    assert during and set(during) == {(200, single_server_answers[1])}
+    records = sorted((json.loads(line) for line in output.read_text().splitlines()), key=lambda r: r["id"])
+    assert [r.get("answer") for r in records] == single_server_answers, records
