@@ -132,9 +132,11 @@ def serve(model_dir: str | Path, server_args: list[str], startup_timeout_s: floa
 
 
 @contextmanager
-def launch(command: list[str], startup_timeout_s: float = STARTUP_TIMEOUT_S, ready_path: str = "/health"):
-    """A server `command` (given --host 127.0.0.1 --port P here) until the block ends, once GET
-    `ready_path` answers 200; yields (base URL, its log so far as a callable returning the text)."""
+def launch(command: list[str], startup_timeout_s: float = STARTUP_TIMEOUT_S, ready_line: str | None = None):
+    """A server `command` (given --host 127.0.0.1 --port P here) until the block ends, once it is
+    ready: GET /health answers 200 or, with `ready_line`, its log has that text (`serve --ray`
+    has no /health, and answers /v1/models before its replicas are up); yields (base URL, its
+    log so far as a callable returning the text)."""
     port = free_port()
     command = [*command, "--host", "127.0.0.1", "--port", str(port)]
     with tempfile.TemporaryFile("w+") as log:
@@ -146,7 +148,7 @@ def launch(command: list[str], startup_timeout_s: float = STARTUP_TIMEOUT_S, rea
 
         try:
             base_url = f"http://127.0.0.1:{port}"
-            _wait_healthy(process, base_url + ready_path, log, startup_timeout_s)
+            _wait_ready(process, base_url, log_text, ready_line, startup_timeout_s)
             yield base_url, log_text
         finally:
             process.terminate()
@@ -156,17 +158,20 @@ def launch(command: list[str], startup_timeout_s: float = STARTUP_TIMEOUT_S, rea
                 process.kill()
 
 
-def _wait_healthy(process, url: str, log, timeout_s: float) -> None:
+def _wait_ready(process, base_url: str, log_text, ready_line: str | None, timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     while True:
         if process.poll() is not None:
-            log.seek(0)
-            raise RuntimeError(f"server exited with {process.returncode}:\n{log.read()[-3000:]}")
-        try:
-            if requests.get(url, timeout=2).status_code == 200:
+            raise RuntimeError(f"server exited with {process.returncode}:\n{log_text()[-3000:]}")
+        if ready_line is not None:
+            if ready_line in log_text():
                 return
-        except requests.ConnectionError:
-            pass
+        else:
+            try:
+                if requests.get(f"{base_url}/health", timeout=2).status_code == 200:
+                    return
+            except requests.ConnectionError:
+                pass
         if time.monotonic() > deadline:
             raise RuntimeError(f"server not healthy after {timeout_s:.0f} s")
         time.sleep(1)
@@ -176,11 +181,12 @@ def served_model(base_url: str) -> str:
     return requests.get(f"{base_url}/v1/models", timeout=10).json()["data"][0]["id"]
 
 
-def tiny_server_args(media_dir: Path, clients: int) -> list[str]:
-    """CPU-sized engine for the tiny checkpoint, admitting every client at once."""
-    return ["--dtype", "float32", "--enforce-eager", "--kv-cache-memory-bytes", str(TEST_KV_BYTES),
-            "--max-num-seqs", "32", "--seed", "0", "--allowed-local-media-path", str(media_dir),
-            "--max-in-flight-requests", str(max(64, clients))]
+def tiny_server_args(media_dir: Path, clients: int, kv_cache_bytes: int | None = TEST_KV_BYTES) -> list[str]:
+    """CPU-sized engine for the tiny checkpoint, admitting every client at once; with
+    `kv_cache_bytes` None, the plugin sizes the KV cache."""
+    memory = [] if kv_cache_bytes is None else ["--kv-cache-memory-bytes", str(kv_cache_bytes)]
+    return ["--dtype", "float32", "--enforce-eager", *memory, "--max-num-seqs", "32", "--seed", "0",
+            "--allowed-local-media-path", str(media_dir), "--max-in-flight-requests", str(max(64, clients))]
 
 
 def video_url(path: Path, as_data_url: bool) -> str:
@@ -203,7 +209,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     with tempfile.TemporaryDirectory() as workdir:
-        video = args.video or _write_clip(Path(workdir))
+        video = args.video or write_clip(Path(workdir))
         if args.url:
             result = _run(args, args.url, video)
         else:
@@ -220,7 +226,8 @@ def main(argv: list[str] | None = None) -> None:
     sys.exit(1 if result.failed else 0)
 
 
-def _write_clip(directory: Path) -> Path:
+def write_clip(directory: Path) -> Path:
+    """directory/clip.mp4: 24 frames of moving shapes, 100x72, H.264."""
     from intp_vllm.research.synthetic import moving_shapes_video
     from intp_vllm.video.io import write_video
 

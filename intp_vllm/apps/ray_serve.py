@@ -39,6 +39,8 @@ from intp_vllm.vllm_ext.media import ServeLimits, media_limits_env
 
 APP_NAME = "intp-vllm"
 """The Serve application `intp-vllm serve --ray` deploys (and deletes on exit)."""
+READY_MESSAGE = "intp-vllm serve: ready at"
+"""Printed once every replica is up (Serve answers /v1/models earlier, and has no /health)."""
 UNSUPPORTED_FLAGS = {
     "api_server_count": "Serve's HTTP proxies take requests; use --replicas",
     "headless": "every replica runs its own engine; use --replicas",
@@ -215,7 +217,7 @@ def run_ray_server(args: argparse.Namespace, intp: dict, vllm_args: list[str], l
         serve.run(build_openai_app(application["args"]), name=APP_NAME, route_prefix=application["route_prefix"],
                   blocking=False)
         http = config["http_options"]
-        print(f"intp-vllm serve: ready at http://{http['host']}:{http['port']}/v1 "
+        print(f"{READY_MESSAGE} http://{http['host']}:{http['port']}/v1 "
               f"({scale_text(scale)} of {llm_config['model_loading_config']['model_id']!r}, up in "
               f"{time.monotonic() - started:.0f} s); Ctrl-C stops", flush=True)
         while True:
