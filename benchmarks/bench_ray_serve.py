@@ -11,7 +11,7 @@ plain serve (what Serve's proxy, ingress and router cost).
 This machine (default): the tiny checkpoint, a local Ray instance per Ray server, each replica
 cores / replicas OpenMP threads; plain serve uses every core.
 
-    python benchmarks/bench_ray_serve.py                                  # ~10 min on 2 cores
+    python benchmarks/bench_ray_serve.py                                  # ~15 min on 2 cores
     python benchmarks/bench_ray_serve.py --model /models/Video-LLaVA-7B-hf --video /data/clip.mp4 \\
         --ray-address auto --replicas 1,2,4 --clients 64 --server-args "--frames 32 --tensor-parallel-size 2"
 
@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--ray-address", help="an existing cluster (default: a local Ray instance per server)")
     parser.add_argument("--server-args", default="", help="more `intp-vllm serve` flags, one string")
     parser.add_argument("--clients", type=int, default=8)
-    parser.add_argument("--requests", type=int, default=40, help="timed requests per client")
+    parser.add_argument("--requests", type=int, default=100, help="timed requests per client")
     parser.add_argument("--max-tokens", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="where ray_serve.json goes")

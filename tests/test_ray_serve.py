@@ -33,7 +33,7 @@ import requests
 import yaml
 
 from intp_vllm.apps.cli import main as cli_main
-from intp_vllm.apps.ray_serve import APP_NAME, READY_MESSAGE, Scale, ray_llm_config
+from intp_vllm.apps.ray_serve import APP_NAME, READY_MESSAGE, Scale, final_exception, ray_llm_config
 from intp_vllm.apps.serve import vllm_serve_args, vllm_serve_parser
 from intp_vllm.vllm_ext.media import LIMITS_ENV, ServeLimits
 from intp_vllm_benchmarks.load_test import chat_request, free_port, launch, serve, served_model
@@ -58,7 +58,7 @@ def run_cli(*argv: str) -> str:
 
 def test_replica_flags_need_ray_and_must_agree(tiny_model_dir):
     model = str(tiny_model_dir)
-    assert run_cli("serve", model, "--replicas", "2") == "intp-vllm serve: error: --replicas need --ray"
+    assert run_cli("serve", model, "--replicas", "2") == "intp-vllm serve: error: --replicas needs --ray"
     assert "--ray-address, --cpus-per-replica need --ray" in run_cli("serve", model, "--ray-address", "auto",
                                                                      "--cpus-per-replica", "2")
     assert "not both" in run_cli("serve", model, "--ray", "--replicas", "2", "--max-replicas", "3")
@@ -68,11 +68,12 @@ def test_replica_flags_need_ray_and_must_agree(tiny_model_dir):
 
 def test_flags_serve_cannot_honour_are_refused_by_name(tiny_model_dir, tmp_path):
     out = tmp_path / "serve.yaml"
-    message = run_cli("serve", str(tiny_model_dir), "--ray", "--api-key", "k", "--headless",
+    message = run_cli("serve", str(tiny_model_dir), "--ray", "--api-key", "k", "--headless", "--root-path", "/v",
                       "--write-ray-config", str(out))
     assert message.startswith("intp-vllm serve: error: with --ray these vLLM flags cannot be honoured:")
     assert "--api-key (Serve's ingress does not check it" in message
-    assert "--headless (every replica runs its own engine" in message
+    assert "--headless (each replica is one engine behind Serve's router; use --replicas)" in message
+    assert "--root-path (a setting of vLLM's HTTP server, which Serve's proxy and ingress replace)" in message
     assert not out.exists()
 
 
@@ -126,6 +127,20 @@ def test_gpu_replicas_take_tensor_parallel_gpus(tiny_model_dir):
     engine = LLMConfig(**config).get_engine_config()
     assert engine.placement_bundles == [{"GPU": 1}, {"GPU": 1}]
     assert engine.engine_kwargs["tensor_parallel_size"] == 2
+
+
+def test_a_failed_replica_is_told_by_its_exception():
+    message = ("The deployment failed to start 3 times in a row. Error:\nTraceback (most recent call last):\n"
+               '  File "engine.py", line 412, in start\n    ) = self._prepare_engine_config(callback.ctx)\n'
+               "        ^^^^^^^^^^^^^^\n"
+               '  File "engine.py", line 222, in _get_vllm_engine_config\n'
+               '    raise RuntimeError(f"Failed to create vLLM engine config: {e}") from None\n'
+               "RuntimeError: Failed to create vLLM engine config: 1 validation error for ModelConfig\n"
+               "  Value error, User-specified max_model_len (100000) is greater than the derived max_model_len\n")
+    assert final_exception(message) == ("RuntimeError: Failed to create vLLM engine config: 1 validation error for "
+                                        "ModelConfig\n  Value error, User-specified max_model_len (100000) is "
+                                        "greater than the derived max_model_len")
+    assert final_exception("replica health check failed") == "replica health check failed"
 
 
 # -- on a local Ray cluster --------------------------------------------------------------------
@@ -187,17 +202,22 @@ def single_server_answers(tiny_model_dir, clips):
 
 @pytest.fixture(scope="module")
 def cluster():
-    """A Ray head on 127.0.0.1 (16 logical CPUs); yields (address, its session's log directory)."""
+    """A Ray head on 127.0.0.1 (16 logical CPUs) with token authentication, as Ray makes new
+    local clusters (every process of this module is told so: RAY_AUTH_MODE, token in
+    ~/.ray/auth_token); yields (address, its session's log directory)."""
     ray = Path(sys.executable).parent / "ray"
     temp_dir = Path(tempfile.mkdtemp(prefix="ray-", dir="/tmp"))  # short: Ray's socket paths must fit
     port = free_port()
-    subprocess.run([str(ray), "start", "--head", "--port", str(port), "--num-cpus", "16", "--temp-dir", str(temp_dir),
-                    "--include-dashboard=false", "--disable-usage-stats"], check=True, capture_output=True, timeout=120)
-    try:
-        yield f"127.0.0.1:{port}", temp_dir / "session_latest" / "logs"
-    finally:
-        subprocess.run([str(ray), "stop", "--force"], capture_output=True, timeout=120)
-        shutil.rmtree(temp_dir, ignore_errors=True)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("RAY_AUTH_MODE", "token")
+        subprocess.run([str(ray), "start", "--head", "--port", str(port), "--num-cpus", "16", "--temp-dir",
+                        str(temp_dir), "--include-dashboard=false", "--disable-usage-stats"], check=True,
+                       capture_output=True, timeout=120)
+        try:
+            yield f"127.0.0.1:{port}", temp_dir / "session_latest" / "logs"
+        finally:
+            subprocess.run([str(ray), "stop", "--force"], capture_output=True, timeout=120)
+            shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
@@ -304,3 +324,18 @@ def test_batch_shares_the_cluster_with_the_endpoint(ray_server, cluster, clips, 
     assert during and set(during) == {(200, single_server_answers[1])}
     records = sorted((json.loads(line) for line in output.read_text().splitlines()), key=lambda r: r["id"])
     assert [r.get("answer") for r in records] == single_server_answers, records
+
+
+@pytest.mark.engine
+def test_replicas_that_cannot_start_are_a_clear_error(tiny_model_dir, cluster):
+    """On a new local Ray instance (`ray start`'s cluster runs here too: it is not joined), an
+    engine that refuses its arguments ends the command with the replica's own exception."""
+    before = replica_pids()  # the other tests' endpoint, if it is up
+    proc = subprocess.run([sys.executable, "-m", "intp_vllm.apps.cli", "serve", str(tiny_model_dir), "--ray",
+                           "--host", "127.0.0.1", "--port", str(free_port()), *ENGINE_FLAGS,
+                           "--max-model-len", "100000"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 1
+    error = proc.stderr[proc.stderr.rfind("intp-vllm serve: error:"):]
+    assert error.startswith("intp-vllm serve: error: the replicas did not start: LLMServer:"), proc.stderr[-3000:]
+    assert "User-specified max_model_len (100000) is greater than the derived max_model_len" in error
+    assert replica_pids() == before

@@ -33,6 +33,7 @@ import sys
 import time
 from pathlib import Path
 
+from intp_vllm.apps.ray_cluster import join_ray_cluster
 from intp_vllm.apps.serve import MIDDLEWARE, vllm_serve_args, vllm_serve_parser
 from intp_vllm.vllm_ext.cpu_memory import CPU_REPLICAS_ENV, is_cpu_build
 from intp_vllm.vllm_ext.media import ServeLimits, media_limits_env
@@ -41,16 +42,24 @@ APP_NAME = "intp-vllm"
 """The Serve application `intp-vllm serve --ray` deploys (and deletes on exit)."""
 READY_MESSAGE = "intp-vllm serve: ready at"
 """Printed once every replica is up (Serve answers /v1/models earlier, and has no /health)."""
+_ENGINE_PER_REPLICA = "each replica is one engine behind Serve's router; use --replicas"
+_TLS = "Serve's HTTP proxy serves plain HTTP; terminate TLS in front of it"
+_HTTP_SERVER = "a setting of vLLM's HTTP server, which Serve's proxy and ingress replace"
 UNSUPPORTED_FLAGS = {
-    "api_server_count": "Serve's HTTP proxies take requests; use --replicas",
-    "headless": "every replica runs its own engine; use --replicas",
-    "data_parallel_size": "each replica is one engine; use --replicas",
+    **dict.fromkeys(("api_server_count", "headless", "data_parallel_size", "data_parallel_size_local",
+                     "data_parallel_start_rank", "data_parallel_address", "data_parallel_rpc_port",
+                     "data_parallel_backend", "data_parallel_hybrid_lb", "data_parallel_external_lb",
+                     "data_parallel_supervisor_port", "dp_supervisor_probe_interval_s",
+                     "dp_supervisor_probe_timeout_s", "dp_supervisor_probe_failure_threshold", "enable_scale_out"),
+                    _ENGINE_PER_REPLICA),
     "api_key": "Serve's ingress does not check it; put authentication in front of Serve",
-    "middleware": "Serve's ingress runs no vLLM middleware",
-    "uds": "Serve's HTTP proxy listens on --host/--port",
-    "ssl_keyfile": "Serve's HTTP proxy serves plain HTTP; terminate TLS in front of it",
-    "ssl_certfile": "Serve's HTTP proxy serves plain HTTP; terminate TLS in front of it",
-    "grpc": "Serve LLM's endpoint is HTTP only",
+    **dict.fromkeys(("ssl_keyfile", "ssl_certfile", "ssl_ca_certs", "ssl_cert_reqs", "ssl_ciphers",
+                     "enable_ssl_refresh"), _TLS),
+    **dict.fromkeys(("middleware", "uds", "grpc", "grpc_port", "root_path", "allowed_origins", "allowed_methods",
+                     "allowed_headers", "allow_credentials", "uvicorn_log_level", "disable_uvicorn_access_log",
+                     "disable_access_log_for_endpoints", "enable_request_id_headers", "disable_fastapi_docs",
+                     "enable_offline_docs", "h11_max_incomplete_event_size", "h11_max_header_count",
+                     "enable_tokenizer_info_endpoint", "enable_server_load_tracking"), _HTTP_SERVER),
 }
 """vLLM serve flags that Ray Serve would silently ignore: refused, with what to do instead."""
 HANDLED_FLAGS = {"model", "model_tag", "served_model_name", "host", "port", "config"}
@@ -92,7 +101,7 @@ class Scale:
                  if getattr(args, name) is not None]
         if not args.ray:
             if given:
-                raise ValueError(f"{', '.join(given)} need --ray")
+                raise ValueError(f"{', '.join(given)} need{'s' * (len(given) == 1)} --ray")
             return cls()
         autoscale = args.min_replicas is not None or args.max_replicas is not None
         if args.replicas is not None and autoscale:
@@ -208,14 +217,21 @@ def run_ray_server(args: argparse.Namespace, intp: dict, vllm_args: list[str], l
     except ImportError as exc:
         raise SystemExit(f"intp-vllm serve --ray needs Ray Serve LLM: pip install 'intp-vllm[ray]' ({exc})") from None
 
-    signal.signal(signal.SIGTERM, _interrupt)
     start_ray(ray, args.ray_address, scale, cpus)
+    signal.signal(signal.SIGTERM, _interrupt)  # after Ray's own handler, which would abort the exit
     try:
         application = config["applications"][0]
         serve.start(http_options=config["http_options"])
         started = time.monotonic()
-        serve.run(build_openai_app(application["args"]), name=APP_NAME, route_prefix=application["route_prefix"],
-                  blocking=False)
+        try:
+            serve.run(build_openai_app(application["args"]), name=APP_NAME,
+                      route_prefix=application["route_prefix"], blocking=False)
+        except RuntimeError as exc:  # DEPLOY_FAILED: Serve gave up restarting the replicas
+            app = serve.status().applications.get(APP_NAME)
+            causes = [f"{name}: {final_exception(status.message)}" for name, status in app.deployments.items()
+                      if status.message] if app else []
+            raise SystemExit("intp-vllm serve: error: the replicas did not start: "
+                             + ("; ".join(causes) or str(exc))) from None
         http = config["http_options"]
         print(f"{READY_MESSAGE} http://{http['host']}:{http['port']}/v1 "
               f"({scale_text(scale)} of {llm_config['model_loading_config']['model_id']!r}, up in "
@@ -227,6 +243,17 @@ def run_ray_server(args: argparse.Namespace, intp: dict, vllm_args: list[str], l
     finally:
         serve.delete(APP_NAME)
         ray.shutdown()
+
+
+def final_exception(message: str) -> str:
+    """The exception that ends a traceback in `message` (Serve puts a failed replica's traceback
+    in its deployment's status message); `message` itself when it holds no traceback."""
+    lines = message.strip().splitlines()
+    frames = [i for i, line in enumerate(lines) if line.startswith("  File ")]
+    start = frames[-1] + 1 if frames else 0
+    while start < len(lines) and lines[start].startswith("    "):  # the frame's source line
+        start += 1
+    return "\n".join(lines[start:]) or message
 
 
 def _interrupt(signum, frame) -> None:
@@ -241,14 +268,16 @@ def scale_text(scale: Scale) -> str:
 
 
 def start_ray(ray, address: str | None, scale: Scale, cpus_per_replica: int | None) -> None:
-    """Join the cluster at `address`, or start Ray on this machine with room for the replicas
-    (each replica's actor takes a CPU besides its engine's bundle) and Serve's proxy and ingress."""
+    """Join the cluster at `address`, or start a new Ray instance on this machine (even when
+    `ray start` runs one here: that one is joined with --ray-address auto) with room for the
+    replicas (each replica's actor takes a CPU besides its engine's bundle) and Serve's proxy
+    and ingress."""
     if address:
         try:
-            ray.init(address=address)
-        except (ConnectionError, RuntimeError) as exc:
-            sys.exit(f"intp-vllm serve: error: cannot join the Ray cluster at --ray-address {address!r}: {exc}")
+            join_ray_cluster(ray, address)
+        except ConnectionError as exc:
+            sys.exit(f"intp-vllm serve: error: {exc}")
         return
     cores = len(os.sched_getaffinity(0))
-    ray.init(num_cpus=max(cores, scale.most * ((cpus_per_replica or 0) + 1) + 2), include_dashboard=False,
-             object_store_memory=256 << 20)
+    ray.init(address="local", num_cpus=max(cores, scale.most * ((cpus_per_replica or 0) + 1) + 2),
+             include_dashboard=False, object_store_memory=256 << 20)

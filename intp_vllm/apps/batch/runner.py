@@ -13,6 +13,7 @@ import threading
 
 from intp_vllm.apps.batch.jobs import SAMPLING_KEYS, BatchError, Job, JobDefaults
 from intp_vllm.apps.batch.videos import load_video
+from intp_vllm.apps.ray_cluster import join_ray_cluster
 from intp_vllm.core.prompt import VIDEO_PROMPT
 from intp_vllm.vllm_ext.cpu_memory import CPU_REPLICAS_ENV, is_cpu_build
 from intp_vllm.vllm_ext.engine import shutdown_llm
@@ -192,13 +193,14 @@ def ray_replicas(args, engine_kwargs: dict, defaults: JobDefaults):
 
     if args.ray_address:
         try:
-            ray.init(address=args.ray_address)
-        except (ConnectionError, RuntimeError) as exc:
-            raise BatchError(f"cannot join the Ray cluster at --ray-address {args.ray_address!r}: {exc}") from None
+            join_ray_cluster(ray, args.ray_address)
+        except ConnectionError as exc:
+            raise BatchError(str(exc)) from None
     else:
         # Jobs and records are small and frames never travel through Ray: a small object store.
         cpus = len(os.sched_getaffinity(0))
-        ray.init(num_cpus=max(cpus, args.ray_workers), include_dashboard=False, object_store_memory=128 << 20)
+        ray.init(address="local", num_cpus=max(cpus, args.ray_workers), include_dashboard=False,
+                 object_store_memory=128 << 20)
     try:
         replicas = _start_replicas(ray, args, engine_kwargs, defaults)
         try:
