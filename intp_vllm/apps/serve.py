@@ -101,7 +101,8 @@ def add_limit_arguments(parser: argparse.ArgumentParser) -> None:
                        help="seconds to fetch and decode one video_url, in one attempt (default %(default)s)")
     group.add_argument("--max-in-flight-requests", type=int, default=defaults.max_in_flight,
                        help="POST requests served at once by each API-server process, from arrival (video fetch "
-                       "included); more get a 503 (default %(default)s)")
+                       "included); more get a 503 (default %(default)s). With --ray: requests at once on each "
+                       "replica; more wait in Serve's queue")
     group.add_argument("--image-frames", action=argparse.BooleanOptionalAction, default=defaults.image_frames,
                        help="serve a message's 2 or more image_url parts as one video of those frames, in order "
                        "(how lmms-eval sends a video by default); --no-image-frames answers image parts with a "

@@ -10,9 +10,9 @@ set, the plugin's config hook sets `kv_cache_memory_bytes` instead (`size_cpu_kv
     cap    = AVAILABLE_SHARE x (available memory - the checkpoint's weight files) / replicas
 
 where replicas is `CPU_REPLICAS_ENV` (engines started together on this machine, set by
-`intp-vllm batch` and `intp-vllm serve --ray` for their Ray replicas; default 1). A size above the cap is only chosen when
-one full-length sequence needs it (vLLM then says it does not fit). On GPUs, and when either
-setting was given, vLLM's defaults stand.
+`intp-vllm batch` and `intp-vllm serve --ray` for their Ray replicas; default 1). A size
+above the cap is only chosen when one full-length sequence needs it (vLLM then says it does
+not fit). On GPUs, and when either setting was given, vLLM's defaults stand.
 """
 
 from __future__ import annotations
