@@ -13,6 +13,7 @@ process, `logs/worker-*-<pid>.out`.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import re
@@ -43,6 +44,7 @@ ENGINE_FLAGS = ["--dtype", "float32", "--enforce-eager", "--seed", "0", "--max-n
 """No memory flag: each replica sizes its KV cache for the replicas sharing this machine."""
 QUESTIONS = ("What is happening in this video?", "What colour is the square?")
 REPLICA_RESTART_TIMEOUT_S = 300
+MAX_VIDEO_BYTES = 1_000_000
 CLIENTS = 4
 
 
@@ -218,7 +220,8 @@ def bodies(model: str, clips: list[Path]) -> list[dict]:
 
 
 def server_args(clips: list[Path]) -> list[str]:
-    return [*ENGINE_FLAGS, "--allowed-local-media-path", str(clips[0].parent)]
+    return [*ENGINE_FLAGS, "--allowed-local-media-path", str(clips[0].parent),
+            "--max-video-bytes", str(MAX_VIDEO_BYTES)]
 
 
 @pytest.fixture(scope="module")
@@ -277,6 +280,17 @@ def test_requests_spread_over_both_replicas_with_the_single_server_answers(ray_s
     per_replica = Counter(owners.get(request_id) for request_id, _, _ in replies)
     assert None not in per_replica, per_replica  # every request was logged by exactly one replica's vLLM
     assert set(per_replica) == replica_pids() and min(per_replica.values()) >= 2, per_replica
+
+
+@pytest.mark.engine
+def test_video_limits_apply_in_the_replicas(ray_server):
+    """Serve's ingress runs no middleware (no 413 at the door); the replica's loader refuses."""
+    base_url, _, _ = ray_server
+    too_big = "data:video/mp4;base64," + base64.b64encode(bytes(MAX_VIDEO_BYTES + 1)).decode()
+    body = chat_request(served_model(base_url), too_big)
+    for attempt in range(4):
+        status, text = post(base_url, body, f"too-big-{attempt}")
+        assert status == 400 and f"{MAX_VIDEO_BYTES + 1} bytes; at most {MAX_VIDEO_BYTES} bytes" in text, text
 
 
 @pytest.mark.engine

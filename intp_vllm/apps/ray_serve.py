@@ -145,7 +145,7 @@ def engine_kwargs(args: argparse.Namespace, defaults: argparse.Namespace) -> dic
     given = {key: value for key, value in vars(args).items()
              if key not in HANDLED_FLAGS and value != getattr(defaults, key, None)}
     if given.get("middleware") == [MIDDLEWARE]:
-        del given["middleware"]  # ours; its limits come from Serve (module docstring)
+        del given["middleware"]  # ours (413/503 at the door); Serve's ingress runs none (module docstring)
     refused = [f"--{key.replace('_', '-')} ({UNSUPPORTED_FLAGS[key]})" for key in given if key in UNSUPPORTED_FLAGS]
     refused += [f"--{key.replace('_', '-')} (not an engine or frontend argument)" for key in given
                 if key not in fields and key not in UNSUPPORTED_FLAGS]
