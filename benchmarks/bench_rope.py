@@ -92,9 +92,7 @@ def single_scale_table(head_size: int, max_position: int, scale: float, rope_typ
 
 
 def bench_cpu(args) -> list[dict]:
-    from vllm.config import VllmConfig, set_current_vllm_config
-    from vllm.model_executor.layers.rotary_embedding import RotaryEmbedding
-
+    from intp_vllm.vllm_ext.internals import RotaryEmbedding, VllmConfig, set_current_vllm_config
     from intp_vllm.vllm_ext.llm_rope import PerRequestRotaryEmbedding
 
     rows = []

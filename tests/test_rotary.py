@@ -164,6 +164,7 @@ def test_mixed_scales_equal_a_per_token_reference(rope_type, case, is_neox):
         assert (wrong_q.double() - expected_q).abs().max() > 1e-2
 
 
+@pytest.mark.usefixtures("vllm_ops")
 @pytest.mark.parametrize("is_neox", [True, False])
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("rope_type", ["linear", "ntk", "yarn"])

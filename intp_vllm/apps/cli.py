@@ -113,13 +113,15 @@ def _run_serve(args, vllm_args) -> None:
     from intp_vllm.apps.flags import intp_section
     from intp_vllm.apps.ray_serve import Scale, run_ray_server
     from intp_vllm.apps.serve import run_server
+    from intp_vllm.vllm_ext.internals import VllmRelianceError, check_reliances
     from intp_vllm.vllm_ext.media import ServeLimits
 
     intp = intp_section(args)
     try:
+        check_reliances()  # a vLLM without what the plugin needs fails here, not at a request
         limits = ServeLimits.from_args(args, intp)
         scale = Scale.from_args(args)
-    except ValueError as exc:
+    except (ValueError, VllmRelianceError) as exc:
         sys.exit(f"intp-vllm serve: error: {exc}")
     if args.ray:
         run_ray_server(args, intp, vllm_args, limits, scale)

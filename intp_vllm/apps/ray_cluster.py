@@ -5,12 +5,12 @@ from __future__ import annotations
 import os
 
 
-def join_ray_cluster(ray, address: str) -> None:
-    """`ray.init(address=address)`; raises ConnectionError naming the address, with what a
+def join_ray_cluster(ray, address: str, runtime_env: dict | None = None) -> None:
+    """`ray.init(address=address, runtime_env=runtime_env)`; raises ConnectionError naming the address, with what a
     cluster with token authentication needs (Ray 2.60 enables it for new local clusters and for
     `ray start` where ~/.ray/auth_token exists) when this environment does not ask for tokens."""
     try:
-        ray.init(address=address)
+        ray.init(address=address, runtime_env=runtime_env)
     except (ConnectionError, RuntimeError) as exc:
         hint = ""
         if os.environ.get("RAY_AUTH_MODE", "").lower() != "token":

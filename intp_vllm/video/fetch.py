@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass
 from urllib.parse import urljoin, urlsplit
 
@@ -132,9 +133,11 @@ def check_url(url: str, policy: HostPolicy, allowed_domains: tuple[str, ...] = (
 
 
 async def fetch_bytes(url: str, *, policy: HostPolicy, max_bytes: int, timeout_s: float,
-                      allowed_domains: tuple[str, ...] = ()) -> bytes:
+                      allowed_domains: tuple[str, ...] = (), charge: Callable[[int], None] | None = None) -> bytes:
     """The body of `url` (at most `max_bytes`), following redirects under `policy`, within
-    `timeout_s` seconds in all. Raises FetchError."""
+    `timeout_s` seconds in all. `charge`, if given, is called with the size of each chunk of
+    the body as it arrives, before it is kept (a per-request download budget: what it raises
+    ends the fetch and propagates). Raises FetchError."""
     import aiohttp
 
     connector = aiohttp.TCPConnector(resolver=GuardedResolver(policy), use_dns_cache=False)
@@ -158,7 +161,7 @@ async def fetch_bytes(url: str, *, policy: HostPolicy, max_bytes: int, timeout_s
                         continue
                     if response.status >= 400:
                         raise FetchError(url, f"HTTP {response.status} {response.reason or ''}".rstrip())
-                    return await _read_capped(response, url, max_bytes)
+                    return await _read_capped(response, url, max_bytes, charge)
             raise FetchError(seen[0], f"more than {policy.max_redirects} redirects")
     except aiohttp.ClientConnectorError as exc:
         if isinstance(exc.os_error, RefusedAddress):
@@ -171,7 +174,7 @@ async def fetch_bytes(url: str, *, policy: HostPolicy, max_bytes: int, timeout_s
         raise FetchError(url, f"{type(exc).__name__}: {exc}") from None
 
 
-async def _read_capped(response, url: str, max_bytes: int) -> bytes:
+async def _read_capped(response, url: str, max_bytes: int, charge: Callable[[int], None] | None) -> bytes:
     if response.content_length is not None and response.content_length > max_bytes:
         raise FetchError(url, f"too large: {response.content_length} bytes; at most {max_bytes} bytes", refused=True)
     chunks, received = [], 0
@@ -179,6 +182,8 @@ async def _read_capped(response, url: str, max_bytes: int) -> bytes:
         received += len(chunk)
         if received > max_bytes:
             raise FetchError(url, f"too large: more than {max_bytes} bytes", refused=True)
+        if charge is not None:
+            charge(len(chunk))
         chunks.append(chunk)
     return b"".join(chunks)
 

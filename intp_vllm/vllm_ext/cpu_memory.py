@@ -29,13 +29,14 @@ KV_CACHE_FLOOR_BYTES = 64 << 20
 AVAILABLE_SHARE = 0.5
 """Share of the memory left after the weights that the KV cache may take by default."""
 CPU_REPLICAS_ENV = "INTP_VLLM_CPU_REPLICAS"
-VLLM_DEFAULT_MEMORY_UTILIZATION = 0.92
-"""`CacheConfig.gpu_memory_utilization`'s default: a value other than this one was set by the user."""
+VLLM_MEMORY_UTILIZATION_DEFAULTS = (None, 0.92)
+"""`CacheConfig.gpu_memory_utilization`'s default (0.92 to vLLM 0.33, None from 0.34): a value
+other than these was set by the user."""
 
 
 def is_cpu_build() -> bool:
     """Whether this vLLM is the CPU build (vllm-cpu): engines run on cores, never on GPUs."""
-    from vllm.platforms import current_platform
+    from intp_vllm.vllm_ext.internals import current_platform
 
     return current_platform.is_cpu()
 
@@ -71,14 +72,14 @@ def cpu_kv_cache_bytes(needed_per_sequence: int, max_num_seqs: int, available: i
 def size_cpu_kv_cache(vllm_config) -> None:
     """On the CPU backend with no memory setting given, set `cache_config.kv_cache_memory_bytes`
     from what the configuration needs (module docstring) and log the choice."""
-    from vllm.platforms import current_platform
+    from intp_vllm.vllm_ext.internals import current_platform
 
     cache = vllm_config.cache_config
     if not current_platform.is_cpu() or cache.kv_cache_memory_bytes is not None:
         return
-    if cache.gpu_memory_utilization != VLLM_DEFAULT_MEMORY_UTILIZATION:
+    if cache.gpu_memory_utilization not in VLLM_MEMORY_UTILIZATION_DEFAULTS:
         return
-    from vllm.utils.cpu_resource_utils import get_memory_node_info
+    from intp_vllm.vllm_ext.internals import get_memory_node_info
 
     model_config = vllm_config.model_config
     per_sequence = model_config.max_model_len * kv_bytes_per_token(model_config)

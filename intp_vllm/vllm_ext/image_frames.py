@@ -56,13 +56,12 @@ def frame_list_urls(url: str) -> list[str] | None:
 def _part_type(part) -> tuple[str | None, object]:
     """(type, content) of a message part as vLLM's parser reads it; (None, None) for text or a
     part vLLM will reject itself."""
-    from vllm.exceptions import VLLMValidationError
-    from vllm.renderers.chat_utils import _parse_chat_message_content_mm_part
+    from intp_vllm.vllm_ext.internals import VLLMValidationError, parse_chat_message_content_mm_part
 
     if not isinstance(part, dict):
         return None, None
     try:
-        return _parse_chat_message_content_mm_part(part)
+        return parse_chat_message_content_mm_part(part)
     except VLLMValidationError:
         return None, None
 

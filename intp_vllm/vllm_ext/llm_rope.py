@@ -13,14 +13,13 @@ cos/sin rows computed on the fly and vLLM's in-place rotary op).
 from __future__ import annotations
 
 import torch
-from vllm import _custom_ops as vllm_ops
-from vllm.model_executor.layers.rotary_embedding import RotaryEmbedding
 
 from intp_vllm_kernels.scaled_rotary import HAS_TRITON, scaled_rotary_op
 
 from intp_vllm.core.config import IntpConfig, rope_geometry
 from intp_vllm.core.request_scale import all_code_scales, decode_positions
 from intp_vllm.core.rope_scaling import PER_TOKEN_ROPE_TYPES, rope_inv_freq, yarn_ramp_bounds
+from intp_vllm.vllm_ext.internals import RotaryEmbedding, rotary_embedding
 from intp_vllm.vllm_ext.rotary import cos_sin_rows, inv_freq_per_scale
 
 
@@ -91,7 +90,7 @@ class PerRequestRotaryEmbedding(torch.nn.Module):
         # k-sized buffers on every layer, and their page faults made it ~10x slower than the op.
         cos_sin = cos_sin_rows(plain, self.inv_freq_by_code[codes], self.attention_by_code[codes][:, None])
         rows = torch.arange(plain.shape[0], device=plain.device)
-        vllm_ops.rotary_embedding(rows, query, key, self.head_size, cos_sin.to(query.dtype), self.is_neox_style)
+        rotary_embedding(rows, query, key, self.head_size, cos_sin.to(query.dtype), self.is_neox_style)
         return query, key
 
     def extra_repr(self) -> str:

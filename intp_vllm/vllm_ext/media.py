@@ -171,7 +171,7 @@ class BoundedMediaConnector:
     """
 
     def __init__(self, media_io_kwargs: dict | None = None, **kwargs) -> None:
-        from vllm.multimodal.media.connector import MediaConnector
+        from intp_vllm.vllm_ext.internals import MediaConnector
 
         self.limits = ServeLimits.from_env()
         media_io_kwargs = dict(media_io_kwargs or {})
@@ -188,7 +188,7 @@ class BoundedMediaConnector:
         """vLLM's fetch, after our checks and within the fetch deadline; errors become 4xx naming
         the URL. A `image_frames.frame_list_url` is fetched frame by frame (`_fetch_frames_async`)."""
         from aiohttp import ClientError
-        from vllm.exceptions import VLLMUnprocessableEntityError
+        from intp_vllm.vllm_ext.internals import VLLMUnprocessableEntityError
 
         urls = frame_list_urls(video_url)
         what = f"video_url {short_url(video_url)}" if urls is None else f"the {len(urls)} image_url frames"
@@ -277,7 +277,7 @@ class FrameImageIO:
     decoded frame. Each load returns uint8 (S, S, 3), or (H, W, 3) without `preprocess`."""
 
     def __init__(self, limits: VideoLimits, preprocess: ClipPreprocessConfig | None, label: str) -> None:
-        from vllm.multimodal.media.image import ImageMediaIO
+        from intp_vllm.vllm_ext.internals import ImageMediaIO
 
         self.image_io = ImageMediaIO(image_mode="RGB")
         self.limits, self.preprocess, self.label = limits, preprocess, label
@@ -288,7 +288,7 @@ class FrameImageIO:
     def load_bytes(self, data: bytes) -> np.ndarray:
         from io import BytesIO
 
-        from vllm.multimodal.image import open_image
+        from intp_vllm.vllm_ext.internals import open_image
 
         self.limits.check_size(len(data), self.label)
         try:
@@ -326,20 +326,26 @@ def frames_video(frames: list[np.ndarray]) -> tuple:
 class SafeMediaConnection:
     """The `connection` vLLM's MediaConnector downloads http(s) media with, through
     `fetch.fetch_bytes`: only hosts `ServeLimits.media_hosts` allows, redirects checked hop
-    by hop, the body capped at the video byte limit, one attempt within the fetch timeout."""
+    by hop, the body capped at the video byte limit, one attempt within the fetch timeout; from
+    vLLM 0.33, each chunk received charged to the request's download budget
+    (`request_budget`, VLLM_MAX_MEDIA_REQUEST_DOWNLOAD_SIZE_MB over all of a request's media),
+    as vLLM's own connection charges it."""
 
     def __init__(self, limits: ServeLimits, allowed_domains: tuple[str, ...]) -> None:
         self.limits = limits
         self.allowed_domains = allowed_domains
 
     async def async_get_bytes(self, url: str, *, timeout: float | None = None, allow_redirects: bool = True,
-                              max_bytes: int | None = None) -> bytes:
+                              max_bytes: int | None = None, request_budget=None) -> bytes:
         """vLLM's `HTTPConnection.async_get_bytes`, through `fetch.fetch_bytes` (vLLM's timeout
-        gives way to the server's fetch timeout). Raises FetchError."""
+        gives way to the server's fetch timeout). `request_budget` is vLLM's
+        `MediaRequestDownloadBudget` (0.33+) or None. Raises FetchError, or the budget's
+        ValueError once the request's media exceed it."""
         policy = self.limits.media_hosts if allow_redirects else replace(self.limits.media_hosts, max_redirects=0)
         cap = min(self.limits.video.max_bytes, max_bytes or self.limits.video.max_bytes)
         return await fetch_bytes(url, policy=policy, max_bytes=cap, timeout_s=self.limits.fetch_timeout_s,
-                                 allowed_domains=self.allowed_domains)
+                                 allowed_domains=self.allowed_domains,
+                                 charge=None if request_budget is None else request_budget.charge)
 
     def get_bytes(self, url: str, **kwargs) -> bytes:
         """The same for vLLM's synchronous fetch path."""

@@ -23,35 +23,32 @@ import torch
 import torch.nn as nn
 from transformers import BatchFeature
 
-from vllm.config import VllmConfig
-from vllm.config.multimodal import MultiModalDummyOptions
-from vllm.model_executor.layers.activation import get_act_fn
-from vllm.model_executor.models.clip import CLIPVisionModel
-from vllm.model_executor.models.interfaces import (
+from intp_vllm.vllm_ext.internals import (
+    MULTIMODAL_REGISTRY,
+    AutoWeightsLoader,
+    BaseDummyInputsBuilder,
+    BaseMultiModalProcessor,
+    BaseProcessingInfo,
+    CLIPVisionModel,
+    IntermediateTensors,
+    MultiModalDataItems,
+    MultiModalDummyOptions,
     MultiModalEmbeddings,
+    MultiModalFieldConfig,
+    MultiModalKwargsItems,
+    PromptReplacement,
+    PromptUpdate,
     SupportsMRoPE,
     SupportsMultiModal,
     SupportsMultiModalPruning,
     SupportsPP,
-)
-from vllm.model_executor.models.utils import (
-    AutoWeightsLoader,
+    VllmConfig,
     WeightsMapper,
+    get_act_fn,
     get_layer_index,
     init_vllm_registered_model,
     maybe_prefix,
 )
-from vllm.multimodal import MULTIMODAL_REGISTRY
-from vllm.multimodal.inputs import MultiModalFieldConfig, MultiModalKwargsItems
-from vllm.multimodal.parse import MultiModalDataItems
-from vllm.multimodal.processing import (
-    BaseDummyInputsBuilder,
-    BaseMultiModalProcessor,
-    BaseProcessingInfo,
-    PromptReplacement,
-    PromptUpdate,
-)
-from vllm.sequence import IntermediateTensors
 
 from intp_vllm.core.config import IntpConfig, tokens_per_frame
 from intp_vllm.core.prompt import VIDEO_PLACEHOLDER

@@ -40,11 +40,16 @@ class VideoLlavaConfigHook:
 
     @staticmethod
     def verify_and_update_model_config(model_config) -> None:
-        """Size max_model_len for intp.max_frames, declare the M-RoPE section that carries
-        per-request scales (factor "auto"), and make our loader the video default (frames at
-        intp.frames, resized for the tower). Raises for a server frame count outside `intp`."""
+        """Check that the running vLLM has all the plugin relies on (`internals.check_reliances`:
+        at engine start, never at a first request), size max_model_len for intp.max_frames,
+        declare the M-RoPE section that carries per-request scales (factor "auto"), and make our
+        loader the video default (frames at intp.frames, resized for the tower). Raises
+        VllmRelianceError for a vLLM that lacks a reliance, ValueError for a server frame count
+        outside `intp`."""
         from intp_vllm.core.config import IntpConfig, TEXT_MARGIN_TOKENS, tokens_per_frame, video_tokens
+        from intp_vllm.vllm_ext.internals import MROPE_SECTION_KEY, check_reliances
 
+        check_reliances(cli=False)
         hf_config = model_config.hf_config
         intp = IntpConfig.from_hf_config(hf_config)
         vision = hf_config.vision_config
@@ -59,7 +64,7 @@ class VideoLlavaConfigHook:
             from intp_vllm.core.config import rope_geometry
 
             _, rotary_dim = rope_geometry(hf_config.text_config)
-            hf_config.text_config.rope_parameters["mrope_section"] = [rotary_dim // 2]
+            hf_config.text_config.rope_parameters[MROPE_SECTION_KEY] = [rotary_dim // 2]
         if model_config.multimodal_config is not None:
             # Files and URLs are decoded at `frames` frames unless the operator says otherwise,
             # by our loader, which resizes and crops each frame for the tower as it decodes it.
@@ -99,7 +104,7 @@ def prepare_chat_request(render_chat):
     def wrapper(self, conversations, chat_params, *args, prompt_extras=None, **kwargs):
         choose = getattr(self.mm_processor, "request_media_io_kwargs", None)
         if choose is not None:
-            from vllm.multimodal.media.connector import merge_media_io_kwargs
+            from intp_vllm.vllm_ext.internals import merge_media_io_kwargs
 
             conversations, chat_params, prompt_extras = _frames_as_video(self, conversations, chat_params,
                                                                          prompt_extras)
@@ -121,9 +126,8 @@ def _frames_as_video(renderer, conversations, chat_params, prompt_extras):
     """Conversations with image_url frames as one video each; chat params and prompt extras
     (which carry the request's `mm_processor_kwargs` to the processor) asking for all of their
     frames unless the request asked for a count (`image_frames.py`)."""
-    from vllm import envs
-
     from intp_vllm.vllm_ext.image_frames import frames_as_video
+    from intp_vllm.vllm_ext.internals import envs
     from intp_vllm.vllm_ext.media import MEDIA_HOOK_NAME, ServeLimits
     from intp_vllm.vllm_ext.model import REQUEST_FRAMES_KWARG
 
@@ -205,20 +209,20 @@ def register() -> None:
     """The plugin's entry point: registers the model for both architectures, its config hook,
     our video loader and media connector, the chat-template fallback and the renderer wrappers.
     Idempotent."""
-    from vllm import ModelRegistry
-    from vllm.model_executor.models.config import MODELS_CONFIG_MAP
-    from vllm.multimodal.media.connector import MEDIA_CONNECTOR_REGISTRY
-    from vllm.multimodal.video import VIDEO_LOADER_REGISTRY
-    from vllm.transformers_utils.chat_templates.registry import (
+    from intp_vllm.core.prompt import VIDEO_LLAVA_CHAT_TEMPLATE_PATH
+    from intp_vllm.vllm_ext.internals import (
+        MEDIA_CONNECTOR_REGISTRY,
+        MODELS_CONFIG_MAP,
+        VIDEO_LOADER_REGISTRY,
+        BaseRenderer,
+        ModelRegistry,
         get_chat_template_fallback_path,
         register_chat_template_fallback_path,
+        warn_if_untested,
     )
-
     from intp_vllm.vllm_ext.media import MEDIA_HOOK_NAME, BoundedMediaConnector, IntpVideoLoader
-    from intp_vllm.core.prompt import VIDEO_LLAVA_CHAT_TEMPLATE_PATH
 
-    from vllm.renderers.base import BaseRenderer
-
+    warn_if_untested()
     for name, wrap in RENDERER_WRAPPERS.items():
         if not getattr(getattr(BaseRenderer, name), "intp_vllm_wrapped", False):
             setattr(BaseRenderer, name, wrap(getattr(BaseRenderer, name)))

@@ -49,7 +49,7 @@ class VideoPruning:
         return cls(PRUNING_METHODS[int(code)], float(rate))
 
     def _module(self):
-        from vllm.multimodal.video_prune import evs, vidcom2
+        from intp_vllm.vllm_ext.internals import evs, vidcom2
 
         return {"evs": evs, "vidcom2": vidcom2}[self.method]
 

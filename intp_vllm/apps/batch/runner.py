@@ -86,7 +86,7 @@ class Runner:
     def _generate(self, ready: list) -> list[dict]:
         """Records for prepared jobs. If the engine rejects a request (it then adds none of the
         batch), run them one by one so that only the rejected job gets an error record."""
-        from vllm.v1.engine.exceptions import EngineDeadError
+        from intp_vllm.vllm_ext.internals import EngineDeadError
 
         if not ready:
             return []
