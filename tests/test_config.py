@@ -60,6 +60,7 @@ def test_bad_settings_fail_at_engine_start(tiny_model_dir):
 NGRAM_DRAFTER = {"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_max": 3}
 
 
+@pytest.mark.usefixtures("vllm_config_here")
 def test_speculative_decoding_is_refused_with_per_request_scales(tiny_model_dir):
     """Drafters read positions as KV-cache slots; with factor auto they carry scale codes."""
     from vllm.engine.arg_utils import EngineArgs
@@ -71,6 +72,7 @@ def test_speculative_decoding_is_refused_with_per_request_scales(tiny_model_dir)
     assert fixed.speculative_config.method == "ngram"
 
 
+@pytest.mark.usefixtures("vllm_config_here")
 def test_cpu_kv_cache_is_sized_by_the_plugin_unless_given(tiny_model_dir):
     from vllm.engine.arg_utils import EngineArgs
 
@@ -92,6 +94,18 @@ def test_a_server_frame_count_outside_intp_is_refused(tiny_model_dir):
 
     with pytest.raises(ValueError, match=r"--media-io-kwargs video.num_frames=16: the frame count is INTP's; set it "
                                          r"with --frames \(now 8\)"):
-        EngineArgs(model=str(tiny_model_dir), media_io_kwargs={"video": {"num_frames": 16}}).create_engine_config()
-    same = EngineArgs(model=str(tiny_model_dir), media_io_kwargs={"video": {"num_frames": 8}}).create_engine_config()
-    assert same.model_config.multimodal_config.media_io_kwargs["video"]["num_frames"] == 8
+        EngineArgs(model=str(tiny_model_dir), media_io_kwargs={"video": {"num_frames": 16}}).create_model_config()
+    same = EngineArgs(model=str(tiny_model_dir), media_io_kwargs={"video": {"num_frames": 8}}).create_model_config()
+    assert same.multimodal_config.media_io_kwargs["video"]["num_frames"] == 8
+
+
+def test_a_memory_setting_is_told_from_vllms_default():
+    """vLLM's default gpu_memory_utilization is 0.92 to 0.33 and None from 0.34: either is
+    "not set", so the plugin sizes the CPU KV cache on every line."""
+    from vllm.config import CacheConfig
+
+    from intp_vllm.vllm_ext.cpu_memory import memory_setting_given
+
+    assert not memory_setting_given(CacheConfig())
+    assert memory_setting_given(CacheConfig(gpu_memory_utilization=0.3))
+    assert memory_setting_given(CacheConfig(kv_cache_memory_bytes=64 << 20))

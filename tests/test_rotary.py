@@ -38,6 +38,7 @@ def vllm_table_rope(rope_type, factor, head_size, rotary_dim, is_neox, max_posit
 @pytest.mark.parametrize("is_neox", [True, False])
 @pytest.mark.parametrize("rotary_dim", [64, 32])
 @pytest.mark.parametrize("rope_type", ["none", "linear", "ntk", "yarn"])
+@pytest.mark.usefixtures("vllm_config_here")
 def test_scale_one_is_vllms_plain_rotary_embedding(rope_type, rotary_dim, is_neox):
     from vllm.config import VllmConfig, set_current_vllm_config
     from vllm.model_executor.layers.rotary_embedding import RotaryEmbedding
@@ -55,6 +56,7 @@ def test_scale_one_is_vllms_plain_rotary_embedding(rope_type, rotary_dim, is_neo
 @pytest.mark.parametrize("is_neox", [True, False])
 @pytest.mark.parametrize("factor", [2.0, 5.5])
 @pytest.mark.parametrize("rope_type", ["linear", "ntk", "yarn"])
+@pytest.mark.usefixtures("vllm_config_here")
 def test_one_scale_equals_the_table_for_that_scale(rope_type, factor, is_neox):
     table = vllm_table_rope(rope_type, factor, 64, 64, is_neox)
     positions = torch.arange(0, 4096, 341)

@@ -118,6 +118,7 @@ def test_kernel_equals_torch_path_fp32_mixed_scales(rope_type, is_neox, case):
 
 @needs_interpreter
 @pytest.mark.parametrize("is_neox", [True, False])
+@pytest.mark.usefixtures("vllm_config_here")
 def test_scale_one_equals_vllm_rotary_embedding(is_neox):
     pytest.importorskip("vllm")
     from vllm.config import VllmConfig, set_current_vllm_config

@@ -69,15 +69,20 @@ def cpu_kv_cache_bytes(needed_per_sequence: int, max_num_seqs: int, available: i
     return max(needed_per_sequence, KV_CACHE_FLOOR_BYTES, min(needed_per_sequence * max_num_seqs, cap))
 
 
+def memory_setting_given(cache_config) -> bool:
+    """Whether vLLM's `CacheConfig` has a KV memory setting from the user: kv_cache_memory_bytes,
+    or a gpu_memory_utilization other than vLLM's default."""
+    return (cache_config.kv_cache_memory_bytes is not None
+            or cache_config.gpu_memory_utilization not in VLLM_MEMORY_UTILIZATION_DEFAULTS)
+
+
 def size_cpu_kv_cache(vllm_config) -> None:
     """On the CPU backend with no memory setting given, set `cache_config.kv_cache_memory_bytes`
     from what the configuration needs (module docstring) and log the choice."""
     from intp_vllm.vllm_ext.internals import current_platform
 
     cache = vllm_config.cache_config
-    if not current_platform.is_cpu() or cache.kv_cache_memory_bytes is not None:
-        return
-    if cache.gpu_memory_utilization not in VLLM_MEMORY_UTILIZATION_DEFAULTS:
+    if not current_platform.is_cpu() or memory_setting_given(cache):
         return
     from intp_vllm.vllm_ext.internals import get_memory_node_info
 
