@@ -135,6 +135,18 @@ def test_only_internals_reaches_into_vllm():
     assert offending == []
 
 
+@pytest.mark.parametrize("part, parsed", [
+    ({"type": "video_url", "video_url": {"url": "file:///media/a.mp4"}}, ("video_url", "file:///media/a.mp4")),
+    ({"video_url": {"url": "http://example.com/a.mp4"}}, ("video_url", "http://example.com/a.mp4")),
+    ({"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}, ("image_url", "data:image/png;base64,AAAA")),
+])
+def test_chat_parts_parse_as_the_plugin_reads_them(part, parsed):
+    """vLLM's chat-part parser (renamed and moved in 0.33), as image_frames.py calls it."""
+    from intp_vllm.vllm_ext.image_frames import _part_type
+
+    assert _part_type(part) == parsed
+
+
 def test_ray_serve_llm_imports_on_this_vllm():
     """Ray Serve LLM 2.60 imports vLLM 0.32's `entrypoints.launchers.cli_args`: on 0.33+ the
     driver aliases it, and every Ray worker does through the setup hook `ray_runtime_env` gives."""
