@@ -52,7 +52,8 @@ def test_the_running_vllm_is_the_one_under_test():
 @pytest.mark.parametrize("reliance, message", [
     (Reliance(("vllm.renderers.base:NoSuchRenderer", "vllm.renderers.gone:NoSuchRenderer")),
      r"vLLM's missing \(vllm.renderers.base:NoSuchRenderer or vllm.renderers.gone:NoSuchRenderer\), which vLLM "
-     r"{version} does not have \(checked on vLLM 0.32.0, 0.33.0, 0.34.0\); install vLLM 0.32.x, 0.33.x or 0.34.x"),
+     r"{version} does not have \(checked on vLLM 0.32.0, 0.33.0, 0.34.0\); vLLM {version} is a tested version, so "
+     r"its install is partial or broken, or this is a bug of intp_vllm"),
     (Reliance(("vllm.renderers.base:BaseRenderer",), members=("render_chat", "render_chat_sideways")),
      r"vLLM's missing \(vllm.renderers.base:BaseRenderer\) having render_chat_sideways, which vLLM {version} does not"),
     (Reliance(("vllm.multimodal.inputs:MultiModalFieldConfig.batched",), params=("keep_on_gpu",)),
@@ -64,6 +65,25 @@ def test_a_reliance_on_what_vllm_lacks_fails_naming_it_and_the_version(reliance,
         check_reliances([("missing", reliance)])
     with pytest.raises(VllmRelianceError, match=pattern):
         check_reliances([*RELIANCES.items(), ("missing", reliance)])
+
+
+def test_an_untested_vllm_is_told_which_to_install(monkeypatch):
+    import vllm
+
+    monkeypatch.setattr(vllm, "__version__", "0.35.1")
+    with pytest.raises(VllmRelianceError, match=r"which vLLM 0.35.1 does not have \(checked on vLLM 0.32.0, 0.33.0, "
+                                                r"0.34.0\); install vLLM 0.32.x, 0.33.x or 0.34.x"):
+        Reliance(("vllm.renderers.base:NoSuchRenderer",)).resolve("missing")
+
+
+def test_a_module_that_fails_to_import_is_told_with_its_own_error(tmp_path, monkeypatch):
+    """A vLLM module that is there but cannot import (a missing or mismatched dependency) is
+    not "a vLLM without it": its own error is shown."""
+    (tmp_path / "broken_vllm_module.py").write_text("import no_such_dependency_xyz\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(VllmRelianceError, match=r"vLLM's missing \(broken_vllm_module:Thing\), but importing "
+                                                r"broken_vllm_module failed: No module named 'no_such_dependency_xyz'"):
+        Reliance(("broken_vllm_module:Thing", "vllm.renderers.base:BaseRenderer")).resolve("missing")
 
 
 def test_an_engine_for_our_model_fails_at_start_without_a_reliance(tiny_model_dir, monkeypatch):

