@@ -65,8 +65,8 @@ def benchmark(model_dir: str, settings: Settings, run_names: list[str] | None = 
                          AutoTokenizer.from_pretrained(model_dir), getattr(torch, dtype).itemsize,
                          available_memory(device), weight_bytes(model_dir), settings.kv_cache_gib)
     for name, size in sizes.items():
-        log(f"{name}: max_model_len {size.max_model_len}, KV cache {size.kv_cache_memory_bytes / 2**30:.2f} GiB "
-            f"({size.request_kv_bytes / 2**30:.2f} GiB a request at max_model_len)")
+        log(f"{name}: max_model_len {size.max_model_len}, KV cache {size.kv_cache_memory_bytes / 2**20:.0f} MiB "
+            f"({size.request_kv_bytes / 2**20:.1f} MiB a request at max_model_len)")
     results, exiting = {}, []
     try:
         for run in selected:
