@@ -35,8 +35,8 @@ def test_tensor_parallel_2_equals_hf_at_two_scales_with_the_temporal_tower(tmp_p
     monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|1")
     model_dir = make_tiny_model(tmp_path / "temporal", TinyModelSpec(temporal_attention_heads=2, seed=4,
                                                                       max_position_embeddings=TRAINED_CONTEXT))
-    video = moving_shapes_video(num_frames=32, height=64, width=80, seed=7)
-    videos = [video, video[::4]]  # 32 frames (scaled), 8 frames (scale 1)
+    long = moving_shapes_video(num_frames=32, height=64, width=80, seed=7)
+    videos = [long, long[::4]]  # 32 frames (scaled), 8 frames (scale 1)
     llm = make_llm(model_dir, tensor_parallel_size=2, distributed_executor_backend="mp",
                    hf_overrides={"intp": INTP})
     params = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True, prompt_logprobs=0)
@@ -53,6 +53,6 @@ def test_tensor_parallel_2_equals_hf_at_two_scales_with_the_temporal_tower(tmp_p
         assert list(output.outputs[0].token_ids) == tokens, scale
         np.testing.assert_allclose(vllm_prompt_logprobs(output), logprobs, atol=2e-3, rtol=0, err_msg=str(scale))
     # negative control: the 32-frame request at scale 1 is another model
-    unscaled, _ = hf_generate(hf_at(model_dir, 1.0), outputs[0].prompt_token_ids, hf_pixel_values(video, 56),
+    unscaled, _ = hf_generate(hf_at(model_dir, 1.0), outputs[0].prompt_token_ids, hf_pixel_values(long, 56),
                               NEW_TOKENS)
     assert unscaled != list(outputs[0].outputs[0].token_ids)
