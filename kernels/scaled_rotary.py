@@ -1,7 +1,9 @@
 """Triton rotary embedding with a per-token RoPE scale, in place.
 
 `scaled_rotary_(positions, query, key, scales, ...)` rotates query [T, Hq * head_size] and
-key [T, Hk * head_size] (views with any row stride; the last dim contiguous) in place. Each
+key [T, Hk * head_size] (views with any row stride; the last dim contiguous) in place. Models call
+it as `rotate_qkv_`, through the opaque op `torch.ops.intp_vllm.scaled_rotary_qkv_`, which
+mutates the fused qkv that q and k were split from, whole (no copy of qkv under torch.compile). Each
 token carries its own scale s (an 8-frame request s = 1, the original model): cos/sin are
 computed on the fly from (position, s) — no cos/sin table per scale. The only table is the
 scale-free `base ** (2i / d)` ([rotary_dim / 2] floats, cached per device), so that s = 1 uses
