@@ -1,7 +1,9 @@
 """Triton rotary embedding with a per-token RoPE scale, in place.
 
 `scaled_rotary_(positions, query, key, scales, ...)` rotates query [T, Hq * head_size] and
-key [T, Hk * head_size] (views with any row stride; the last dim contiguous) in place. Each
+key [T, Hk * head_size] (views with any row stride; the last dim contiguous) in place. Models call
+it as `rotate_qkv_`, through the opaque op `torch.ops.intp_vllm.scaled_rotary_qkv_`, which
+mutates the fused qkv that q and k were split from, whole (no copy of qkv under torch.compile). Each
 token carries its own scale s (an 8-frame request s = 1, the original model): cos/sin are
 computed on the fly from (position, s) — no cos/sin table per scale. The only table is the
 scale-free `base ** (2i / d)` ([rotary_dim / 2] floats, cached per device), so that s = 1 uses
@@ -225,20 +227,63 @@ def scaled_rotary_(positions: torch.Tensor, query: torch.Tensor, key: torch.Tens
     return query, key
 
 
-def _scaled_rotary_op(positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor, scales: torch.Tensor,
-                      head_size: int, rotary_dim: int, is_neox: bool, rope_type: str, base: float,
-                      ramp_low: float, ramp_high: float) -> None:
-    scaled_rotary_(positions, query, key, scales, head_size=head_size, rotary_dim=rotary_dim, is_neox=is_neox,
-                   rope_type=rope_type, base=base, yarn_ramp=(ramp_low, ramp_high))
+def _scaled_rotary_qkv_op(positions: torch.Tensor, qkv: torch.Tensor, scales: torch.Tensor, q_start: int,
+                          q_width: int, k_start: int, k_width: int, head_size: int, rotary_dim: int, is_neox: bool,
+                          rope_type: str, base: float, ramp_low: float, ramp_high: float) -> None:
+    key = qkv[:, k_start:k_start + k_width] if k_width else None
+    scaled_rotary_(positions, qkv[:, q_start:q_start + q_width], key, scales, head_size=head_size,
+                   rotary_dim=rotary_dim, is_neox=is_neox, rope_type=rope_type, base=base,
+                   yarn_ramp=(ramp_low, ramp_high))
 
 
 def _register_op():
-    """`torch.ops.intp_vllm.scaled_rotary_`: the kernel as an opaque in-place op, so that vLLM's
-    torch.compile graph calls it (as it calls vLLM's own rotary op) instead of tracing Triton."""
-    if not hasattr(torch.ops.intp_vllm, "scaled_rotary_"):  # a second copy of this module reuses the first's
-        op = torch.library.custom_op("intp_vllm::scaled_rotary_", mutates_args=("query", "key"))(_scaled_rotary_op)
+    """`torch.ops.intp_vllm.scaled_rotary_qkv_`: the kernel as an opaque op that mutates the whole
+    `qkv` [T, width] in place, rotating query columns [q_start, q_start + q_width) and key columns
+    [k_start, k_start + k_width) (none when k_width is 0). vLLM's torch.compile graph calls it (as
+    it calls vLLM's own rotary op) instead of tracing Triton. Mutating qkv whole, not the q and k
+    views of `qkv.split`, lets Inductor run it on qkv's own buffer: vLLM compiles with
+    auto-functionalization v1, which clones every mutated view it cannot re-inplace (two
+    near-full copies of qkv a layer) and re-inplaces only vLLM's own rotary op."""
+    if not hasattr(torch.ops.intp_vllm, "scaled_rotary_qkv_"):  # a second copy of this module reuses the first's
+        op = torch.library.custom_op("intp_vllm::scaled_rotary_qkv_", mutates_args=("qkv",))(_scaled_rotary_qkv_op)
         op.register_fake(lambda *args: None)
-    return torch.ops.intp_vllm.scaled_rotary_
+    return torch.ops.intp_vllm.scaled_rotary_qkv_
 
 
-scaled_rotary_op = _register_op()
+scaled_rotary_qkv_op = _register_op()
+
+
+def split_from(query: torch.Tensor, key: torch.Tensor | None) -> torch.Tensor | None:
+    """The tensor query and key were split from as vLLM's attention layers split it,
+    `q, k, v = qkv.split([q_width, k_width, k_width], dim=-1)` (2-D, stride-1 rows, query in
+    the first columns and key right after), or None. Under torch.compile the layout is taken from
+    the shapes (storage offsets cannot be traced); in eager mode the offsets are checked too."""
+    qkv = query._base
+    if key is None or qkv is None or key._base is not qkv or qkv.ndim != 2 or qkv.stride(1) != 1:
+        return None
+    if query.stride() != qkv.stride() or key.stride() != qkv.stride() or query.shape[0] != qkv.shape[0]:
+        return None
+    if qkv.shape[1] != query.shape[1] + 2 * key.shape[1]:
+        return None
+    if not torch.compiler.is_compiling() and (query.storage_offset() != qkv.storage_offset()
+                                              or key.storage_offset() != qkv.storage_offset() + query.shape[1]):
+        return None
+    return qkv
+
+
+def rotate_qkv_(positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor | None, scales: torch.Tensor, *,
+                head_size: int, rotary_dim: int, is_neox: bool, rope_type: str, base: float,
+                yarn_ramp: tuple[float, float] = (0.0, 1.0)) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`scaled_rotary_` through `scaled_rotary_qkv_op`, IN PLACE; returns (query, key). When query
+    and key were split from one qkv (`split_from`), the op mutates that qkv whole; otherwise it
+    rotates query, then key, each as a tensor of its own."""
+    ramp_low, ramp_high = yarn_ramp
+    rope = (head_size, rotary_dim, is_neox, rope_type, base, ramp_low, ramp_high)
+    qkv = split_from(query, key)
+    if qkv is not None:
+        scaled_rotary_qkv_op(positions, qkv, scales, 0, query.shape[1], query.shape[1], key.shape[1], *rope)
+        return query, key
+    for x in (query, key):
+        if x is not None:
+            scaled_rotary_qkv_op(positions, x, scales, 0, x.shape[1], 0, 0, *rope)
+    return query, key

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 import subprocess
 import sys
 
@@ -60,6 +61,16 @@ def test_quick_bench_end_to_end(tmp_path):
         expected_frames = sum(min(r["frames"], run["frames_read"]) for r in requests)
         assert run["frames"] == expected_frames, name
         assert len(run["round_seconds"]) == settings["repeats"]
+    # each engine's context is its longest request, with the KV cache sized from the checkpoint for all of
+    # a round's requests (the tiny model's are small)
+    sizes = report["engine_sizes"]
+    assert sorted(sizes) == sorted(name for name in report["runs"] if name != "hf_generate")
+    for name, size in sizes.items():
+        assert size["kv_cache_memory_bytes"] >= len(requests) * size["request_kv_bytes"] > 0, name
+    # every request ran, so none was longer than its engine's context (vLLM refuses those)
+    # (16 frames read instead of 8: at most 8 more frames of 17 tokens)
+    assert sizes["plugin_8f"]["max_model_len"] < sizes["intp_16f"]["max_model_len"] <= sizes["plugin_8f"][
+        "max_model_len"] + 8 * 17
     # the same visual tokens for INTP and its unscaled twin, so their FLOPs are equal
     runs = report["runs"]
     assert runs["intp_16f"]["flops"] == runs["unscaled_16f"]["flops"]
@@ -76,3 +87,105 @@ def test_quick_bench_end_to_end(tmp_path):
     assert intp["kv_bytes_per_request"] - pruned["kv_bytes_per_request"] == pytest.approx(saved)
     assert set(report["goals"]) == {"plugin_vs_hf_time_ratio", "intp_overhead", "pruning_speedup"}
     assert (tmp_path / "throughput.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+H100_FREE_BYTES = 79 << 30
+VIDEO_LLAVA_7B_WEIGHT_BYTES = 14_100_000_000  # the hub's bf16 safetensors, ~7.05e9 parameters
+
+
+@pytest.fixture(scope="module")
+def video_llava_7b_config_dir(tmp_path_factory):
+    """Video-LLaVA-7B's config (Vicuna-7B: 32 layers, 32 KV heads of 128; CLIP-L/14 at 224),
+    tokenizer and preprocessor config, no weights: what sizing and vLLM's config read."""
+    from intp_vllm.research.tiny_model import build_config, build_tokenizer, real_shape_spec, write_preprocessor_config
+
+    path = tmp_path_factory.mktemp("video-llava-7b-config")
+    spec = real_shape_spec(text_layers=32, vision_layers=24)
+    tokenizer = build_tokenizer()
+    config = build_config(spec, tokenizer)
+    config.architectures = ["VideoLlavaForConditionalGeneration"]
+    config.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    write_preprocessor_config(path, spec)
+    return path
+
+
+def _vllm_config(model_dir, run, size, monkeypatch):
+    """The VllmConfig vLLM builds for the run's engine on a bf16 GPU (plugin hooks included)."""
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.plugins import load_general_plugins
+
+    monkeypatch.setenv("VLLM_ALLOW_LONG_MAX_MODEL_LEN", "1")  # as run_vllm sets it
+    load_general_plugins()
+    args = EngineArgs(model=str(model_dir), dtype="bfloat16", max_num_seqs=16, limit_mm_per_prompt={"video": 1},
+                      hf_overrides={"intp": run.intp} if run.intp else {}, max_model_len=size.max_model_len,
+                      kv_cache_memory_bytes=size.kv_cache_memory_bytes)
+    vllm_config = args.create_engine_config()
+    vllm_config.cache_config.kv_cache_layout = "NHD"  # what the engine core resolves for CUDA's backends
+    return vllm_config
+
+
+def _check_kv(vllm_config, hf_config, block_size: int, given: int) -> None:
+    """vLLM's own start-up check: one max_model_len sequence fits in `given` bytes (ValueError if not)."""
+    import torch
+    from vllm.v1.core.kv_cache_utils import check_enough_kv_cache_memory
+    from vllm.v1.kv_cache_interface import FullAttentionSpec
+
+    from intp_vllm.core.config import head_size
+
+    text = hf_config.text_config
+    spec = FullAttentionSpec(block_size=block_size, num_kv_heads=text.num_key_value_heads,
+                             head_size=head_size(text), dtype=torch.bfloat16)
+    check_enough_kv_cache_memory(vllm_config, {f"layer.{i}": spec for i in range(text.num_hidden_layers)}, given)
+
+
+def test_bench_sizes_every_run_for_video_llava_7b(video_llava_7b_config_dir, monkeypatch):
+    """With no flag, every run of the default benchmark on Video-LLaVA-7B (bf16, an H100's
+    memory) gets a context that holds its longest request and a KV cache that vLLM's own check
+    accepts, within the GPU's memory; the old fixed 2 GiB is refused (negative control)."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from intp_vllm.apps.bench.benchmark import Settings, make_rounds
+    from intp_vllm.apps.bench.runners import make_runs
+    from intp_vllm.apps.bench.sizing import engine_sizes, request_tokens
+
+    settings = Settings()
+    hf_config = AutoConfig.from_pretrained(video_llava_7b_config_dir)
+    tokenizer = AutoTokenizer.from_pretrained(video_llava_7b_config_dir)
+    runs = make_runs(max(settings.frames), VideoPruning("evs", 0.5))
+    requests = [r for requests in make_rounds(settings) for r in requests]
+    sizes = engine_sizes(runs, requests, settings.requests, hf_config, tokenizer, 2, H100_FREE_BYTES,
+                         VIDEO_LLAVA_7B_WEIGHT_BYTES)
+    assert sorted(sizes) == sorted(r.name for r in runs if r.engine == "vllm")
+    per_token = 2 * 32 * 32 * 128 * 2
+    # the longest: a 32-frame request with 64 new tokens (its question's prompt, <video> -> 32 x 257 tokens)
+    text_tokens = max(len(tokenizer(f"USER: <video>\n{r.question} ASSISTANT:")["input_ids"]) - 1
+                      for r in requests if (r.frames, r.max_tokens) == (32, 64))
+    assert sizes["intp_32f"].max_model_len == 32 * 257 + text_tokens + 64
+    assert sizes["plugin_8f"].max_model_len < 4096 < sizes["intp_32f"].max_model_len
+    for run in runs:
+        if run.engine != "vllm":
+            continue
+        size = sizes[run.name]
+        assert size.max_model_len == max(request_tokens(r, run.frames, hf_config, tokenizer) for r in requests)
+        assert size.request_kv_bytes == per_token * size.max_model_len
+        assert size.kv_cache_memory_bytes + VIDEO_LLAVA_7B_WEIGHT_BYTES <= 0.8 * H100_FREE_BYTES, run.name
+        vllm_config = _vllm_config(video_llava_7b_config_dir, run, size, monkeypatch)
+        assert vllm_config.model_config.max_model_len == size.max_model_len, run.name
+        assert vllm_config.cache_config.kv_cache_memory_bytes == size.kv_cache_memory_bytes
+        for block_size in sorted({16, vllm_config.cache_config.block_size}):
+            _check_kv(vllm_config, hf_config, block_size, size.kv_cache_memory_bytes)
+        # at least 4 requests of the longest at once; all 16 when they fit in half of what the weights leave
+        assert size.kv_cache_memory_bytes >= 4 * size.request_kv_bytes, run.name
+        # negative control: one block short of one longest request is refused
+        with pytest.raises(ValueError, match="KV cache is needed"):
+            _check_kv(vllm_config, hf_config, 16, size.request_kv_bytes - 16 * per_token)
+    # the old default (--kv-cache-gib 2) with the engine's own context: the 8-frame run is refused
+    old = engine_sizes(runs, requests, settings.requests, hf_config, tokenizer, 2, H100_FREE_BYTES,
+                       VIDEO_LLAVA_7B_WEIGHT_BYTES, kv_cache_gib=2.0)["plugin_8f"]
+    assert old.kv_cache_memory_bytes == 2 << 30
+    plugin_run = next(r for r in runs if r.name == "plugin_8f")
+    default_context = _vllm_config(video_llava_7b_config_dir, plugin_run, replace(old, max_model_len=None), monkeypatch)
+    assert default_context.model_config.max_model_len == 4096
+    with pytest.raises(ValueError, match="KV cache is needed"):
+        _check_kv(default_context, hf_config, 16, old.kv_cache_memory_bytes)

@@ -68,22 +68,24 @@ def test_kernel_on_gpu_equals_torch_reference(case, rope_type, is_neox, dtype):
         assert (one_q - q.float()).abs().max() > 0.1
 
 
-def test_custom_op_inside_torch_compile_rotates_in_place():
-    from intp_vllm_kernels.scaled_rotary import scaled_rotary_op
+def test_custom_op_inside_torch_compile_rotates_qkv_in_place():
+    from intp_vllm_kernels.scaled_rotary import rotate_qkv_
 
     positions, scales = mixed_batch(777, seed=1)
-    _, q, k = fused_qkv(777, 128, 8, 2, torch.bfloat16, seed=1)
+    qkv, q, k = fused_qkv(777, 128, 8, 2, torch.bfloat16, seed=1)
     expected_q, expected_k = apply_scaled_rotary(positions, q.float(), k.float(), scales, head_size=128,
                                                  rotary_dim=128, is_neox=True, rope_type="yarn", base=BASE,
                                                  original_max_position=ORIGINAL)
 
     @torch.compile(fullgraph=True, dynamic=True)
-    def attention_prologue(positions, q, k, scales):
-        scaled_rotary_op(positions, q, k, scales, 128, 128, True, "yarn", BASE, *RAMP)
+    def attention_prologue(positions, qkv, scales):  # as vLLM's Llama: rotate the q and k split from qkv
+        q, k, v = qkv.split([8 * 128, 2 * 128, 2 * 128], dim=-1)
+        q, k = rotate_qkv_(positions, q, k, scales, head_size=128, rotary_dim=128, is_neox=True, rope_type="yarn",
+                           base=BASE, yarn_ramp=RAMP)
         return q * 1.0, k * 1.0
 
-    got_q, got_k = attention_prologue(positions, q, k, scales)
+    got_q, got_k = attention_prologue(positions, qkv, scales)
     atol = 4e-3 + torch.finfo(torch.bfloat16).eps * expected_q.abs().max().item()
     torch.testing.assert_close(got_q.float(), expected_q, rtol=0, atol=atol)
     torch.testing.assert_close(got_k.float(), expected_k, rtol=0, atol=atol)
-    torch.testing.assert_close(q.float(), expected_q, rtol=0, atol=atol)  # the views were rotated in place
+    torch.testing.assert_close(q.float(), expected_q, rtol=0, atol=atol)  # qkv was rotated in place

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from intp_vllm_kernels.scaled_rotary import HAS_TRITON, scaled_rotary_op
+from intp_vllm_kernels.scaled_rotary import HAS_TRITON, rotate_qkv_
 
 from intp_vllm.core.config import IntpConfig, rope_geometry
 from intp_vllm.core.request_scale import all_code_scales, decode_positions
@@ -81,9 +81,10 @@ class PerRequestRotaryEmbedding(torch.nn.Module):
     def forward(self, positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor | None = None):
         plain, codes = decode_positions(positions)
         if query.is_cuda and key is not None and HAS_TRITON:
-            scaled_rotary_op(plain, query, key, self.scale_by_code[codes], self.head_size, self.rotary_dim,
-                             self.is_neox_style, self.rope_type, self.base, *self.yarn_ramp)
-            return query, key
+            # on the qkv that q and k were split from, whole: no copy of qkv under torch.compile
+            return rotate_qkv_(plain, query, key, self.scale_by_code[codes], head_size=self.head_size,
+                               rotary_dim=self.rotary_dim, is_neox=self.is_neox_style, rope_type=self.rope_type,
+                               base=self.base, yarn_ramp=self.yarn_ramp)
         # Elsewhere: each token's own cos/sin row (computed once per token, not per head; in the
         # query's dtype, as vLLM's op gets its table), then vLLM's in-place rotary op reading row
         # i for token i. In place matters on CPU: an out-of-place rotation allocates q- and

@@ -40,7 +40,9 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
                         "and the pruned run (default all; the goals need all of them)")
     parser.add_argument("--enforce-eager", action="store_true", default=None,
                         help="vLLM without torch.compile (faster start, slower run)")
-    parser.add_argument("--kv-cache-gib", type=float, help=f"KV cache per engine (default {defaults.kv_cache_gib})")
+    parser.add_argument("--kv-cache-gib", type=float,
+                        help="KV cache per engine (default: each run's from the checkpoint's KV bytes a token x its "
+                        "longest request x --requests, capped at half the device memory left after the weights)")
     parser.add_argument("--output-dir", type=Path, default=Path("runs/bench"),
                         help="where throughput.json and throughput.png go (default runs/bench)")
 
@@ -71,6 +73,8 @@ def settings_from(args) -> Settings:
     settings = replace(base, **{k: v for k, v in given.items() if v is not None})
     if settings.requests < 1 or settings.repeats < 1 or (settings.intp_frames is not None and settings.intp_frames < 1):
         raise SystemExit("--requests, --repeats and --intp-frames must be at least 1")
+    if settings.kv_cache_gib is not None and not settings.kv_cache_gib > 0:
+        raise SystemExit(f"--kv-cache-gib must be positive, got {settings.kv_cache_gib}")
     try:
         VideoPruning(settings.pruning_method, settings.pruning_rate)
     except ValueError as error:

@@ -114,7 +114,14 @@ def run_vllm(report, model_dir: str, rounds: list[list[Request]], frames: int, i
              pruning: VideoPruning | None, engine: dict) -> None:
     """All of a round's requests in one `LLM.generate` (vLLM batches them); TTFT is vLLM's own
     per-request first-token latency, from the request's arrival at the engine. `frames`: what
-    the processor reads a video at (`intp.frames`); `pruning` the engine's video token pruning."""
+    the processor reads a video at (`intp.frames`); `pruning` the engine's video token pruning;
+    `engine` vLLM's arguments, `max_model_len` the run's longest request (sizing.py)."""
+    import os
+
+    # INTP's RoPE extension is what makes positions past the checkpoint's context valid, so a
+    # run's max_model_len may exceed it (vLLM refuses that unless told; the plugin's own
+    # sizing raises it when none is given).
+    os.environ["VLLM_ALLOW_LONG_MAX_MODEL_LEN"] = "1"
     from vllm import LLM, SamplingParams
 
     from intp_vllm.core.config import default_encoder_frames

@@ -1,0 +1,79 @@
+"""Each vLLM run's context and KV cache, sized from the checkpoint and the run's longest request.
+
+A run's engine gets `max_model_len` = its longest request (prompt with the video's tokens, plus
+the new tokens), and a KV cache for `requests` such requests at once:
+
+    per request = KV bytes per token (core.config: layers x KV heads x head size x 2 x dtype size)
+                  x (longest request + BLOCK_ALLOWANCE_TOKENS)
+    KV cache    = cpu_memory.cpu_kv_cache_bytes(per request, requests, available memory, weight files)
+
+that is all the requests of a round at once, capped at half the device memory left after the
+weights, never less than one request (vLLM refuses to start when one `max_model_len` sequence
+does not fit). Video-LLaVA-7B in bf16 (512 KiB a token) at 32 frames: 8.3K tokens, 4.1 GiB a
+request. `--kv-cache-gib` given wins over the sizing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from intp_vllm.apps.bench.runners import Run
+from intp_vllm.apps.bench.workload import Request
+from intp_vllm.core.config import default_encoder_frames, kv_bytes_per_token, tokens_per_frame, video_tokens
+from intp_vllm.core.prompt import VIDEO_PROMPT
+from intp_vllm.vllm_ext.cpu_memory import cpu_kv_cache_bytes
+
+BLOCK_ALLOWANCE_TOKENS = 2 * 256
+"""vLLM rounds a sequence up to whole KV blocks and holds one block back (its null block):
+two blocks of the largest size a backend uses here (256 tokens; CUDA's default is 16)."""
+
+
+@dataclass(frozen=True)
+class EngineSize:
+    """One run's engine settings: `max_model_len` (tokens), `kv_cache_memory_bytes`, and the
+    KV bytes one request at `max_model_len` needs (`request_kv_bytes`, what vLLM checks at start)."""
+
+    max_model_len: int
+    kv_cache_memory_bytes: int
+    request_kv_bytes: int
+
+
+def request_tokens(request: Request, frames_read: int, hf_config, tokenizer) -> int:
+    """Prompt tokens (the question's prompt with `<video>` expanded to the video's tokens when
+    read at `frames_read` frames, padded to whole encoder clips) plus the request's new tokens."""
+    ids = tokenizer(VIDEO_PROMPT.format(question=request.question))["input_ids"]
+    vision = hf_config.vision_config
+    video = video_tokens(min(request.frames, frames_read), default_encoder_frames(hf_config),
+                         tokens_per_frame(vision.image_size, vision.patch_size))
+    return len(ids) - ids.count(hf_config.video_token_index) + video + request.max_tokens
+
+
+def available_memory(device: str) -> int:
+    """Bytes free for a new engine: the GPU's free memory, or the machine's available RAM."""
+    if device == "cuda":
+        import torch
+
+        return torch.cuda.mem_get_info()[0]
+    import psutil
+
+    return psutil.virtual_memory().available
+
+
+def engine_sizes(runs: list[Run], requests: list[Request], concurrent: int, hf_config, tokenizer, element_size: int,
+                 available: int, weights: int, kv_cache_gib: float | None = None) -> dict[str, EngineSize]:
+    """Each vLLM run's `EngineSize` (module docstring): its longest of `requests`, `concurrent` of
+    them at once, at `element_size` bytes a KV element, with `available` bytes of device memory
+    and `weights` bytes of weight files; `kv_cache_gib` given, every run gets that cache instead."""
+    per_token = kv_bytes_per_token(hf_config.text_config, element_size)
+    sizes = {}
+    for run in runs:
+        if run.engine != "vllm":
+            continue
+        longest = max(request_tokens(r, run.frames, hf_config, tokenizer) for r in requests)
+        per_request = per_token * (longest + BLOCK_ALLOWANCE_TOKENS)
+        if kv_cache_gib is None:
+            cache = cpu_kv_cache_bytes(per_request, concurrent, available, weights)
+        else:
+            cache = int(kv_cache_gib * 2**30)
+        sizes[run.name] = EngineSize(longest, cache, per_token * longest)
+    return sizes
