@@ -1,4 +1,4 @@
-"""Write small random-weight Video-LLaVA checkpoints in HF format.
+"""Write small random-weight Video-LLaVA and LLaVA-NeXT-Video checkpoints in HF format.
 
 Tests and the demo need a checkpoint that both HF transformers and vLLM load, with
 nothing downloaded. Weights are drawn with std 0.2 (not HF's 0.02): at 0.02 the logits
@@ -215,6 +215,53 @@ def make_tiny_model(path: str | Path, spec: TinyModelSpec = TinyModelSpec(), hub
     model.save_pretrained(path)
     if hub_names:
         rename_to_hub_layout(path)
+    tokenizer.save_pretrained(path)
+    write_preprocessor_config(path, spec)
+    return path
+
+
+def build_llava_next_video_config(spec: TinyModelSpec, tokenizer, rope_linear: float | None = None):
+    """A LlavaNextVideoConfig of `spec`'s shapes (CLIP + Llama, 2x2 average pooling); with
+    `rope_linear`, the language model carries linear RoPE scaling by that factor (as the 7B-hf)."""
+    from transformers import LlavaNextVideoConfig
+
+    video_llava = build_config(spec, tokenizer)
+    text = video_llava.text_config
+    if rope_linear is not None:
+        text.rope_parameters = {"rope_type": "linear", "factor": float(rope_linear), "rope_theta": spec.rope_theta}
+    return LlavaNextVideoConfig(
+        vision_config=video_llava.vision_config,
+        text_config=text,
+        image_token_index=video_llava.image_token_index,
+        video_token_index=video_llava.video_token_index,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        spatial_pool_mode="average",
+        spatial_pool_stride=2,
+    )
+
+
+def make_tiny_llava_next_video(path: str | Path, spec: TinyModelSpec = TinyModelSpec(image_size=112),
+                               rope_linear: float | None = None) -> Path:
+    """Write a random LLaVA-NeXT-Video checkpoint (config, safetensors, tokenizer with chat
+    template, CLIP preprocessor config) to `path`; weights std `spec.weight_std`, norms at 1/0.
+    At the default 112 px / 14 px patches a frame is 4 x 4 = 16 pooled tokens."""
+    import torch
+    from transformers import LlavaNextVideoForConditionalGeneration
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tokenizer = build_tokenizer()
+    config = build_llava_next_video_config(spec, tokenizer, rope_linear)
+    torch.manual_seed(spec.seed)
+    model = LlavaNextVideoForConditionalGeneration(config)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name:
+                param.copy_(torch.ones_like(param) if name.endswith("weight") else torch.zeros_like(param))
+            else:
+                param.normal_(0.0, spec.weight_std)
+    model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     write_preprocessor_config(path, spec)
     return path

@@ -11,26 +11,40 @@ import dataclasses
 import functools
 import logging
 
-ARCHITECTURES = ("VideoLlavaForConditionalGeneration", "TemporalVideoLlavaForConditionalGeneration")
-"""HF's Video-LLaVA, and ours with a frame-mixing tower (temporal_attention.py); one vLLM class serves both."""
-MODEL_CLASS = "intp_vllm.vllm_ext.model:VideoLlavaForConditionalGeneration"
+VIDEO_LLAVA_CLASS = "intp_vllm.vllm_ext.models.video_llava:VideoLlavaForConditionalGeneration"
+MODEL_CLASSES = {
+    "VideoLlavaForConditionalGeneration": VIDEO_LLAVA_CLASS,
+    "TemporalVideoLlavaForConditionalGeneration": VIDEO_LLAVA_CLASS,  # ours, a frame-mixing tower
+    "LlavaNextVideoForConditionalGeneration": "intp_vllm.vllm_ext.models.llava_next_video:"
+                                              "LlavaNextVideoForConditionalGeneration",  # takes over vLLM's
+}
+"""The architectures the plugin serves, each with its INTP model adapter (`vllm_ext/models/`)."""
+ARCHITECTURES = tuple(MODEL_CLASSES)
 VIDEO_LLAVA_MODEL_TYPE = "video_llava"
 """`config.json` model_type of both; checkpoints without a chat template get ours from vLLM."""
 
 logger = logging.getLogger("vllm.intp_vllm")  # under "vllm": its handler and level apply
 
 
-class VideoLlavaConfigHook:
+def model_class(architecture: str):
+    """The adapter class (`model.IntpVideoModel`) serving `architecture`, imported."""
+    import importlib
+
+    module, name = MODEL_CLASSES[architecture].split(":")
+    return getattr(importlib.import_module(module), name)
+
+
+class IntpConfigHook:
     """Per-architecture config hook (vLLM's MODELS_CONFIG_MAP): validate `intp`, size max_model_len,
     and on CPU size the KV cache from what the configuration needs (`cpu_memory.py`)."""
 
     @staticmethod
     def verify_and_update_config(vllm_config) -> None:
         """Refuse options that would misread per-request scale codes; size the CPU KV cache."""
-        from intp_vllm.core.config import IntpConfig
         from intp_vllm.vllm_ext.cpu_memory import size_cpu_kv_cache
 
-        if IntpConfig.from_hf_config(vllm_config.model_config.hf_config).factor == "auto":
+        model_config = vllm_config.model_config
+        if model_class(model_config.architecture).intp_config(model_config.hf_config).factor == "auto":
             if vllm_config.speculative_config is not None:
                 raise ValueError(
                     "--speculative-config cannot be used with intp factor 'auto': each request's RoPE scale "
@@ -43,13 +57,12 @@ class VideoLlavaConfigHook:
         """Size max_model_len for intp.max_frames, declare the M-RoPE section that carries
         per-request scales (factor "auto"), and make our loader the video default (frames at
         intp.frames, resized for the tower). Raises for a server frame count outside `intp`."""
-        from intp_vllm.core.config import IntpConfig, TEXT_MARGIN_TOKENS, tokens_per_frame, video_tokens
+        from intp_vllm.core.config import TEXT_MARGIN_TOKENS
 
         hf_config = model_config.hf_config
-        intp = IntpConfig.from_hf_config(hf_config)
-        vision = hf_config.vision_config
-        most_video_tokens = video_tokens(intp.frame_limit, intp.encoder_frames,
-                                         tokens_per_frame(vision.image_size, vision.patch_size))
+        adapter = model_class(model_config.architecture)
+        intp = adapter.intp_config(hf_config)
+        most_video_tokens = adapter.max_video_tokens(hf_config)
         needed = most_video_tokens + TEXT_MARGIN_TOKENS
         if model_config.original_max_model_len is None and model_config.max_model_len < needed:
             model_config.max_model_len = needed
@@ -86,9 +99,9 @@ def prepare_chat_request(render_chat):
     """Wrap vLLM's `BaseRenderer.render_chat` (or `render_chat_async`) so that, for our model,
     a message's image_url frames become one video (`image_frames.frames_as_video`), a request's
     `media_io_kwargs.video.num_frames` is its frame count unless it names `frames`
-    (`VideoLlavaMultiModalProcessor.request_frames_kwargs`), and the videos of a chat request
+    (`IntpMultiModalProcessor.request_frames_kwargs`), and the videos of a chat request
     are fetched and decoded at the frame count the model's processor chooses for it
-    (`VideoLlavaMultiModalProcessor.request_media_io_kwargs`).
+    (`IntpMultiModalProcessor.request_media_io_kwargs`).
 
     vLLM hands a video loader only `media_io_kwargs`, never the request's
     `mm_processor_kwargs`; without this a `video_url` is decoded at the server's count and
@@ -202,7 +215,7 @@ RENDERER_WRAPPERS = {
 
 
 def register() -> None:
-    """The plugin's entry point: registers the model for both architectures, its config hook,
+    """The plugin's entry point: registers the models for their architectures (`MODEL_CLASSES`), the config hook,
     our video loader and media connector, the chat-template fallback and the renderer wrappers.
     Idempotent."""
     from vllm import ModelRegistry
@@ -226,7 +239,6 @@ def register() -> None:
     MEDIA_CONNECTOR_REGISTRY.register(MEDIA_HOOK_NAME)(BoundedMediaConnector)  # used where VLLM_MEDIA_CONNECTOR says
     if get_chat_template_fallback_path(VIDEO_LLAVA_MODEL_TYPE, "") is None:
         register_chat_template_fallback_path(VIDEO_LLAVA_MODEL_TYPE, VIDEO_LLAVA_CHAT_TEMPLATE_PATH)
-    for architecture in ARCHITECTURES:
-        MODELS_CONFIG_MAP[architecture] = VideoLlavaConfigHook
-        if architecture not in ModelRegistry.get_supported_archs():
-            ModelRegistry.register_model(architecture, MODEL_CLASS)
+    for architecture, model_cls in MODEL_CLASSES.items():
+        MODELS_CONFIG_MAP[architecture] = IntpConfigHook
+        ModelRegistry.register_model(architecture, model_cls)  # replaces vLLM's own LlavaNextVideo
