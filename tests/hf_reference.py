@@ -1,4 +1,4 @@
-"""HF transformers Video-LLaVA as the numeric reference for parity tests."""
+"""HF transformers Video-LLaVA and LLaVA-NeXT-Video as the numeric reference for parity tests."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch
 
 @functools.lru_cache(maxsize=4)
 def load_hf_model(model_dir: str, rope_parameters_json: str | None = None, intp_json: str | None = None):
-    """The HF model in float32; optionally with other `rope_parameters` (JSON) on its Llama, and an
+    """The HF model (Video-LLaVA, or LLaVA-NeXT-Video by its config) in float32; optionally with other `rope_parameters` (JSON) on its Llama, and an
     `intp` section (JSON) for the grouping (ours, hf_video_llava.py, when the tower has temporal attention)."""
     import json
 
@@ -20,12 +20,16 @@ def load_hf_model(model_dir: str, rope_parameters_json: str | None = None, intp_
     from intp_vllm.research.hf_video_llava import hf_model_class
 
     config = AutoConfig.from_pretrained(model_dir)
+    if config.model_type == "llava_next_video":
+        from transformers import LlavaNextVideoForConditionalGeneration as model_class
+    else:
+        model_class = hf_model_class(config)
     if rope_parameters_json is not None:
         config.text_config.rope_parameters = json.loads(rope_parameters_json)
         config.text_config.max_position_embeddings = max(config.text_config.max_position_embeddings, 16384)
     if intp_json is not None:
         config.intp = json.loads(intp_json)
-    model = hf_model_class(config).from_pretrained(model_dir, config=config, dtype=torch.float32)
+    model = model_class.from_pretrained(model_dir, config=config, dtype=torch.float32)
     model.generation_config.eos_token_id = None
     model.generation_config.pad_token_id = 0
     return model.eval()

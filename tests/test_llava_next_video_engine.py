@@ -1,0 +1,124 @@
+"""LLaVA-NeXT-Video through the plugin's engine against HF transformers'
+`LlavaNextVideoForConditionalGeneration` fed the same pixel values: tiny sensitive checkpoints
+(std 0.2) without and with the checkpoint's own linear RoPE x2; 8, 32 and 64 frames mixed in one
+batch, each request at its own RoPE scale; negative controls (wrong scale, wrong frame order);
+INTP's grouping is the identity on this per-frame tower, bit for bit."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from vllm import SamplingParams
+
+from conftest import make_llm, shutdown_llm
+from hf_reference import hf_generate, hf_pixel_values, load_hf_model, vllm_prompt_logprobs
+from intp_vllm.core.request_scale import code_scale, request_scale_code
+from intp_vllm.core.rope_scaling import CheckpointRope
+from intp_vllm.research.synthetic import moving_shapes_video
+from intp_vllm.research.tiny_model import TinyModelSpec, make_tiny_llava_next_video
+
+pytestmark = pytest.mark.engine
+
+SIZE = 112  # 8 x 8 patches of 14 px, pooled 2 x 2: 16 tokens a frame
+TOKENS_PER_FRAME = 16
+CONTEXT = 192  # max_position_embeddings: 8 frames (128 tokens) and the question fit; 32 frames do not
+QUESTION = "Which colour came first?"
+PROMPT = f"USER: <video>\n{QUESTION} ASSISTANT:"
+NEW_TOKENS = 12
+FRAME_COUNTS = (8, 32, 64)
+
+
+def greedy() -> SamplingParams:
+    return SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True, prompt_logprobs=0)
+
+
+@pytest.fixture(scope="module")
+def videos():
+    return {n: moving_shapes_video(num_frames=n, height=120, width=150, seed=n) for n in FRAME_COUNTS}
+
+
+def run_engine(model_dir, rope_type: str, videos):
+    """One engine: the three frame counts in one batch (each at its own scale, factor "auto")."""
+    llm = make_llm(model_dir, hf_overrides={"intp": {"frames": 8, "max_frames": 64, "rope_type": rope_type}})
+    try:
+        requests = [{"prompt": PROMPT, "multi_modal_data": {"video": videos[n]}, "mm_processor_kwargs": {"frames": n}}
+                    for n in FRAME_COUNTS]
+        outputs = llm.generate(requests, greedy(), use_tqdm=False)
+        grouping = llm.collective_rpc(groupings_are_the_identity)
+    finally:
+        shutdown_llm(llm)
+    return dict(zip(FRAME_COUNTS, outputs)), grouping
+
+
+def groupings_are_the_identity(worker):
+    """In the worker: a 12-frame video's tokens under interleaved and consecutive groups, and the
+    tower on all frames as one batch; whether all three are equal bit for bit."""
+    import torch
+
+    model, configured = worker.model_runner.model, worker.model_runner.model.intp
+    pixels = torch.randn(12, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(0))
+    results = []
+    with torch.inference_mode():
+        for grouping in ("interleaved", "consecutive"):
+            model.intp = type(configured)(**{**configured.as_dict(), "grouping": grouping})
+            results.append(model.embed_video(pixels))
+        model.intp = configured
+        at_once = model.encode_clips(pixels[None]).flatten(0, 2)
+    return (model.intp.encoder_frames, tuple(results[0].shape),
+            torch.equal(results[0], results[1]) and torch.equal(results[0], at_once))
+
+
+def check_against_hf(model_dir, outputs, videos, rope_type: str):
+    """Each request equals HF at the scale its length gave it; HF at half that scale (where it
+    is > 1) and HF on reversed frames disagree."""
+    config = load_hf_model(str(model_dir)).config
+    checkpoint, video_token = CheckpointRope.from_text_config(config.text_config), config.video_token_index
+    for frames, output in outputs.items():
+        assert output.prompt_token_ids.count(video_token) == frames * TOKENS_PER_FRAME
+        scale = code_scale(request_scale_code(len(output.prompt_token_ids), checkpoint.trained_context))
+        assert (scale == 1) == (frames == 8)
+        reference = load_hf_model(str(model_dir), json.dumps(
+            checkpoint.hf_rope_parameters(rope_type, rotary_dim=32, factor=scale)))
+        pixels = hf_pixel_values(videos[frames], SIZE)
+        tokens, logprobs = hf_generate(reference, output.prompt_token_ids, pixels, NEW_TOKENS)
+        assert list(output.outputs[0].token_ids) == tokens, frames
+        np.testing.assert_allclose(vllm_prompt_logprobs(output), logprobs, atol=2e-3, rtol=0)
+
+        reversed_tokens, _ = hf_generate(reference, output.prompt_token_ids, hf_pixel_values(videos[frames][::-1], SIZE),
+                                         NEW_TOKENS)
+        assert reversed_tokens != tokens, f"{frames} frames: reversed frame order went unnoticed"
+        if scale > 1:
+            wrong = load_hf_model(str(model_dir), json.dumps(
+                checkpoint.hf_rope_parameters(rope_type, rotary_dim=32, factor=max(1.0, scale / 2))))
+            wrong_tokens, _ = hf_generate(wrong, output.prompt_token_ids, pixels, NEW_TOKENS)
+            assert wrong_tokens != tokens, f"{frames} frames: half the scale went unnoticed"
+
+
+def check_grouping_is_the_identity(grouping):
+    window, shape, identical = grouping[0]
+    assert window == 1
+    assert shape == (12 * TOKENS_PER_FRAME, 128)
+    assert identical
+
+
+def test_plain_checkpoint_yarn_matches_hf(tmp_path_factory, videos):
+    """No rope_scaling in the checkpoint, INTP's default YaRN: 8 frames run the checkpoint as is,
+    32 and 64 frames YaRN at their own scale, in one batch; grouping changes nothing."""
+    model_dir = make_tiny_llava_next_video(tmp_path_factory.mktemp("next-plain"),
+                                           TinyModelSpec(image_size=SIZE, max_position_embeddings=CONTEXT, seed=4))
+    outputs, grouping = run_engine(model_dir, "yarn", videos)
+    check_grouping_is_the_identity(grouping)
+    check_against_hf(model_dir, outputs, videos, "yarn")
+
+
+def test_linear_x2_checkpoint_ntk_matches_hf(tmp_path_factory, videos):
+    """The checkpoint's own linear x2 (as LLaVA-NeXT-Video-7B-hf): 8 frames run exactly the
+    checkpoint's rotary; past its trained length 2 x 192, the paper's NTK composes with it
+    (CheckpointRope: transformers' linear x2 at the NTK base)."""
+    model_dir = make_tiny_llava_next_video(tmp_path_factory.mktemp("next-linear2"),
+                                           TinyModelSpec(image_size=SIZE, max_position_embeddings=CONTEXT, seed=5),
+                                           rope_linear=2.0)
+    outputs, _ = run_engine(model_dir, "ntk", videos)
+    check_against_hf(model_dir, outputs, videos, "ntk")
