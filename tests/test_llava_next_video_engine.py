@@ -89,6 +89,11 @@ def check_against_hf(model_dir, outputs, videos, rope_type: str):
         reversed_tokens, _ = hf_generate(reference, output.prompt_token_ids, hf_pixel_values(videos[frames][::-1], SIZE),
                                          NEW_TOKENS)
         assert reversed_tokens != tokens, f"{frames} frames: reversed frame order went unnoticed"
+        if scale == 1 and checkpoint.linear_factor != 1:
+            # negative control: the checkpoint without its own linear scaling is another model
+            plain = load_hf_model(str(model_dir), json.dumps({"rope_type": "default", "rope_theta": checkpoint.base}))
+            plain_tokens, _ = hf_generate(plain, output.prompt_token_ids, pixels, NEW_TOKENS)
+            assert plain_tokens != tokens, "the checkpoint's linear x2 went unnoticed"
         if scale > 1:
             wrong = load_hf_model(str(model_dir), json.dumps(
                 checkpoint.hf_rope_parameters(rope_type, rotary_dim=32, factor=max(1.0, scale / 2))))
@@ -99,7 +104,7 @@ def check_against_hf(model_dir, outputs, videos, rope_type: str):
 def check_grouping_is_the_identity(grouping):
     window, shape, identical = grouping[0]
     assert window == 1
-    assert shape == (12 * TOKENS_PER_FRAME, 128)
+    assert tuple(shape) == (12 * TOKENS_PER_FRAME, 128)
     assert identical
 
 
