@@ -11,8 +11,9 @@ import torch
 
 @functools.lru_cache(maxsize=4)
 def load_hf_model(model_dir: str, rope_parameters_json: str | None = None, intp_json: str | None = None):
-    """The HF model (Video-LLaVA, or LLaVA-NeXT-Video by its config) in float32; optionally with other `rope_parameters` (JSON) on its Llama, and an
-    `intp` section (JSON) for the grouping (ours, hf_video_llava.py, when the tower has temporal attention)."""
+    """The HF model (Video-LLaVA, or LLaVA-NeXT-Video by its config) in float32; optionally with
+    other `rope_parameters` (JSON) on its Llama, and an `intp` section (JSON) for the grouping
+    (ours, hf_video_llava.py, when the tower has temporal attention)."""
     import json
 
     from transformers import AutoConfig

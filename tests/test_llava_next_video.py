@@ -72,7 +72,8 @@ def test_tokens_and_intp_defaults_of_the_7b():
 
 
 @pytest.mark.parametrize("name, mapped", [
-    ("vision_tower.vision_model.encoder.layers.0.mlp.fc1.weight", "vision_tower.vision_model.encoder.layers.0.mlp.fc1.weight"),
+    ("vision_tower.vision_model.encoder.layers.0.mlp.fc1.weight",
+     "vision_tower.vision_model.encoder.layers.0.mlp.fc1.weight"),
     ("vision_tower.embeddings.class_embedding", "vision_tower.vision_model.embeddings.class_embedding"),
     ("model.vision_tower.vision_model.embeddings.class_embedding", "vision_tower.vision_model.embeddings.class_embedding"),
     ("language_model.model.layers.0.self_attn.q_proj.weight", "language_model.model.layers.0.self_attn.q_proj.weight"),

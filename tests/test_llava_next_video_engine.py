@@ -86,8 +86,8 @@ def check_against_hf(model_dir, outputs, videos, rope_type: str):
         assert list(output.outputs[0].token_ids) == tokens, frames
         np.testing.assert_allclose(vllm_prompt_logprobs(output), logprobs, atol=2e-3, rtol=0)
 
-        reversed_tokens, _ = hf_generate(reference, output.prompt_token_ids, hf_pixel_values(videos[frames][::-1], SIZE),
-                                         NEW_TOKENS)
+        reversed_pixels = hf_pixel_values(videos[frames][::-1], SIZE)
+        reversed_tokens, _ = hf_generate(reference, output.prompt_token_ids, reversed_pixels, NEW_TOKENS)
         assert reversed_tokens != tokens, f"{frames} frames: reversed frame order went unnoticed"
         if scale == 1 and checkpoint.linear_factor != 1:
             # negative control: the checkpoint without its own linear scaling is another model
@@ -127,3 +127,40 @@ def test_linear_x2_checkpoint_ntk_matches_hf(tmp_path_factory, videos):
                                            rope_linear=2.0)
     outputs, _ = run_engine(model_dir, "ntk", videos)
     check_against_hf(model_dir, outputs, videos, "ntk")
+
+
+def test_served_through_the_openai_client(tmp_path_factory):
+    """`intp-vllm serve DIR` with no memory flag, the openai client, a system message and an HD
+    H.264 file: the answer comes back, the video costs 16 tokens a frame at the request's count,
+    and the system message reaches the prompt."""
+    import av
+    from openai import OpenAI
+
+    from intp_vllm_benchmarks.load_test import serve
+    from intp_vllm.video.io import write_video
+
+    model_dir = make_tiny_llava_next_video(tmp_path_factory.mktemp("next-served"),
+                                           TinyModelSpec(image_size=SIZE, max_position_embeddings=CONTEXT, seed=6),
+                                           rope_linear=2.0)
+    media = tmp_path_factory.mktemp("next-media")
+    path = write_video(media / "hd.mp4", moving_shapes_video(num_frames=24, height=720, width=1280, seed=9))
+    with av.open(str(path)) as container:
+        assert container.streams.video[0].codec_context.name == "h264"
+    args = ["--dtype", "float32", "--enforce-eager", "--max-num-seqs", "4", "--seed", "0", "--max-frames", "16",
+            "--allowed-local-media-path", str(media), "--trust-request-mm-kwargs"]
+    with serve(model_dir, args) as base_url:
+        client = OpenAI(base_url=f"{base_url}/v1", api_key="unused")
+
+        def ask(system: bool, frames: int):
+            messages = [{"role": "user", "content": [{"type": "video_url", "video_url": {"url": f"file://{path}"}},
+                                                     {"type": "text", "text": QUESTION}]}]
+            if system:
+                messages.insert(0, {"role": "system", "content": "You answer about colours and shapes."})
+            extra = {"mm_processor_kwargs": {"frames": frames}, "ignore_eos": True}
+            return client.chat.completions.create(model=str(model_dir), messages=messages, max_tokens=6,
+                                                  temperature=0, extra_body=extra)
+
+        eight, sixteen, no_system = ask(True, 8), ask(True, 16), ask(False, 8)
+    assert eight.usage.completion_tokens == 6 and eight.choices[0].message.content
+    assert sixteen.usage.prompt_tokens - eight.usage.prompt_tokens == 8 * TOKENS_PER_FRAME
+    assert eight.usage.prompt_tokens > no_system.usage.prompt_tokens

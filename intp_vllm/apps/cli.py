@@ -14,7 +14,8 @@ def _add_make_tiny_model(sub) -> None:
     p = sub.add_parser(
         "make-tiny-model",
         help="write a random-weight Video-LLaVA (or LLaVA-NeXT-Video) checkpoint in HF format",
-        description="Write a random-weight Video-LLaVA or LLaVA-NeXT-Video checkpoint (config, safetensors, tokenizer, chat "
+        description="Write a random-weight Video-LLaVA or LLaVA-NeXT-Video checkpoint (config, safetensors, "
+        "tokenizer, chat "
         "template, preprocessor config) that HF transformers and vLLM both load. Weights have std 0.2 "
         "by default so that tests notice RoPE and frame-order bugs.",
     )
@@ -46,7 +47,12 @@ def _add_make_tiny_model(sub) -> None:
 def _run_make_tiny_model(args) -> None:
     from dataclasses import replace
 
-    from intp_vllm.research.tiny_model import TinyModelSpec, make_tiny_llava_next_video, make_tiny_model, real_shape_spec
+    from intp_vllm.research.tiny_model import (
+        TinyModelSpec,
+        make_tiny_llava_next_video,
+        make_tiny_model,
+        real_shape_spec,
+    )
 
     next_video = args.architecture == "llava-next-video"
     if next_video and (args.real_shape or args.hub_names):

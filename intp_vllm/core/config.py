@@ -65,7 +65,8 @@ class IntpConfig:
 
         `encoder_frames` and `frames` are the model's defaults for the keys the section leaves
         out (a model adapter's window and trained frame count); None: the window is
-        `default_encoder_frames(hf_config)` (Video-LLaVA's rule) and `frames` the window.
+        `default_encoder_frames(hf_config)` (Video-LLaVA's rule) and `frames` the window; a
+        default `frames` above the section's `max_frames` is lowered to it.
         """
         section = getattr(hf_config, "intp", None) or {}
         if not isinstance(section, dict):
@@ -77,7 +78,10 @@ class IntpConfig:
         if encoder_frames is None:
             encoder_frames = default_encoder_frames(hf_config)
         encoder_frames = section.get("encoder_frames", encoder_frames)
-        values = {"frames": encoder_frames if frames is None else frames, "encoder_frames": encoder_frames, **section}
+        frames = encoder_frames if frames is None else frames
+        if isinstance(section.get("max_frames"), int):
+            frames = min(frames, section["max_frames"])  # a model's default count never exceeds the limit set
+        values = {"frames": frames, "encoder_frames": encoder_frames, **section}
         return cls(**values)
 
     def as_dict(self) -> dict:

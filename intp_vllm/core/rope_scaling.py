@@ -268,4 +268,5 @@ class CheckpointRope:
             return {"rope_type": "linear", "factor": self.linear_factor, "rope_theta": plain["rope_theta"]}
         if plain["rope_type"] == "linear":
             return {"rope_type": "linear", "factor": plain["factor"] * self.linear_factor, "rope_theta": self.base}
-        raise ValueError(f"transformers has no rope type for {rope_type} over a linear x{self.linear_factor:g} checkpoint")
+        raise ValueError(f"transformers has no rope type for {rope_type} over a linear "
+                         f"x{self.linear_factor:g} checkpoint")

@@ -309,7 +309,8 @@ class IntpMultiModalProcessor(BaseMultiModalProcessor[IntpProcessingInfo]):
             """The video's placeholder becomes one token per kept frame token (frames padded to clips)."""
             item = out_mm_kwargs["video"][item_idx]
             pruning = VideoPruning.from_code(item[PRUNING_METHOD_KEY].data, item[PRUNING_RATE_KEY].data)
-            return [video_token_id] * pruning.kept_tokens(item["pixel_values_videos"].data.shape[0], per_frame, cls_token)
+            frames = item["pixel_values_videos"].data.shape[0]
+            return [video_token_id] * pruning.kept_tokens(frames, per_frame, cls_token)
 
         return [PromptReplacement(modality="video", target=[video_token_id], replacement=replacement)]
 

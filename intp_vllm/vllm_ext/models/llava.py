@@ -28,5 +28,6 @@ def feature_layer_count(config) -> int:
     """Tower layers to build: up to `vision_feature_layer`, whose hidden states feed the projector
     (-2: the second to last). Raises ValueError for a list of layers."""
     if not isinstance(config.vision_feature_layer, int):
-        raise ValueError(f"vision_feature_layer {config.vision_feature_layer!r}: only a single layer index is supported")
+        raise ValueError(f"vision_feature_layer {config.vision_feature_layer!r}: only a single layer index "
+                         "is supported")
     return get_layer_index(config.vision_feature_layer, config.vision_config.num_hidden_layers)
