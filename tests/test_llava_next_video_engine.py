@@ -1,8 +1,10 @@
 """LLaVA-NeXT-Video through the plugin's engine against HF transformers'
 `LlavaNextVideoForConditionalGeneration` fed the same pixel values: tiny sensitive checkpoints
 (std 0.2) without and with the checkpoint's own linear RoPE x2; 8, 32 and 64 frames mixed in one
-batch, each request at its own RoPE scale; negative controls (wrong scale, wrong frame order);
-INTP's grouping is the identity on this per-frame tower, bit for bit."""
+batch, each request at its own RoPE scale, and EVS pruning of the pooled tokens; negative
+controls (wrong scale, wrong frame order, the checkpoint without its x2, the other pruning
+mask); INTP's grouping is the identity on this per-frame tower, bit for bit; and a served
+smoke test through the openai client."""
 
 from __future__ import annotations
 
@@ -39,17 +41,23 @@ def videos():
     return {n: moving_shapes_video(num_frames=n, height=120, width=150, seed=n) for n in FRAME_COUNTS}
 
 
-def run_engine(model_dir, rope_type: str, videos):
-    """One engine: the three frame counts in one batch (each at its own scale, factor "auto")."""
+PRUNED = {"frames": 32, "pruning_rate": 0.5, "pruning_method": "evs"}
+"""A fourth request of the plain engine's batch: 32 frames, half of the pooled tokens pruned by EVS."""
+
+
+def run_engine(model_dir, rope_type: str, videos, pruned: bool = False):
+    """One engine: the three frame counts in one batch (each at its own scale, factor "auto"),
+    and with `pruned` the PRUNED request; outputs by frame count (the pruned one under "pruned")."""
     llm = make_llm(model_dir, hf_overrides={"intp": {"frames": 8, "max_frames": 64, "rope_type": rope_type}})
+    asks = {n: {"frames": n} for n in FRAME_COUNTS} | ({"pruned": PRUNED} if pruned else {})
     try:
-        requests = [{"prompt": PROMPT, "multi_modal_data": {"video": videos[n]}, "mm_processor_kwargs": {"frames": n}}
-                    for n in FRAME_COUNTS]
+        requests = [{"prompt": PROMPT, "multi_modal_data": {"video": videos[kwargs["frames"]]},
+                     "mm_processor_kwargs": kwargs} for kwargs in asks.values()]
         outputs = llm.generate(requests, greedy(), use_tqdm=False)
         grouping = llm.collective_rpc(groupings_are_the_identity)
     finally:
         shutdown_llm(llm)
-    return dict(zip(FRAME_COUNTS, outputs)), grouping
+    return dict(zip(asks, outputs)), grouping
 
 
 def groupings_are_the_identity(worker):
@@ -70,6 +78,33 @@ def groupings_are_the_identity(worker):
             torch.equal(results[0], results[1]) and torch.equal(results[0], at_once))
 
 
+def hf_reference(model_dir, checkpoint: CheckpointRope, rope_type: str, scale: float):
+    return load_hf_model(str(model_dir), json.dumps(checkpoint.hf_rope_parameters(rope_type, rotary_dim=32,
+                                                                                  factor=scale)))
+
+
+def check_pruned_against_hf(model_dir, output, videos, rope_type: str):
+    """The pruned request equals HF applying the same EVS mask to its pooled features (no CLS:
+    every token is EVS's to prune) at the request's scale; VidCom2's mask of as many tokens disagrees."""
+    from intp_vllm.vllm_ext.pruning import VideoPruning
+
+    config = load_hf_model(str(model_dir)).config
+    checkpoint = CheckpointRope.from_text_config(config.text_config)
+    frames = PRUNED["frames"]
+    evs = VideoPruning("evs", PRUNED["pruning_rate"])
+    assert output.prompt_token_ids.count(config.video_token_index) == evs.kept_tokens(frames, TOKENS_PER_FRAME, False)
+    assert evs.kept_tokens(frames, TOKENS_PER_FRAME, False) < frames * TOKENS_PER_FRAME // 2 + TOKENS_PER_FRAME
+    scale = code_scale(request_scale_code(len(output.prompt_token_ids), checkpoint.trained_context))
+    reference = hf_reference(model_dir, checkpoint, rope_type, scale)
+    pixels = hf_pixel_values(videos[frames], SIZE)
+    tokens, logprobs = hf_generate(reference, output.prompt_token_ids, pixels, NEW_TOKENS, evs, cls_token=False)
+    assert list(output.outputs[0].token_ids) == tokens
+    np.testing.assert_allclose(vllm_prompt_logprobs(output), logprobs, atol=2e-3, rtol=0)
+    other, _ = hf_generate(reference, output.prompt_token_ids, pixels, NEW_TOKENS,
+                           VideoPruning("vidcom2", PRUNED["pruning_rate"]), cls_token=False)
+    assert other != tokens
+
+
 def check_against_hf(model_dir, outputs, videos, rope_type: str):
     """Each request equals HF at the scale its length gave it; HF at half that scale (where it
     is > 1) and HF on reversed frames disagree."""
@@ -79,8 +114,7 @@ def check_against_hf(model_dir, outputs, videos, rope_type: str):
         assert output.prompt_token_ids.count(video_token) == frames * TOKENS_PER_FRAME
         scale = code_scale(request_scale_code(len(output.prompt_token_ids), checkpoint.trained_context))
         assert (scale == 1) == (frames == 8)
-        reference = load_hf_model(str(model_dir), json.dumps(
-            checkpoint.hf_rope_parameters(rope_type, rotary_dim=32, factor=scale)))
+        reference = hf_reference(model_dir, checkpoint, rope_type, scale)
         pixels = hf_pixel_values(videos[frames], SIZE)
         tokens, logprobs = hf_generate(reference, output.prompt_token_ids, pixels, NEW_TOKENS)
         assert list(output.outputs[0].token_ids) == tokens, frames
@@ -95,8 +129,7 @@ def check_against_hf(model_dir, outputs, videos, rope_type: str):
             plain_tokens, _ = hf_generate(plain, output.prompt_token_ids, pixels, NEW_TOKENS)
             assert plain_tokens != tokens, "the checkpoint's linear x2 went unnoticed"
         if scale > 1:
-            wrong = load_hf_model(str(model_dir), json.dumps(
-                checkpoint.hf_rope_parameters(rope_type, rotary_dim=32, factor=max(1.0, scale / 2))))
+            wrong = hf_reference(model_dir, checkpoint, rope_type, max(1.0, scale / 2))
             wrong_tokens, _ = hf_generate(wrong, output.prompt_token_ids, pixels, NEW_TOKENS)
             assert wrong_tokens != tokens, f"{frames} frames: half the scale went unnoticed"
 
@@ -110,11 +143,13 @@ def check_grouping_is_the_identity(grouping):
 
 def test_plain_checkpoint_yarn_matches_hf(tmp_path_factory, videos):
     """No rope_scaling in the checkpoint, INTP's default YaRN: 8 frames run the checkpoint as is,
-    32 and 64 frames YaRN at their own scale, in one batch; grouping changes nothing."""
+    32 and 64 frames YaRN at their own scale, and 32 frames pruned by EVS, in one batch;
+    grouping changes nothing."""
     model_dir = make_tiny_llava_next_video(tmp_path_factory.mktemp("next-plain"),
                                            TinyModelSpec(image_size=SIZE, max_position_embeddings=CONTEXT, seed=4))
-    outputs, grouping = run_engine(model_dir, "yarn", videos)
+    outputs, grouping = run_engine(model_dir, "yarn", videos, pruned=True)
     check_grouping_is_the_identity(grouping)
+    check_pruned_against_hf(model_dir, outputs.pop("pruned"), videos, "yarn")
     check_against_hf(model_dir, outputs, videos, "yarn")
 
 
