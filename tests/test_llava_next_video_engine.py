@@ -38,7 +38,15 @@ def greedy() -> SamplingParams:
 
 @pytest.fixture(scope="module")
 def videos():
-    return {n: moving_shapes_video(num_frames=n, height=120, width=150, seed=n) for n in FRAME_COUNTS}
+    return {n: moving_shapes_video(num_frames=n, height=120, width=150, seed=n) for n in (*FRAME_COUNTS, 128)}
+
+
+@pytest.fixture(scope="module")
+def linear_x2_dir(tmp_path_factory):
+    """A checkpoint whose language model carries linear RoPE x2, as LLaVA-NeXT-Video-7B-hf's does."""
+    return make_tiny_llava_next_video(tmp_path_factory.mktemp("next-linear2"),
+                                      TinyModelSpec(image_size=SIZE, max_position_embeddings=CONTEXT, seed=5),
+                                      rope_linear=2.0)
 
 
 PRUNED = {"frames": 32, "pruning_rate": 0.5, "pruning_method": "evs"}
@@ -105,15 +113,18 @@ def check_pruned_against_hf(model_dir, output, videos, rope_type: str):
     assert other != tokens
 
 
-def check_against_hf(model_dir, outputs, videos, rope_type: str):
-    """Each request equals HF at the scale its length gave it; HF at half that scale (where it
-    is > 1) and HF on reversed frames disagree."""
+def check_against_hf(model_dir, outputs, videos, rope_type: str, factor: float | None = None):
+    """Each request equals HF at the scale its length gave it (or the fixed `factor`); HF at half
+    that scale (where it is > 1) and HF on reversed frames disagree."""
     config = load_hf_model(str(model_dir)).config
     checkpoint, video_token = CheckpointRope.from_text_config(config.text_config), config.video_token_index
     for frames, output in outputs.items():
         assert output.prompt_token_ids.count(video_token) == frames * TOKENS_PER_FRAME
-        scale = code_scale(request_scale_code(len(output.prompt_token_ids), checkpoint.trained_context))
-        assert (scale == 1) == (frames == 8)
+        if factor is None:
+            scale = code_scale(request_scale_code(len(output.prompt_token_ids), checkpoint.trained_context))
+            assert (scale == 1) == (frames == 8)
+        else:
+            scale = factor
         reference = hf_reference(model_dir, checkpoint, rope_type, scale)
         pixels = hf_pixel_values(videos[frames], SIZE)
         tokens, logprobs = hf_generate(reference, output.prompt_token_ids, pixels, NEW_TOKENS)
@@ -153,15 +164,27 @@ def test_plain_checkpoint_yarn_matches_hf(tmp_path_factory, videos):
     check_against_hf(model_dir, outputs, videos, "yarn")
 
 
-def test_linear_x2_checkpoint_ntk_matches_hf(tmp_path_factory, videos):
+def test_linear_x2_checkpoint_ntk_matches_hf(linear_x2_dir, videos):
     """The checkpoint's own linear x2 (as LLaVA-NeXT-Video-7B-hf): 8 frames run exactly the
     checkpoint's rotary; past its trained length 2 x 192, the paper's NTK composes with it
     (CheckpointRope: transformers' linear x2 at the NTK base)."""
-    model_dir = make_tiny_llava_next_video(tmp_path_factory.mktemp("next-linear2"),
-                                           TinyModelSpec(image_size=SIZE, max_position_embeddings=CONTEXT, seed=5),
-                                           rope_linear=2.0)
-    outputs, _ = run_engine(model_dir, "ntk", videos)
-    check_against_hf(model_dir, outputs, videos, "ntk")
+    outputs, _ = run_engine(linear_x2_dir, "ntk", videos)
+    check_against_hf(linear_x2_dir, outputs, videos, "ntk")
+
+
+def test_linear_x2_checkpoint_fixed_factor_at_64_and_128_frames_matches_hf(linear_x2_dir, videos):
+    """A fixed factor (intp.factor 4, linear) over the checkpoint's x2: transformers' linear x8,
+    at 64 and 128 frames in one batch."""
+    llm = make_llm(linear_x2_dir, hf_overrides={"intp": {"frames": 64, "max_frames": 128, "rope_type": "linear",
+                                                         "factor": 4.0}})
+    try:
+        requests = [{"prompt": PROMPT, "multi_modal_data": {"video": videos[n]}, "mm_processor_kwargs": {"frames": n}}
+                    for n in (64, 128)]
+        outputs = dict(zip((64, 128), llm.generate(requests, greedy(), use_tqdm=False)))
+    finally:
+        shutdown_llm(llm)
+    assert len(outputs[128].prompt_token_ids) > 4 * 2 * CONTEXT  # past even the scaled context: positions extrapolate
+    check_against_hf(linear_x2_dir, outputs, videos, "linear", factor=4.0)
 
 
 def test_served_through_the_openai_client(tmp_path_factory):
