@@ -222,3 +222,35 @@ def test_served_through_the_openai_client(tmp_path_factory):
     assert eight.usage.completion_tokens == 6 and eight.choices[0].message.content
     assert sixteen.usage.prompt_tokens - eight.usage.prompt_tokens == 8 * TOKENS_PER_FRAME
     assert eight.usage.prompt_tokens > no_system.usage.prompt_tokens
+
+
+@pytest.mark.slow  # a 2.7 GB float32 checkpoint written, loaded by vLLM and by HF: minutes on 2 cores
+def test_real_shape_checkpoint_with_hub_names_matches_hf(tmp_path_factory):
+    """LLaVA-NeXT-Video-7B's shapes (Vicuna-7B width, CLIP-L/14 at 336, 1 + 2 layers, linear x2,
+    the hub's tensor names): 144 tokens a frame, vLLM equal to HF at 8 frames."""
+    from safetensors import safe_open
+
+    from intp_vllm.research.tiny_model import real_shape_llava_next_video_spec
+
+    model_dir = make_tiny_llava_next_video(tmp_path_factory.mktemp("next-real-shape"),
+                                           real_shape_llava_next_video_spec(), rope_linear=2.0, hub_names=True)
+    with safe_open(model_dir / "model.safetensors", "pt") as f:
+        shapes = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
+    assert shapes["vision_tower.vision_model.embeddings.patch_embedding.weight"] == (1024, 3, 14, 14)
+    assert shapes["vision_tower.vision_model.embeddings.position_embedding.weight"] == (577, 1024)
+    assert shapes["language_model.model.embed_tokens.weight"] == (32064, 4096)
+    video = moving_shapes_video(num_frames=8, height=360, width=640, seed=2)
+    llm = make_llm(model_dir, max_num_seqs=1, kv_cache_memory_bytes=1 << 30, hf_overrides={"intp": {"frames": 8}})
+    try:
+        params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True, prompt_logprobs=0)
+        output = llm.generate({"prompt": PROMPT, "multi_modal_data": {"video": video}}, params, use_tqdm=False)[0]
+    finally:
+        shutdown_llm(llm)
+    assert output.prompt_token_ids.count(load_hf_model(str(model_dir)).config.video_token_index) == 8 * 144
+    try:
+        tokens, logprobs = hf_generate(load_hf_model(str(model_dir)), output.prompt_token_ids,
+                                       hf_pixel_values(video, 336), 6)
+    finally:
+        load_hf_model.cache_clear()
+    assert list(output.outputs[0].token_ids) == tokens
+    np.testing.assert_allclose(vllm_prompt_logprobs(output), logprobs, atol=2e-3, rtol=0)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from intp_vllm.core.config import tokens_per_frame
@@ -166,7 +166,7 @@ def write_preprocessor_config(path: Path, spec: TinyModelSpec) -> None:
     (path / "preprocessor_config.json").write_text(json.dumps(cfg, indent=2))
 
 
-_TOWER_WITHOUT_VISION_MODEL = re.compile(r"^(video|image)_tower\.(?!vision_model\.)")
+_TOWER_WITHOUT_VISION_MODEL = re.compile(r"^(video|image|vision)_tower\.(?!vision_model\.)")
 
 
 def _hub_name(name: str) -> str:
@@ -174,7 +174,8 @@ def _hub_name(name: str) -> str:
 
 
 def rename_to_hub_layout(path: Path) -> None:
-    """Rename tensors as the hub's Video-LLaVA-7B-hf files have them (`video_tower.vision_model.*`).
+    """Rename tensors as the hub's Video-LLaVA-7B-hf (`video_tower.vision_model.*`) and
+    LLaVA-NeXT-Video-7B-hf (`vision_tower.vision_model.*`) files have them.
 
     transformers >= 5 drops `vision_model.` when it saves; real checkpoints keep it.
     """
@@ -241,11 +242,17 @@ def build_llava_next_video_config(spec: TinyModelSpec, tokenizer, rope_linear: f
     )
 
 
+def real_shape_llava_next_video_spec(text_layers: int = 1, vision_layers: int = 2) -> TinyModelSpec:
+    """LLaVA-NeXT-Video-7B's published shapes (Vicuna-7B + CLIP ViT-L/14 at 336) with fewer layers."""
+    return replace(real_shape_spec(text_layers, vision_layers), image_size=336)
+
+
 def make_tiny_llava_next_video(path: str | Path, spec: TinyModelSpec = TinyModelSpec(image_size=112),
-                               rope_linear: float | None = None) -> Path:
+                               rope_linear: float | None = None, hub_names: bool = False) -> Path:
     """Write a random LLaVA-NeXT-Video checkpoint (config, safetensors, tokenizer with chat
     template, CLIP preprocessor config) to `path`; weights std `spec.weight_std`, norms at 1/0.
-    At the default 112 px / 14 px patches a frame is 4 x 4 = 16 pooled tokens."""
+    At the default 112 px / 14 px patches a frame is 4 x 4 = 16 pooled tokens. `hub_names`
+    writes tensor names as the published checkpoints have them."""
     import torch
     from transformers import LlavaNextVideoForConditionalGeneration
 
@@ -262,6 +269,8 @@ def make_tiny_llava_next_video(path: str | Path, spec: TinyModelSpec = TinyModel
             else:
                 param.normal_(0.0, spec.weight_std)
     model.save_pretrained(path)
+    if hub_names:
+        rename_to_hub_layout(path)
     tokenizer.save_pretrained(path)
     write_preprocessor_config(path, spec)
     return path
