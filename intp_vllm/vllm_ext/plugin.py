@@ -19,7 +19,6 @@ MODEL_CLASSES = {
                                               "LlavaNextVideoForConditionalGeneration",  # takes over vLLM's
 }
 """The architectures the plugin serves, each with its INTP model adapter (`vllm_ext/models/`)."""
-ARCHITECTURES = tuple(MODEL_CLASSES)
 VIDEO_LLAVA_MODEL_TYPE = "video_llava"
 """`config.json` model_type of both; checkpoints without a chat template get ours from vLLM."""
 
@@ -215,8 +214,9 @@ RENDERER_WRAPPERS = {
 
 
 def register() -> None:
-    """The plugin's entry point: registers the models for their architectures (`MODEL_CLASSES`), the config hook,
-    our video loader and media connector, the chat-template fallback and the renderer wrappers.
+    """The plugin's entry point: registers the models for their architectures (`MODEL_CLASSES`),
+    the config hook, our video loader and media connector, the chat-template fallback and the
+    renderer wrappers.
     Idempotent."""
     from vllm import ModelRegistry
     from vllm.model_executor.models.config import MODELS_CONFIG_MAP
