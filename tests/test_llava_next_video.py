@@ -86,3 +86,16 @@ def test_tokens_and_intp_defaults_of_the_7b():
 ])
 def test_weight_names_of_the_hub_and_of_transformers_5(name, mapped):
     assert Adapter.hf_to_vllm_mapper.map_name(name) == mapped
+
+
+def test_a_chat_template_only_in_the_processor_file_is_found(tmp_path):
+    """vLLM reads chat_template.json through HF's processor, which needs torchvision here: the
+    plugin's fallback reads it itself."""
+    import json
+
+    from intp_vllm.vllm_ext.plugin import processor_chat_template
+
+    assert processor_chat_template(str(tmp_path)) is None
+    template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    (tmp_path / "chat_template.json").write_text(json.dumps({"chat_template": template}))
+    assert processor_chat_template(str(tmp_path)).read_text() == template

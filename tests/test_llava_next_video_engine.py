@@ -190,7 +190,8 @@ def test_linear_x2_checkpoint_fixed_factor_at_64_and_128_frames_matches_hf(linea
 def test_served_through_the_openai_client(tmp_path_factory):
     """`intp-vllm serve DIR` with no memory flag, the openai client, a system message and an HD
     H.264 file: the answer comes back, the video costs 16 tokens a frame at the request's count,
-    and the system message reaches the prompt."""
+    and the system message reaches the prompt. The checkpoint keeps its chat template in the
+    processor's chat_template.json only, as llava-hf repositories may (plugin.processor_chat_template)."""
     import av
     from openai import OpenAI
 
@@ -200,6 +201,9 @@ def test_served_through_the_openai_client(tmp_path_factory):
     model_dir = make_tiny_llava_next_video(tmp_path_factory.mktemp("next-served"),
                                            TinyModelSpec(image_size=SIZE, max_position_embeddings=CONTEXT, seed=6),
                                            rope_linear=2.0)
+    template = model_dir / "chat_template.jinja"
+    (model_dir / "chat_template.json").write_text(json.dumps({"chat_template": template.read_text()}))
+    template.unlink()
     media = tmp_path_factory.mktemp("next-media")
     path = write_video(media / "hd.mp4", moving_shapes_video(num_frames=24, height=720, width=1280, seed=9))
     with av.open(str(path)) as container:

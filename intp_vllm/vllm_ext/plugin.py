@@ -21,6 +21,9 @@ MODEL_CLASSES = {
 """The architectures the plugin serves, each with its INTP model adapter (`vllm_ext/models/`)."""
 VIDEO_LLAVA_MODEL_TYPE = "video_llava"
 """`config.json` model_type of both; checkpoints without a chat template get ours from vLLM."""
+LLAVA_NEXT_VIDEO_MODEL_TYPE = "llava_next_video"
+"""Its checkpoints may keep their chat template in the processor's `chat_template.json` only,
+which vLLM reads through HF's processor (torchvision): `processor_chat_template` reads it."""
 
 logger = logging.getLogger("vllm.intp_vllm")  # under "vllm": its handler and level apply
 
@@ -204,6 +207,28 @@ def _join_salts(engine_input: dict, client_salt: str | None) -> dict:
     return engine_input
 
 
+def processor_chat_template(checkpoint: str):
+    """vLLM's chat-template fallback for a checkpoint directory whose template is only in its
+    processor file `chat_template.json` (`{"chat_template": "..."}`): the template as a
+    `.jinja` file in the temp directory (named by its hash), or None where there is none."""
+    import hashlib
+    import json
+    import tempfile
+    from pathlib import Path
+
+    source = Path(checkpoint) / "chat_template.json"
+    if not source.is_file():
+        return None
+    template = json.loads(source.read_text()).get("chat_template")
+    if not isinstance(template, str):
+        return None
+    digest = hashlib.sha256(template.encode()).hexdigest()[:16]
+    path = Path(tempfile.gettempdir()) / f"intp_vllm_chat_template_{digest}.jinja"
+    if not path.is_file():
+        path.write_text(template)
+    return path
+
+
 RENDERER_WRAPPERS = {
     "render_chat": prepare_chat_request,
     "render_chat_async": prepare_chat_request,
@@ -239,6 +264,9 @@ def register() -> None:
     MEDIA_CONNECTOR_REGISTRY.register(MEDIA_HOOK_NAME)(BoundedMediaConnector)  # used where VLLM_MEDIA_CONNECTOR says
     if get_chat_template_fallback_path(VIDEO_LLAVA_MODEL_TYPE, "") is None:
         register_chat_template_fallback_path(VIDEO_LLAVA_MODEL_TYPE, VIDEO_LLAVA_CHAT_TEMPLATE_PATH)
+    if not getattr(processor_chat_template, "registered", False):  # vLLM warns when a fallback is replaced
+        register_chat_template_fallback_path(LLAVA_NEXT_VIDEO_MODEL_TYPE, processor_chat_template)
+        processor_chat_template.registered = True
     for architecture, model_cls in MODEL_CLASSES.items():
         MODELS_CONFIG_MAP[architecture] = IntpConfigHook
         ModelRegistry.register_model(architecture, model_cls)  # replaces vLLM's own LlavaNextVideo
