@@ -53,9 +53,10 @@ PRUNED = {"frames": 32, "pruning_rate": 0.5, "pruning_method": "evs"}
 """A fourth request of the plain engine's batch: 32 frames, half of the pooled tokens pruned by EVS."""
 
 
-def run_engine(model_dir, rope_type: str, videos, pruned: bool = False):
+def run_engine(model_dir, rope_type: str, videos, pruned: bool = False, probe=None):
     """One engine: the three frame counts in one batch (each at its own scale, factor "auto"),
-    and with `pruned` the PRUNED request; outputs by frame count (the pruned one under "pruned")."""
+    and with `pruned` the PRUNED request; outputs by frame count (the pruned one under "pruned"),
+    the workers' grouping check, and what `probe(llm, videos)` returns (None without one)."""
     llm = make_llm(model_dir, hf_overrides={"intp": {"frames": 8, "max_frames": 64, "rope_type": rope_type}})
     asks = {n: {"frames": n} for n in FRAME_COUNTS} | ({"pruned": PRUNED} if pruned else {})
     try:
@@ -63,9 +64,28 @@ def run_engine(model_dir, rope_type: str, videos, pruned: bool = False):
                      "mm_processor_kwargs": kwargs} for kwargs in asks.values()]
         outputs = llm.generate(requests, greedy(), use_tqdm=False)
         grouping = llm.collective_rpc(groupings_are_the_identity)
+        probed = probe(llm, videos) if probe else None
     finally:
         shutdown_llm(llm)
-    return dict(zip(asks, outputs)), grouping
+    return dict(zip(asks, outputs)), grouping, probed
+
+
+SHARED_PREFIX = "USER: " + " ".join(["the red circle moves left and the blue square stays still"] * 14)
+
+
+def prefix_cache_across_scales(llm, videos) -> tuple[int, int, bool]:
+    """Cached tokens of a 64-frame request after an 8-frame one with the same 150-token text
+    prefix (other scales), and of the same 64-frame request again; whether both answered alike."""
+    params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
+
+    def ask(frames):
+        return llm.generate({"prompt": SHARED_PREFIX + " <video>\nWhat happened? ASSISTANT:",
+                             "multi_modal_data": {"video": videos[frames]}, "mm_processor_kwargs": {"frames": frames}},
+                            params, use_tqdm=False)[0]
+
+    ask(8)
+    large, again = ask(64), ask(64)
+    return large.num_cached_tokens, again.num_cached_tokens, large.outputs[0].token_ids == again.outputs[0].token_ids
 
 
 def groupings_are_the_identity(worker):
@@ -155,11 +175,14 @@ def check_grouping_is_the_identity(grouping):
 def test_plain_checkpoint_yarn_matches_hf(tmp_path_factory, videos):
     """No rope_scaling in the checkpoint, INTP's default YaRN: 8 frames run the checkpoint as is,
     32 and 64 frames YaRN at their own scale, and 32 frames pruned by EVS, in one batch;
-    grouping changes nothing."""
+    grouping changes nothing; no prefix-cache reuse across scales."""
     model_dir = make_tiny_llava_next_video(tmp_path_factory.mktemp("next-plain"),
                                            TinyModelSpec(image_size=SIZE, max_position_embeddings=CONTEXT, seed=4))
-    outputs, grouping = run_engine(model_dir, "yarn", videos, pruned=True)
+    outputs, grouping, (cached_across, cached_again, same) = run_engine(model_dir, "yarn", videos, pruned=True,
+                                                                       probe=prefix_cache_across_scales)
     check_grouping_is_the_identity(grouping)
+    assert cached_across == 0  # the 8-frame request's prefix blocks (another scale) were not reused
+    assert cached_again >= 128 and same  # prefix caching is on and works within one scale
     check_pruned_against_hf(model_dir, outputs.pop("pruned"), videos, "yarn")
     check_against_hf(model_dir, outputs, videos, "yarn")
 
@@ -168,7 +191,7 @@ def test_linear_x2_checkpoint_ntk_matches_hf(linear_x2_dir, videos):
     """The checkpoint's own linear x2 (as LLaVA-NeXT-Video-7B-hf): 8 frames run exactly the
     checkpoint's rotary; past its trained length 2 x 192, the paper's NTK composes with it
     (CheckpointRope: transformers' linear x2 at the NTK base)."""
-    outputs, _ = run_engine(linear_x2_dir, "ntk", videos)
+    outputs, _, _ = run_engine(linear_x2_dir, "ntk", videos)
     check_against_hf(linear_x2_dir, outputs, videos, "ntk")
 
 
