@@ -69,10 +69,10 @@ def _interpret_while_testing(monkeypatch):
 
 def model_positions(prompt_tokens: int, code: int) -> tuple[torch.Tensor, int]:
     """What vLLM gets from our model at prefill: (3, prompt_tokens) int64 positions and the delta."""
-    from intp_vllm.vllm_ext.model import SCALE_CODE_KEY, VideoLlavaForConditionalGeneration
+    from intp_vllm.vllm_ext.model import SCALE_CODE_KEY, IntpVideoModel
 
     feature = SimpleNamespace(data={SCALE_CODE_KEY: SimpleNamespace(data=torch.tensor(code))})
-    return VideoLlavaForConditionalGeneration.get_mrope_input_positions(None, [0] * prompt_tokens, [feature])
+    return IntpVideoModel.get_mrope_input_positions(None, [0] * prompt_tokens, [feature])
 
 
 def launch(requests: list[dict], positions_of=model_positions) -> tuple[torch.Tensor, list[tuple[int, int]]]:

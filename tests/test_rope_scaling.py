@@ -8,7 +8,13 @@ from transformers import LlamaConfig
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
-from intp_vllm.core.rope_scaling import ROPE_SCALING_FUNCTIONS, auto_factor, hf_rope_parameters, rope_inv_freq
+from intp_vllm.core.rope_scaling import (
+    ROPE_SCALING_FUNCTIONS,
+    CheckpointRope,
+    auto_factor,
+    hf_rope_parameters,
+    rope_inv_freq,
+)
 
 ORIGINAL = 4096
 FACTORS = [1.0, 2.0, 4.0, 7.75]
@@ -145,3 +151,85 @@ def test_errors_name_the_bad_input(rope_type, kwargs, message):
 def test_auto_factor_rejects_an_empty_context():
     with pytest.raises(ValueError, match="trained_context must be > 0, got 0"):
         auto_factor(10, 0)
+
+
+# ---- a checkpoint's own linear RoPE (CheckpointRope): one rule, against numbers written out by hand ----
+
+def hand_plain(base: float, dim: int) -> torch.Tensor:
+    """base^(-2i/d), written out."""
+    return torch.tensor([1.0 / base ** (2 * i / dim) for i in range(dim // 2)], dtype=torch.float64)
+
+
+def hand_yarn(base: float, dim: int, factor: float, original: int) -> torch.Tensor:
+    """YaRN (NTK-by-parts) written out: per frequency, the ramp between beta 32 and 1 turns over
+    `original` positions; interpolate (/ factor) below it, extrapolate above."""
+    import math
+
+    def dim_of(turns):
+        return dim * math.log(original / (turns * 2 * math.pi)) / (2 * math.log(base))
+
+    low, high = max(math.floor(dim_of(32)), 0), min(math.ceil(dim_of(1)), dim - 1)
+    plain = hand_plain(base, dim)
+    ramp = torch.tensor([min(max((i - low) / (high - low), 0.0), 1.0) for i in range(dim // 2)], dtype=torch.float64)
+    return plain / factor * ramp + plain * (1 - ramp)
+
+
+@pytest.mark.parametrize("dim", [64, 128])
+def test_checkpoint_linear_at_scale_one_is_the_checkpoint_exactly(dim):
+    """Up to the trained length (s = 1) every INTP type is the checkpoint's linear x2, bit for bit
+    transformers' linear type."""
+    checkpoint = CheckpointRope({"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}, 4096)
+    hf, _ = hf_inv_freq({"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}, dim)
+    for rope_type in ROPE_SCALING_FUNCTIONS:
+        inv_freq, attention = checkpoint.inv_freq(rope_type, rotary_dim=dim, factor=1.0)
+        assert torch.equal(inv_freq, hf), rope_type
+        assert attention == 1.0
+
+
+@pytest.mark.parametrize("dim", [64, 128])
+@pytest.mark.parametrize("factor", [1.5, 4.0])
+def test_checkpoint_linear_composes_by_the_documented_rule(dim, factor):
+    """inv_freq = INTP_type(s; base, d, L) / c, attention INTP's; hand-computed in float64."""
+    import math
+
+    base, c, original = 10000.0, 2.0, 4096
+    checkpoint = CheckpointRope({"rope_type": "linear", "factor": c, "rope_theta": base}, original)
+    expected = {
+        "linear": (hand_plain(base, dim) / (factor * c), 1.0),
+        "ntk": (hand_plain(base * factor ** (dim / (dim - 2)), dim) / c, 1.0),
+        "yarn": (hand_yarn(base, dim, factor, original) / c, 0.1 * math.log(factor) + 1),
+        "none": (hand_plain(base, dim) / c, 1.0),
+    }
+    for rope_type, (inv_freq, attention) in expected.items():
+        ours, ours_attention = checkpoint.inv_freq(rope_type, rotary_dim=dim, factor=factor)
+        torch.testing.assert_close(ours.double(), inv_freq, rtol=1e-6, atol=0)
+        assert ours_attention == pytest.approx(attention)
+    # negative control: ignoring the checkpoint's factor is not the rule
+    plain, _ = rope_inv_freq("linear", base=base, rotary_dim=dim, factor=factor, original_max_position=original)
+    assert not torch.allclose(plain.double(), expected["linear"][0])
+
+
+def test_checkpoint_trained_context_and_hf_parameters():
+    """The scale is measured against c * L; transformers expresses linear and NTK over a linear
+    checkpoint (and gets the same inv_freq), not YaRN."""
+    checkpoint = CheckpointRope({"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}, 4096)
+    assert checkpoint.trained_context == 8192
+    assert CheckpointRope({"rope_type": "default", "rope_theta": 1e4}, 4096).trained_context == 4096
+    for rope_type in ("linear", "ntk", "none"):
+        params = checkpoint.hf_rope_parameters(rope_type, rotary_dim=64, factor=3.0)
+        hf, _ = hf_inv_freq(params, 64)
+        ours, _ = checkpoint.inv_freq(rope_type, rotary_dim=64, factor=3.0)
+        torch.testing.assert_close(ours, hf, rtol=1e-6, atol=0)
+    assert checkpoint.hf_rope_parameters("ntk", rotary_dim=64, factor=1.0) == {
+        "rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}
+    with pytest.raises(ValueError, match="no rope type for yarn"):
+        checkpoint.hf_rope_parameters("yarn", rotary_dim=64, factor=3.0)
+
+
+@pytest.mark.parametrize("params, message", [
+    ({"rope_type": "yarn", "factor": 2.0, "rope_theta": 1e4}, "rope_type 'yarn'.*'default' or 'linear'"),
+    ({"rope_type": "linear", "factor": 0.5, "rope_theta": 1e4}, "linear RoPE factor must be >= 1"),
+])
+def test_checkpoint_rope_refuses_what_it_cannot_compose(params, message):
+    with pytest.raises(ValueError, match=message):
+        CheckpointRope(params, 4096)

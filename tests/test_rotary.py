@@ -225,3 +225,48 @@ def test_bad_inputs_raise():
         apply_scaled_rotary(torch.arange(4), q, k, torch.ones(4), **{**kw, "rotary_dim": 65})
     with pytest.raises(TypeError, match="query dtype must be one of"):
         apply_scaled_rotary(torch.arange(4), q.double(), k, torch.ones(4), **kw)
+
+
+@pytest.mark.parametrize("rope_type", ["linear", "ntk", "yarn"])
+def test_both_modules_compose_with_a_checkpoints_linear_x2(rope_type):
+    """Over a checkpoint with linear RoPE x2: at scale 1 both rotary modules are vLLM's own
+    LinearScalingRotaryEmbedding x2 (the checkpoint as trained); at scale s they rotate with
+    `CheckpointRope.inv_freq` (INTP's type at s, divided by 2)."""
+    from vllm.config import VllmConfig, set_current_vllm_config
+    from vllm.model_executor.layers.rotary_embedding.linear_scaling_rope import LinearScalingRotaryEmbedding
+
+    from intp_vllm.core.request_scale import POSITION_BITS, code_scale, scale_code
+    from intp_vllm.core.rope_scaling import CheckpointRope
+    from intp_vllm.vllm_ext.llm_rope import PerRequestRotaryEmbedding, ScaledRotaryEmbedding
+    from intp_vllm.vllm_ext.rotary import rotate_with_inv_freq
+
+    checkpoint = CheckpointRope({"rope_type": "linear", "factor": 2.0, "rope_theta": BASE}, ORIGINAL)
+    positions = torch.tensor([0, 1, 5, 100, 255, 511, 700, 1000, 1500, 2000, 2047, 3])
+    q, k = qk()
+    with set_current_vllm_config(VllmConfig()):
+        checkpoint_rope = LinearScalingRotaryEmbedding(64, 64, 4096, BASE, True, 2.0, torch.float32)
+        fixed = {s: ScaledRotaryEmbedding(head_size=64, rotary_dim=64, max_position=4096, base=BASE,
+                                          dtype=torch.float32, rope_type=rope_type, factor=s,
+                                          original_max_position=ORIGINAL, checkpoint_factor=2.0)
+                 for s in (1.0, code_scale(scale_code(3.0)))}
+        unscaled_checkpoint = ScaledRotaryEmbedding(head_size=64, rotary_dim=64, max_position=4096, base=BASE,
+                                                    dtype=torch.float32, rope_type=rope_type, factor=1.0,
+                                                    original_max_position=ORIGINAL)
+    per_request = PerRequestRotaryEmbedding(head_size=64, rotary_dim=64, base=BASE, rope_type=rope_type,
+                                            original_max_position=ORIGINAL, checkpoint_factor=2.0)
+    expected = {1.0: checkpoint_rope.forward_native(positions, q.clone(), k.clone())}
+    scale = code_scale(scale_code(3.0))
+    inv_freq, attention = checkpoint.inv_freq(rope_type, rotary_dim=64, factor=scale)
+    expected[scale] = rotate_with_inv_freq(positions, q, k, inv_freq.expand(12, -1), torch.full((12,), attention),
+                                           head_size=64, rotary_dim=64, is_neox=True)
+    for s, (expected_q, expected_k) in expected.items():
+        got_q, got_k = fixed[s].forward_native(positions, q.clone(), k.clone())
+        torch.testing.assert_close(got_q, expected_q, rtol=0, atol=1e-5)
+        torch.testing.assert_close(got_k, expected_k, rtol=0, atol=1e-5)
+        got_q, got_k = q.clone(), k.clone()
+        per_request(positions | (scale_code(s) << POSITION_BITS), got_q, got_k)
+        torch.testing.assert_close(got_q, expected_q, rtol=0, atol=1e-5)
+        torch.testing.assert_close(got_k, expected_k, rtol=0, atol=1e-5)
+    # negative control: without the checkpoint's factor, scale 1 is another rotation
+    plain_q, _ = unscaled_checkpoint.forward_native(positions, q.clone(), k.clone())
+    assert (plain_q - expected[1.0][0]).abs().max() > 1e-2

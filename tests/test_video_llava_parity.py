@@ -76,7 +76,7 @@ def test_plugin_model_runs_in_spawned_worker(tiny_llm):
 
     [(pid, module, name)] = tiny_llm.collective_rpc(describe)
     assert pid != os.getpid()
-    assert (module, name) == ("intp_vllm.vllm_ext.model", "VideoLlavaForConditionalGeneration")
+    assert (module, name) == ("intp_vllm.vllm_ext.models.video_llava", "VideoLlavaForConditionalGeneration")
 
 
 @pytest.mark.parametrize(

@@ -13,8 +13,9 @@ def _add_make_tiny_model(sub) -> None:
     defaults = TinyModelSpec()
     p = sub.add_parser(
         "make-tiny-model",
-        help="write a random-weight Video-LLaVA checkpoint in HF format",
-        description="Write a random-weight Video-LLaVA checkpoint (config, safetensors, tokenizer, chat "
+        help="write a random-weight Video-LLaVA (or LLaVA-NeXT-Video) checkpoint in HF format",
+        description="Write a random-weight Video-LLaVA or LLaVA-NeXT-Video checkpoint (config, safetensors, "
+        "tokenizer, chat "
         "template, preprocessor config) that HF transformers and vLLM both load. Weights have std 0.2 "
         "by default so that tests notice RoPE and frame-order bugs.",
     )
@@ -36,12 +37,28 @@ def _add_make_tiny_model(sub) -> None:
                    "with few layers, tensors named as in the hub files (video_tower.vision_model.*)")
     p.add_argument("--hub-names", action="store_true",
                    help="name tensors as the hub files do (implied by --real-shape)")
+    p.add_argument("--architecture", choices=("video-llava", "llava-next-video"), default="video-llava",
+                   help="which model: Video-LLaVA (default) or LLaVA-NeXT-Video (2x2 average pooling, no CLS; "
+                   "--frames is then ignored: its encoder is per frame)")
+    p.add_argument("--rope-linear", type=float, default=None,
+                   help="LLaVA-NeXT-Video only: the LM's own linear RoPE factor (2 as in LLaVA-NeXT-Video-7B-hf)")
 
 
 def _run_make_tiny_model(args) -> None:
     from dataclasses import replace
 
-    from intp_vllm.research.tiny_model import TinyModelSpec, make_tiny_model, real_shape_spec
+    from intp_vllm.research.tiny_model import (
+        TinyModelSpec,
+        make_tiny_llava_next_video,
+        make_tiny_model,
+        real_shape_spec,
+    )
+
+    next_video = args.architecture == "llava-next-video"
+    if next_video and (args.real_shape or args.hub_names):
+        raise SystemExit("make-tiny-model: --real-shape and --hub-names are for Video-LLaVA only")
+    if args.rope_linear is not None and not next_video:
+        raise SystemExit("make-tiny-model: --rope-linear needs --architecture llava-next-video")
 
     layers = {k: v for k, v in (("text_layers", args.text_layers), ("vision_layers", args.vision_layers)) if v}
     if args.real_shape:
@@ -57,7 +74,10 @@ def _run_make_tiny_model(args) -> None:
             weight_std=args.weight_std,
             seed=args.seed,
         )
-    path = make_tiny_model(args.dir, spec, hub_names=args.hub_names or args.real_shape)
+    if next_video:
+        path = make_tiny_llava_next_video(args.dir, spec, rope_linear=args.rope_linear)
+    else:
+        path = make_tiny_model(args.dir, spec, hub_names=args.hub_names or args.real_shape)
     print(f"wrote {path}")
 
 

@@ -59,8 +59,15 @@ class IntpConfig:
         return self.max_frames or self.frames
 
     @classmethod
-    def from_hf_config(cls, hf_config) -> "IntpConfig":
-        """Read `hf_config.intp` (a dict or absent); defaults follow the checkpoint."""
+    def from_hf_config(cls, hf_config, *, encoder_frames: int | None = None,
+                       frames: int | None = None) -> "IntpConfig":
+        """Read `hf_config.intp` (a dict or absent); defaults follow the checkpoint.
+
+        `encoder_frames` and `frames` are the model's defaults for the keys the section leaves
+        out (a model adapter's window and trained frame count); None: the window is
+        `default_encoder_frames(hf_config)` (Video-LLaVA's rule) and `frames` the window; a
+        default `frames` above the section's `max_frames` is lowered to it.
+        """
         section = getattr(hf_config, "intp", None) or {}
         if not isinstance(section, dict):
             raise ValueError(f"intp must be a mapping of settings, got {type(section).__name__}")
@@ -68,8 +75,13 @@ class IntpConfig:
         unknown = sorted(set(section) - allowed)
         if unknown:
             raise ValueError(f"unknown intp key(s) {unknown}; allowed: {sorted(allowed)}")
-        encoder_frames = section.get("encoder_frames", default_encoder_frames(hf_config))
-        values = {"frames": encoder_frames, "encoder_frames": encoder_frames, **section}
+        if encoder_frames is None:
+            encoder_frames = default_encoder_frames(hf_config)
+        encoder_frames = section.get("encoder_frames", encoder_frames)
+        frames = encoder_frames if frames is None else frames
+        if isinstance(section.get("max_frames"), int):
+            frames = min(frames, section["max_frames"])  # a model's default count never exceeds the limit set
+        values = {"frames": frames, "encoder_frames": encoder_frames, **section}
         return cls(**values)
 
     def as_dict(self) -> dict:

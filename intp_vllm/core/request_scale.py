@@ -11,7 +11,7 @@ The code is a log-quantised scale, s = 2 ** (code / CODES_PER_OCTAVE), rounded u
 request always gets at least the scale it needs; code 0 is s = 1 exactly (the original
 model). The model's processor decides a request's code once, from its expanded prompt,
 and hands it to the worker with the video's data; the cache salt comes from the same value
-(`model.py`: `VideoLlavaMultiModalProcessor.apply`, `get_mrope_input_positions`).
+(`vllm_ext/model.py`: `IntpMultiModalProcessor.apply`, `IntpVideoModel.get_mrope_input_positions`).
 """
 
 from __future__ import annotations

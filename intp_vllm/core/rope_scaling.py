@@ -194,3 +194,79 @@ def hf_rope_parameters(rope_type: str, *, base: float, rotary_dim: int, factor: 
         return {"rope_type": "linear", "factor": factor, "rope_theta": base}
     return {"rope_type": "yarn", "factor": factor, "rope_theta": base,
             "original_max_position_embeddings": original_max_position}
+
+
+CHECKPOINT_ROPE_TYPES = ("default", "linear")
+"""A checkpoint's own `rope_parameters` types that INTP composes with (`CheckpointRope`)."""
+
+
+class CheckpointRope:
+    """A checkpoint's own RoPE (its `rope_parameters`) and how INTP's extension composes with it.
+
+    A checkpoint may carry linear scaling c (LLaVA-NeXT-Video-7B-hf: c = 2 over Vicuna's
+    L = 4096): it was trained with positions p / c, so its trained length is c * L tokens. The
+    one rule: **the checkpoint's linear factor divides every INTP frequency, and INTP's scale
+    is measured against c * L**:
+
+        inv_freq(s) = INTP_type(s; base, rotary_dim, original_max_position=L) / c
+        attention(s) = INTP_type's attention factor at s
+        s = max(1, tokens / (c * L))
+
+    So up to c * L tokens (s = 1) the rotary is exactly the checkpoint's (plain inv_freq / c,
+    as transformers' linear type computes it); past it, INTP extends the checkpoint's scaled
+    positions p / c (which run to s * L) as it extends a plain model's positions. Linear INTP
+    gives linear at s * c; NTK gives the checkpoint's linear c at base * s^(d / (d - 2)); YaRN's
+    ramp, which depends on each frequency's turns over the trained length, is the same as for
+    plain RoPE at L (c * L positions at frequencies / c turn as often as L at the plain ones).
+    c = 1 (rope type "default") is INTP as before.
+
+    Raises ValueError for other checkpoint rope types (yarn, llama3, ...) or a linear factor < 1.
+    """
+
+    def __init__(self, rope_parameters: dict, max_position_embeddings: int):
+        rope_type = rope_parameters.get("rope_type", rope_parameters.get("type", "default"))
+        if rope_type not in CHECKPOINT_ROPE_TYPES:
+            raise ValueError(
+                f"the checkpoint's text_config.rope_parameters has rope_type {rope_type!r}; intp_vllm composes its "
+                f"extension with {' or '.join(repr(t) for t in CHECKPOINT_ROPE_TYPES)} only: set the scaling with "
+                "intp.rope_type instead")
+        self.base = float(rope_parameters["rope_theta"])
+        self.linear_factor = float(rope_parameters["factor"]) if rope_type == "linear" else 1.0
+        if not self.linear_factor >= 1:
+            raise ValueError(f"the checkpoint's linear RoPE factor must be >= 1, got {self.linear_factor!r}")
+        self.max_position_embeddings = int(max_position_embeddings)
+
+    @classmethod
+    def from_text_config(cls, text_config) -> "CheckpointRope":
+        """From an HF text config (`rope_parameters`, `max_position_embeddings`)."""
+        return cls(text_config.rope_parameters, text_config.max_position_embeddings)
+
+    @property
+    def trained_context(self) -> int:
+        """Tokens the checkpoint was trained to: c * L (INTP's scale is measured against it)."""
+        return int(self.max_position_embeddings * self.linear_factor)
+
+    def inv_freq(self, rope_type: str, *, rotary_dim: int, factor: float, beta_fast: float = YARN_BETA_FAST,
+                 beta_slow: float = YARN_BETA_SLOW, seq_len: float | None = None) -> tuple[torch.Tensor, float]:
+        """(inv_freq, attention_factor) of INTP's `rope_type` at scale `factor` composed with the
+        checkpoint's (the class's rule); at factor 1 the checkpoint's own rotary exactly."""
+        inv_freq, attention = rope_inv_freq(rope_type, base=self.base, rotary_dim=rotary_dim, factor=factor,
+                                            original_max_position=self.max_position_embeddings,
+                                            beta_fast=beta_fast, beta_slow=beta_slow, seq_len=seq_len)
+        return (inv_freq if self.linear_factor == 1 else inv_freq / self.linear_factor), attention
+
+    def hf_rope_parameters(self, rope_type: str, *, rotary_dim: int, factor: float) -> dict:
+        """transformers `rope_parameters` applying the composed RoPE (parity references).
+
+        Raises ValueError where transformers cannot express it (YaRN past a linear checkpoint).
+        """
+        plain = hf_rope_parameters(rope_type, base=self.base, rotary_dim=rotary_dim, factor=factor,
+                                   original_max_position=self.max_position_embeddings)
+        if self.linear_factor == 1:
+            return plain
+        if plain["rope_type"] == "default":
+            return {"rope_type": "linear", "factor": self.linear_factor, "rope_theta": plain["rope_theta"]}
+        if plain["rope_type"] == "linear":
+            return {"rope_type": "linear", "factor": plain["factor"] * self.linear_factor, "rope_theta": self.base}
+        raise ValueError(f"transformers has no rope type for {rope_type} over a linear "
+                         f"x{self.linear_factor:g} checkpoint")

@@ -1,4 +1,4 @@
-"""Write small random-weight Video-LLaVA checkpoints in HF format.
+"""Write small random-weight Video-LLaVA and LLaVA-NeXT-Video checkpoints in HF format.
 
 Tests and the demo need a checkpoint that both HF transformers and vLLM load, with
 nothing downloaded. Weights are drawn with std 0.2 (not HF's 0.02): at 0.02 the logits
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from intp_vllm.core.config import tokens_per_frame
@@ -166,7 +166,7 @@ def write_preprocessor_config(path: Path, spec: TinyModelSpec) -> None:
     (path / "preprocessor_config.json").write_text(json.dumps(cfg, indent=2))
 
 
-_TOWER_WITHOUT_VISION_MODEL = re.compile(r"^(video|image)_tower\.(?!vision_model\.)")
+_TOWER_WITHOUT_VISION_MODEL = re.compile(r"^(video|image|vision)_tower\.(?!vision_model\.)")
 
 
 def _hub_name(name: str) -> str:
@@ -174,7 +174,8 @@ def _hub_name(name: str) -> str:
 
 
 def rename_to_hub_layout(path: Path) -> None:
-    """Rename tensors as the hub's Video-LLaVA-7B-hf files have them (`video_tower.vision_model.*`).
+    """Rename tensors as the hub's Video-LLaVA-7B-hf (`video_tower.vision_model.*`) and
+    LLaVA-NeXT-Video-7B-hf (`vision_tower.vision_model.*`) files have them.
 
     transformers >= 5 drops `vision_model.` when it saves; real checkpoints keep it.
     """
@@ -209,6 +210,61 @@ def make_tiny_model(path: str | Path, spec: TinyModelSpec = TinyModelSpec(), hub
     with torch.no_grad():
         for name, param in model.named_parameters():
             if "norm" in name:  # LayerNorm/RMSNorm weights near 1, biases near 0
+                param.copy_(torch.ones_like(param) if name.endswith("weight") else torch.zeros_like(param))
+            else:
+                param.normal_(0.0, spec.weight_std)
+    model.save_pretrained(path)
+    if hub_names:
+        rename_to_hub_layout(path)
+    tokenizer.save_pretrained(path)
+    write_preprocessor_config(path, spec)
+    return path
+
+
+def build_llava_next_video_config(spec: TinyModelSpec, tokenizer, rope_linear: float | None = None):
+    """A LlavaNextVideoConfig of `spec`'s shapes (CLIP + Llama, 2x2 average pooling); with
+    `rope_linear`, the language model carries linear RoPE scaling by that factor (as the 7B-hf)."""
+    from transformers import LlavaNextVideoConfig
+
+    video_llava = build_config(spec, tokenizer)
+    text = video_llava.text_config
+    if rope_linear is not None:
+        text.rope_parameters = {"rope_type": "linear", "factor": float(rope_linear), "rope_theta": spec.rope_theta}
+    return LlavaNextVideoConfig(
+        vision_config=video_llava.vision_config,
+        text_config=text,
+        image_token_index=video_llava.image_token_index,
+        video_token_index=video_llava.video_token_index,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        spatial_pool_mode="average",
+        spatial_pool_stride=2,
+    )
+
+
+def real_shape_llava_next_video_spec(text_layers: int = 1, vision_layers: int = 2) -> TinyModelSpec:
+    """LLaVA-NeXT-Video-7B's published shapes (Vicuna-7B + CLIP ViT-L/14 at 336) with fewer layers."""
+    return replace(real_shape_spec(text_layers, vision_layers), image_size=336)
+
+
+def make_tiny_llava_next_video(path: str | Path, spec: TinyModelSpec = TinyModelSpec(image_size=112),
+                               rope_linear: float | None = None, hub_names: bool = False) -> Path:
+    """Write a random LLaVA-NeXT-Video checkpoint (config, safetensors, tokenizer with chat
+    template, CLIP preprocessor config) to `path`; weights std `spec.weight_std`, norms at 1/0.
+    At the default 112 px / 14 px patches a frame is 4 x 4 = 16 pooled tokens. `hub_names`
+    writes tensor names as the published checkpoints have them."""
+    import torch
+    from transformers import LlavaNextVideoForConditionalGeneration
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tokenizer = build_tokenizer()
+    config = build_llava_next_video_config(spec, tokenizer, rope_linear)
+    torch.manual_seed(spec.seed)
+    model = LlavaNextVideoForConditionalGeneration(config)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name:
                 param.copy_(torch.ones_like(param) if name.endswith("weight") else torch.zeros_like(param))
             else:
                 param.normal_(0.0, spec.weight_std)

@@ -18,7 +18,7 @@ from intp_vllm_kernels.scaled_rotary import HAS_TRITON, rotate_qkv_
 
 from intp_vllm.core.config import IntpConfig, rope_geometry
 from intp_vllm.core.request_scale import all_code_scales, decode_positions
-from intp_vllm.core.rope_scaling import PER_TOKEN_ROPE_TYPES, rope_inv_freq, yarn_ramp_bounds
+from intp_vllm.core.rope_scaling import PER_TOKEN_ROPE_TYPES, CheckpointRope, rope_inv_freq, yarn_ramp_bounds
 from intp_vllm.vllm_ext.internals import RotaryEmbedding, rotary_embedding
 from intp_vllm.vllm_ext.rotary import cos_sin_rows, inv_freq_per_scale
 
@@ -27,8 +27,10 @@ class ScaledRotaryEmbedding(RotaryEmbedding):
     """vLLM's rotary embedding over a table built for one RoPE scaling type and factor."""
 
     def __init__(self, *, head_size: int, rotary_dim: int, max_position: int, base: float, dtype: torch.dtype,
-                 rope_type: str, factor: float, original_max_position: int, is_neox_style: bool = True):
+                 rope_type: str, factor: float, original_max_position: int, is_neox_style: bool = True,
+                 checkpoint_factor: float = 1.0):
         self.rope_type = rope_type
+        self.checkpoint_factor = checkpoint_factor
         self.factor = factor
         self.original_max_position = original_max_position
         super().__init__(head_size, rotary_dim, max_position, base, is_neox_style, dtype)
@@ -41,6 +43,7 @@ class ScaledRotaryEmbedding(RotaryEmbedding):
             factor=self.factor,
             original_max_position=self.original_max_position,
         )
+        inv_freq = inv_freq / self.checkpoint_factor  # the checkpoint's own linear scaling (CheckpointRope)
         return cos_sin_rows(torch.arange(self.max_position_embeddings), inv_freq, attention_factor)
 
     def extra_repr(self) -> str:
@@ -62,7 +65,7 @@ class PerRequestRotaryEmbedding(torch.nn.Module):
     """
 
     def __init__(self, *, head_size: int, rotary_dim: int, base: float, rope_type: str, original_max_position: int,
-                 is_neox_style: bool = True):
+                 is_neox_style: bool = True, checkpoint_factor: float = 1.0):
         super().__init__()
         self.head_size = head_size
         self.rotary_dim = rotary_dim
@@ -74,13 +77,14 @@ class PerRequestRotaryEmbedding(torch.nn.Module):
                           if self.rope_type == "yarn" else (0.0, 1.0))
         inv_freq, attention = inv_freq_per_scale(all_code_scales(), rope_type=self.rope_type, base=base,
                                                  rotary_dim=rotary_dim, original_max_position=original_max_position)
-        self.register_buffer("inv_freq_by_code", inv_freq, persistent=False)
+        self.checkpoint_factor = checkpoint_factor  # the checkpoint's own linear scaling (CheckpointRope)
+        self.register_buffer("inv_freq_by_code", inv_freq / checkpoint_factor, persistent=False)
         self.register_buffer("attention_by_code", attention, persistent=False)
         self.register_buffer("scale_by_code", torch.tensor(all_code_scales(), dtype=torch.float32), persistent=False)
 
     def forward(self, positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor | None = None):
         plain, codes = decode_positions(positions)
-        if query.is_cuda and key is not None and HAS_TRITON:
+        if query.is_cuda and key is not None and HAS_TRITON and self.checkpoint_factor == 1:
             # on the qkv that q and k were split from, whole: no copy of qkv under torch.compile
             return rotate_qkv_(plain, query, key, self.scale_by_code[codes], head_size=self.head_size,
                                rotary_dim=self.rotary_dim, is_neox=self.is_neox_style, rope_type=self.rope_type,
@@ -103,23 +107,20 @@ def install_scaled_rope(language_model, text_config, intp: IntpConfig, max_model
     """Replace the rotary module of every attention layer of vLLM's Llama; returns the module.
 
     A numeric `intp.factor` gets a table for that one scale; "auto" gets the per-request module.
+    A checkpoint's own linear RoPE scaling composes with INTP's by `CheckpointRope`'s rule (on a
+    GPU the per-request module then computes cos/sin rows in torch: the kernel knows no such factor).
     """
-    checkpoint_rope = text_config.rope_parameters.get("rope_type", "default")
-    if checkpoint_rope != "default":
-        raise ValueError(
-            f"the checkpoint's text_config.rope_parameters has rope_type {checkpoint_rope!r}; intp_vllm scales "
-            "plain RoPE only (rope_type 'default'): set the scaling with intp.rope_type instead"
-        )
+    checkpoint = CheckpointRope.from_text_config(text_config)  # raises for rope types other than default/linear
     head_size, rotary_dim = rope_geometry(text_config)
-    base = float(text_config.rope_parameters["rope_theta"])
-    trained_context = text_config.max_position_embeddings
+    base, trained_context = checkpoint.base, checkpoint.max_position_embeddings
     if intp.factor == "auto":
         rope = PerRequestRotaryEmbedding(head_size=head_size, rotary_dim=rotary_dim, base=base,
-                                         rope_type=intp.rope_type, original_max_position=trained_context)
+                                         rope_type=intp.rope_type, original_max_position=trained_context,
+                                         checkpoint_factor=checkpoint.linear_factor)
     else:
         rope = ScaledRotaryEmbedding(head_size=head_size, rotary_dim=rotary_dim, max_position=max_model_len,
                                      base=base, dtype=dtype, rope_type=intp.rope_type, factor=float(intp.factor),
-                                     original_max_position=trained_context)
+                                     original_max_position=trained_context, checkpoint_factor=checkpoint.linear_factor)
     replaced = 0
     for layer in language_model.model.layers:
         attention = getattr(layer, "self_attn", None)

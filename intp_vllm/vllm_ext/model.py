@@ -1,21 +1,23 @@
-"""Video-LLaVA for vLLM: processing info, dummy inputs, processor and model together.
+"""The INTP model layer for vLLM, shared by every video model: processing info, dummy inputs,
+multimodal processor and the model's INTP half; a model adapter (`models/`) gives the rest.
 
-vLLM has no Video-LLaVA, and its LLaVA family cannot be imported without torchvision,
-so the model is assembled from vLLM's CLIP tower and Llama, with its own preprocessing by
-Pillow (`preprocess.py`, bit-exact with HF's processor). Video only: the image tower's weights
-are skipped (see README).
+What does not depend on the model lives here once: the `intp` section and the per-request
+frame decision (`IntpMultiModalProcessor.requested_frames` ...), pruning (pruning.py), the
+per-request RoPE scale code and its cache salt (request_scale.py), the M-RoPE positions that
+carry it, `embed_multimodal` (INTP's interleaved groups through the adapter's encoder, tokens
+back in frame-time order, then pruned) and the rotary swap (llm_rope.py).
 
-INTP lives in two places: the processor decides how many frames a request carries
-(prompt gets frames x tokens-per-frame placeholders), and `embed_multimodal` runs the
-frozen tower+projector on interleaved N-frame groups and puts the tokens back in
-frame-time order.
+An adapter subclasses `IntpVideoModel`, decorates itself with `intp_video_model` (which
+registers this processor for it) and gives only what is its own (docs/adapters.md): the
+tower, pooling and projector (`build_video_encoder`, `encode_clips`), tokens per frame,
+whether a frame starts with a CLS token, its encoder window and trained frame count, its
+weight names (`hf_to_vllm_mapper`) and its prompt placeholder.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-import re
 from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
@@ -29,7 +31,6 @@ from intp_vllm.vllm_ext.internals import (
     BaseDummyInputsBuilder,
     BaseMultiModalProcessor,
     BaseProcessingInfo,
-    CLIPVisionModel,
     IntermediateTensors,
     MultiModalDataItems,
     MultiModalDummyOptions,
@@ -44,21 +45,19 @@ from intp_vllm.vllm_ext.internals import (
     SupportsPP,
     VllmConfig,
     WeightsMapper,
-    get_act_fn,
-    get_layer_index,
     init_vllm_registered_model,
     maybe_prefix,
 )
 
-from intp_vllm.core.config import IntpConfig, tokens_per_frame
+from intp_vllm.core.config import IntpConfig
 from intp_vllm.core.prompt import VIDEO_PLACEHOLDER
+from intp_vllm.core.rope_scaling import CheckpointRope
 from intp_vllm.vllm_ext.llm_rope import install_scaled_rope
 from intp_vllm.vllm_ext.pruning import PRUNING_METHODS, VideoPruning
 from intp_vllm.video.preprocess import ClipPreprocessConfig, preprocess_frames
 from intp_vllm.core.grouped_encoding import encode_in_groups
 from intp_vllm.core.rearrange import pad_frame_indices, padded_frame_count, uniform_frame_indices
 from intp_vllm.core.request_scale import encode_positions, position_offset, request_scale_code, scale_cache_salt
-from intp_vllm.core.temporal_attention import TemporalAttention, TemporalAttentionSpec
 from intp_vllm.video.io import as_frames
 
 logger = logging.getLogger("vllm.intp_vllm")  # under "vllm": its handler and level apply
@@ -78,9 +77,12 @@ SCALE_CODE_KEY = "rope_scale_code"
 it rides in the processor kwargs (so in the multimodal cache key) and in each video's data."""
 
 
-class VideoLlavaProcessingInfo(BaseProcessingInfo):
+class IntpProcessingInfo(BaseProcessingInfo):
     """What vLLM's processor and profiler need to know of a checkpoint: limits, INTP settings,
-    preprocessing and token counts (vLLM's `BaseProcessingInfo`)."""
+    preprocessing and token counts (vLLM's `BaseProcessingInfo`), from the model's adapter
+    (`model_cls`, set per model by `intp_video_model`)."""
+
+    model_cls: type["IntpVideoModel"]
 
     def get_hf_processor(self, **kwargs: object):
         """Never: frames are preprocessed by `video.preprocess` (bit-exact with HF's). Raises."""
@@ -91,23 +93,28 @@ class VideoLlavaProcessingInfo(BaseProcessingInfo):
         return {"video": 1}
 
     def get_intp_config(self) -> IntpConfig:
-        """The checkpoint's `intp` section with the engine's overrides (`IntpConfig.from_hf_config`)."""
-        return IntpConfig.from_hf_config(self.get_hf_config())
+        """The checkpoint's `intp` section with the engine's overrides, the adapter's defaults
+        for what it leaves out (`IntpVideoModel.intp_config`)."""
+        return self.model_cls.intp_config(self.get_hf_config())
 
     def get_preprocess_config(self) -> ClipPreprocessConfig:
-        """Resize/crop/normalise as the tower was trained (CLIPImageProcessor's settings)."""
-        return ClipPreprocessConfig.for_tower(self.get_hf_config().vision_config)
+        """Resize/crop/normalise as the tower was trained (the adapter's `preprocess_config`)."""
+        return self.model_cls.preprocess_config(self.get_hf_config())
 
     def get_tokens_per_frame(self) -> int:
-        """Video tokens per frame (`core.config.tokens_per_frame`: patches + CLS)."""
-        vision = self.get_hf_config().vision_config
-        return tokens_per_frame(vision.image_size, vision.patch_size)
+        """Video tokens per frame (the adapter's `tokens_per_frame`)."""
+        return self.model_cls.tokens_per_frame(self.get_hf_config())
+
+    def get_trained_context(self) -> int:
+        """Tokens the language model was trained to, its own RoPE scaling included
+        (`CheckpointRope.trained_context`): a request's RoPE scale is measured against it."""
+        return CheckpointRope.from_text_config(self.get_hf_config().text_config).trained_context
 
     def get_num_video_tokens(self, num_frames: int, pruning: VideoPruning | None = None) -> int:
         """Prompt tokens of a video sampled at `num_frames`, padded to whole encoder clips, and
         left by `pruning` (pruning.py; None prunes nothing)."""
         frames = padded_frame_count(num_frames, self.get_intp_config().encoder_frames)
-        return (pruning or VideoPruning()).kept_tokens(frames, self.get_tokens_per_frame())
+        return (pruning or VideoPruning()).kept_tokens(frames, self.get_tokens_per_frame(), self.model_cls.cls_token)
 
     def get_default_pruning(self) -> VideoPruning:
         """The server's pruning: vLLM's --video-pruning-rate / --video-pruning-method."""
@@ -119,16 +126,16 @@ class VideoLlavaProcessingInfo(BaseProcessingInfo):
         return {"video": self.get_num_video_tokens(self.get_intp_config().frame_limit)}
 
 
-class VideoLlavaDummyInputsBuilder(BaseDummyInputsBuilder[VideoLlavaProcessingInfo]):
+class IntpDummyInputsBuilder(BaseDummyInputsBuilder[IntpProcessingInfo]):
     """Profiling inputs for vLLM's memory check: the largest video a request may send."""
 
     def get_dummy_text(self, mm_counts: Mapping[str, int]) -> str:
         """One placeholder per video."""
-        return VIDEO_PLACEHOLDER * mm_counts.get("video", 0)
+        return self.info.model_cls.video_placeholder * mm_counts.get("video", 0)
 
     def get_dummy_mm_data(self, seq_len: int, mm_counts: Mapping[str, int], mm_options: MultiModalDummyOptions):
         """Videos of intp.max_frames frames at the tower's input size."""
-        size = self.info.get_hf_config().vision_config.image_size
+        size = self.info.get_preprocess_config().crop_size
         return {
             "video": self._get_dummy_videos(
                 width=size,
@@ -146,7 +153,7 @@ def select_frames(num_frames: int, requested: int, encoder_frames: int) -> np.nd
     return sampled[pad_frame_indices(len(sampled), encoder_frames)]
 
 
-class VideoLlavaMultiModalProcessor(BaseMultiModalProcessor[VideoLlavaProcessingInfo]):
+class IntpMultiModalProcessor(BaseMultiModalProcessor[IntpProcessingInfo]):
     """A request's video -> pixel values and placeholders; decides its frame count and, with
     factor "auto", its RoPE scale, each once (vLLM's `BaseMultiModalProcessor`)."""
 
@@ -266,7 +273,7 @@ class VideoLlavaMultiModalProcessor(BaseMultiModalProcessor[VideoLlavaProcessing
                              f"{list(REQUEST_KWARGS)}")
         if not self.per_request_scale:
             return super().apply(inputs, timing_ctx)
-        trained_context = self.info.get_hf_config().text_config.max_position_embeddings
+        trained_context = self.info.get_trained_context()
         code = request_scale_code(self._expanded_prompt_length(inputs), trained_context)
         kwargs = {**inputs.hf_processor_mm_kwargs, SCALE_CODE_KEY: code}
         result = super().apply(dataclasses.replace(inputs, hf_processor_mm_kwargs=kwargs), timing_ctx)
@@ -298,94 +305,101 @@ class VideoLlavaMultiModalProcessor(BaseMultiModalProcessor[VideoLlavaProcessing
     ) -> Sequence[PromptUpdate]:
         video_token_id = self.info.get_hf_config().video_token_index
         per_frame = self.info.get_tokens_per_frame()
+        cls_token = self.info.model_cls.cls_token
 
         def replacement(item_idx: int) -> list[int]:
             """The video's placeholder becomes one token per kept frame token (frames padded to clips)."""
             item = out_mm_kwargs["video"][item_idx]
             pruning = VideoPruning.from_code(item[PRUNING_METHOD_KEY].data, item[PRUNING_RATE_KEY].data)
-            return [video_token_id] * pruning.kept_tokens(item["pixel_values_videos"].data.shape[0], per_frame)
+            frames = item["pixel_values_videos"].data.shape[0]
+            return [video_token_id] * pruning.kept_tokens(frames, per_frame, cls_token)
 
         return [PromptReplacement(modality="video", target=[video_token_id], replacement=replacement)]
 
 
-class VideoLlavaProjector(nn.Module):
-    """Linear -> GELU -> Linear, named as in the HF checkpoint."""
+class IntpVideoModel(nn.Module, SupportsMultiModal, SupportsPP, SupportsMRoPE, SupportsMultiModalPruning):
+    """A video LLM with INTP: the adapter's encoder on interleaved groups, vLLM's language model
+    with the swapped rotary, per-request scales in the positions, pruning after rearrangement.
 
-    def __init__(self, vision_hidden: int, text_hidden: int, act: str, bias: bool):
-        super().__init__()
-        self.linear_1 = nn.Linear(vision_hidden, text_hidden, bias=bias)
-        self.act = get_act_fn(act)
-        self.linear_2 = nn.Linear(text_hidden, text_hidden, bias=bias)
+    An adapter (docs/adapters.md) sets `hf_to_vllm_mapper`, `model_name` and, where they differ
+    from the defaults, `cls_token` and `video_placeholder`; it implements
+    `tokens_per_frame`, `build_video_encoder` and `encode_clips`, and where needed
+    `default_encoder_frames`, `default_frames` and `preprocess_config`. The language model is
+    `hf_config.text_config` built by vLLM (`language_model`).
+    """
 
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        """(..., vision_hidden) tower features -> (..., text_hidden) language-model embeddings."""
-        return self.linear_2(self.act(self.linear_1(features)))
-
-
-@MULTIMODAL_REGISTRY.register_processor(
-    VideoLlavaMultiModalProcessor,
-    info=VideoLlavaProcessingInfo,
-    dummy_inputs=VideoLlavaDummyInputsBuilder,
-)
-class VideoLlavaForConditionalGeneration(nn.Module, SupportsMultiModal, SupportsPP, SupportsMRoPE,
-                                         SupportsMultiModalPruning):
-    """Serves unchanged HF Video-LLaVA checkpoints (`LanguageBind/Video-LLaVA-7B-hf` layout)."""
-
+    model_name: str = "this model"
+    """For messages: what the adapter serves."""
+    cls_token: bool = False
+    """Whether each frame's tokens start with a CLS token (pruning always keeps it, pruning.py)."""
+    video_placeholder: str = VIDEO_PLACEHOLDER
+    """What the prompt holds where a video goes (its token is `hf_config.video_token_index`)."""
+    hf_to_vllm_mapper: WeightsMapper
     supported_video_pruning_methods = PRUNING_METHODS
-
     packed_modules_mapping = {
         "qkv_proj": ["q_proj", "k_proj", "v_proj"],
         "gate_up_proj": ["gate_proj", "up_proj"],
     }
 
-    hf_to_vllm_mapper = WeightsMapper(
-        orig_to_new_regex={
-            # transformers >= 5 drops `vision_model.` when saving; hub files keep it.
-            re.compile(r"^(model\.)?video_tower\.(?!vision_model\.)"): "video_tower.vision_model.",
-            re.compile(r"^model\.video_tower\.vision_model\."): "video_tower.vision_model.",
-            # in-memory transformers names (model.language_model.*, lm_head.*)
-            re.compile(r"^model\.language_model\."): "language_model.model.",
-            re.compile(r"^lm_head\."): "language_model.lm_head.",
-            re.compile(r"^model\.(multi_modal_projector|temporal_attention)\."): r"\1.",
-            # video only: the image tower is not loaded (see README)
-            re.compile(r"^(model\.)?image_tower\."): None,
-        }
-    )
+    # ---- what an adapter gives (config side: also used before the model is built) ----
+
+    @classmethod
+    def tokens_per_frame(cls, hf_config) -> int:
+        """Video tokens one frame becomes in the language model's prompt."""
+        raise NotImplementedError
+
+    @classmethod
+    def default_encoder_frames(cls, hf_config) -> int | None:
+        """The encoder's window N when `intp.encoder_frames` is not set (None: IntpConfig's rule).
+        An encoder that sees each frame on its own has N = 1: INTP's grouping is then the identity."""
+        return None
+
+    @classmethod
+    def default_frames(cls, hf_config) -> int | None:
+        """Frames a request gets when `intp.frames` is not set (None: the window N)."""
+        return None
+
+    @classmethod
+    def preprocess_config(cls, hf_config) -> ClipPreprocessConfig:
+        """Frame preprocessing: CLIP's at the tower's size (short side and crop `image_size`)."""
+        return ClipPreprocessConfig.for_tower(hf_config.vision_config)
+
+    @classmethod
+    def intp_config(cls, hf_config) -> IntpConfig:
+        """The `intp` section of `hf_config` with this model's defaults for what it leaves out."""
+        return IntpConfig.from_hf_config(hf_config, encoder_frames=cls.default_encoder_frames(hf_config),
+                                         frames=cls.default_frames(hf_config))
+
+    @classmethod
+    def max_video_tokens(cls, hf_config) -> int:
+        """Prompt tokens of the largest video a request may send (intp.max_frames, unpruned)."""
+        intp = cls.intp_config(hf_config)
+        return padded_frame_count(intp.frame_limit, intp.encoder_frames) * cls.tokens_per_frame(hf_config)
+
+    def build_video_encoder(self, vllm_config: VllmConfig, prefix: str) -> None:
+        """Create the tower, pooling and projector modules (named as the mapped weights)."""
+        raise NotImplementedError
+
+    def encode_clips(self, clips: torch.Tensor) -> torch.Tensor:
+        """Frozen encoder on clips (K, N, 3, H, W) -> (K, N, tokens_per_frame, text hidden)."""
+        raise NotImplementedError
+
+    # ---- the INTP layer ----
 
     @classmethod
     def get_placeholder_str(cls, modality: str, i: int) -> str | None:
-        """What vLLM's chat parser puts in the prompt for a video part: `<video>`. Raises for
-        other modalities."""
+        """What vLLM's chat parser puts in the prompt for a video part. Raises for other modalities."""
         if modality.startswith("video"):
-            return VIDEO_PLACEHOLDER
-        raise ValueError(f"modality {modality!r} is not served; Video-LLaVA here takes 'video' only")
+            return cls.video_placeholder
+        raise ValueError(f"modality {modality!r} is not served; {cls.model_name} here takes 'video' only")
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
         super().__init__()
         config = vllm_config.model_config.hf_config
         self.config = config
-        self.intp = IntpConfig.from_hf_config(config)
-        self.tokens_per_frame = tokens_per_frame(config.vision_config.image_size, config.vision_config.patch_size)
-        vision = config.vision_config
-        if not isinstance(config.vision_feature_layer, int):
-            raise ValueError(
-                f"vision_feature_layer {config.vision_feature_layer!r}: only a single layer index is supported"
-            )
+        self.intp = self.intp_config(config)
         with self._mark_tower_model(vllm_config, "video"):
-            self.video_tower = CLIPVisionModel(
-                vision,
-                quant_config=vllm_config.quant_config,
-                num_hidden_layers_override=get_layer_index(config.vision_feature_layer, vision.num_hidden_layers),
-                require_post_norm=False,
-                prefix=maybe_prefix(prefix, "video_tower"),
-            )
-            self.multi_modal_projector = VideoLlavaProjector(
-                vision.hidden_size,
-                config.text_config.hidden_size,
-                config.projector_hidden_act,
-                getattr(config, "multimodal_projector_bias", True),
-            )
-            self.temporal_attention = self._build_temporal_attention(config)
+            self.build_video_encoder(vllm_config, prefix)
         with self._mark_language_model(vllm_config):
             self.language_model = init_vllm_registered_model(
                 vllm_config=vllm_config,
@@ -401,29 +415,6 @@ class VideoLlavaForConditionalGeneration(nn.Module, SupportsMultiModal, Supports
             vllm_config.model_config.dtype,
         )
         logger.info("intp_vllm: language model RoPE %s", self.rope.extra_repr())
-
-    def _build_temporal_attention(self, config) -> TemporalAttention | None:
-        spec = TemporalAttentionSpec.from_hf_config(config)
-        if spec is None:
-            return None
-        if spec.frames != self.intp.encoder_frames:
-            raise ValueError(
-                f"intp.encoder_frames ({self.intp.encoder_frames}) must equal temporal_attention.frames "
-                f"({spec.frames}): the tower's temporal embedding has exactly that many slots"
-            )
-        return TemporalAttention(spec, config.vision_config.hidden_size)
-
-    def encode_clips(self, clips: torch.Tensor) -> torch.Tensor:
-        """Frozen tower + projector on clips (K, N, 3, H, W) -> (K, N, tokens_per_frame, hidden).
-
-        The CLIP tower sees each frame on its own, so all K*N frames go through in one
-        batch; the temporal attention, when the checkpoint has one, then mixes the N frames
-        of each clip.
-        """
-        features = self.video_tower(clips.flatten(0, 1).to(self.video_tower.dtype)).unflatten(0, clips.shape[:2])
-        if self.temporal_attention is not None:
-            features = self.temporal_attention(features)
-        return self.multi_modal_projector(features)
 
     def embed_video(self, pixels: torch.Tensor) -> torch.Tensor:
         """(F, 3, H, W) with F a multiple of N -> (F * tokens_per_frame, hidden) in frame-time order."""
@@ -463,7 +454,9 @@ class VideoLlavaForConditionalGeneration(nn.Module, SupportsMultiModal, Supports
         for video, rate, method in zip(videos, rates, methods):
             tokens = self.embed_video(video)
             pruning = VideoPruning.from_code(method, rate)
-            embeddings.append(tokens[pruning.retention_mask(tokens, video.shape[0])] if pruning.rate else tokens)
+            if pruning.rate:
+                tokens = tokens[pruning.retention_mask(tokens, video.shape[0], self.cls_token)]
+            embeddings.append(tokens)
         return embeddings
 
     def forward(
@@ -492,3 +485,11 @@ class VideoLlavaForConditionalGeneration(nn.Module, SupportsMultiModal, Supports
         """Load HF checkpoint tensors by name (`hf_to_vllm_mapper`); returns the names loaded."""
         loader = AutoWeightsLoader(self)
         return loader.load_weights(weights, mapper=self.hf_to_vllm_mapper)
+
+
+def intp_video_model(model_cls: type[IntpVideoModel]) -> type[IntpVideoModel]:
+    """Class decorator for an adapter: registers the INTP processor, processing info (bound to
+    `model_cls`) and dummy inputs for it with vLLM's multimodal registry."""
+    info = type(f"{model_cls.__name__}ProcessingInfo", (IntpProcessingInfo,), {"model_cls": model_cls})
+    return MULTIMODAL_REGISTRY.register_processor(IntpMultiModalProcessor, info=info,
+                                                  dummy_inputs=IntpDummyInputsBuilder)(model_cls)

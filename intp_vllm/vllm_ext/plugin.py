@@ -11,26 +11,42 @@ import dataclasses
 import functools
 import logging
 
-ARCHITECTURES = ("VideoLlavaForConditionalGeneration", "TemporalVideoLlavaForConditionalGeneration")
-"""HF's Video-LLaVA, and ours with a frame-mixing tower (temporal_attention.py); one vLLM class serves both."""
-MODEL_CLASS = "intp_vllm.vllm_ext.model:VideoLlavaForConditionalGeneration"
+VIDEO_LLAVA_CLASS = "intp_vllm.vllm_ext.models.video_llava:VideoLlavaForConditionalGeneration"
+MODEL_CLASSES = {
+    "VideoLlavaForConditionalGeneration": VIDEO_LLAVA_CLASS,
+    "TemporalVideoLlavaForConditionalGeneration": VIDEO_LLAVA_CLASS,  # ours, a frame-mixing tower
+    "LlavaNextVideoForConditionalGeneration": "intp_vllm.vllm_ext.models.llava_next_video:"
+                                              "LlavaNextVideoForConditionalGeneration",  # takes over vLLM's
+}
+"""The architectures the plugin serves, each with its INTP model adapter (`vllm_ext/models/`)."""
 VIDEO_LLAVA_MODEL_TYPE = "video_llava"
 """`config.json` model_type of both; checkpoints without a chat template get ours from vLLM."""
+LLAVA_NEXT_VIDEO_MODEL_TYPE = "llava_next_video"
+"""Its checkpoints may keep their chat template in the processor's `chat_template.json` only,
+which vLLM reads through HF's processor (torchvision): `processor_chat_template` reads it."""
 
 logger = logging.getLogger("vllm.intp_vllm")  # under "vllm": its handler and level apply
 
 
-class VideoLlavaConfigHook:
+def model_class(architecture: str):
+    """The adapter class (`model.IntpVideoModel`) serving `architecture`, imported."""
+    import importlib
+
+    module, name = MODEL_CLASSES[architecture].split(":")
+    return getattr(importlib.import_module(module), name)
+
+
+class IntpConfigHook:
     """Per-architecture config hook (vLLM's MODELS_CONFIG_MAP): validate `intp`, size max_model_len,
     and on CPU size the KV cache from what the configuration needs (`cpu_memory.py`)."""
 
     @staticmethod
     def verify_and_update_config(vllm_config) -> None:
         """Refuse options that would misread per-request scale codes; size the CPU KV cache."""
-        from intp_vllm.core.config import IntpConfig
         from intp_vllm.vllm_ext.cpu_memory import size_cpu_kv_cache
 
-        if IntpConfig.from_hf_config(vllm_config.model_config.hf_config).factor == "auto":
+        model_config = vllm_config.model_config
+        if model_class(model_config.architecture).intp_config(model_config.hf_config).factor == "auto":
             if vllm_config.speculative_config is not None:
                 raise ValueError(
                     "--speculative-config cannot be used with intp factor 'auto': each request's RoPE scale "
@@ -46,15 +62,14 @@ class VideoLlavaConfigHook:
         loader the video default (frames at intp.frames, resized for the tower). Raises
         VllmRelianceError for a vLLM that lacks a reliance, ValueError for a server frame count
         outside `intp`."""
-        from intp_vllm.core.config import IntpConfig, TEXT_MARGIN_TOKENS, tokens_per_frame, video_tokens
+        from intp_vllm.core.config import TEXT_MARGIN_TOKENS
         from intp_vllm.vllm_ext.internals import MROPE_SECTION_KEY, check_reliances
 
         check_reliances(cli=False)
         hf_config = model_config.hf_config
-        intp = IntpConfig.from_hf_config(hf_config)
-        vision = hf_config.vision_config
-        most_video_tokens = video_tokens(intp.frame_limit, intp.encoder_frames,
-                                         tokens_per_frame(vision.image_size, vision.patch_size))
+        adapter = model_class(model_config.architecture)
+        intp = adapter.intp_config(hf_config)
+        most_video_tokens = adapter.max_video_tokens(hf_config)
         needed = most_video_tokens + TEXT_MARGIN_TOKENS
         if model_config.original_max_model_len is None and model_config.max_model_len < needed:
             model_config.max_model_len = needed
@@ -91,9 +106,9 @@ def prepare_chat_request(render_chat):
     """Wrap vLLM's `BaseRenderer.render_chat` (or `render_chat_async`) so that, for our model,
     a message's image_url frames become one video (`image_frames.frames_as_video`), a request's
     `media_io_kwargs.video.num_frames` is its frame count unless it names `frames`
-    (`VideoLlavaMultiModalProcessor.request_frames_kwargs`), and the videos of a chat request
+    (`IntpMultiModalProcessor.request_frames_kwargs`), and the videos of a chat request
     are fetched and decoded at the frame count the model's processor chooses for it
-    (`VideoLlavaMultiModalProcessor.request_media_io_kwargs`).
+    (`IntpMultiModalProcessor.request_media_io_kwargs`).
 
     vLLM hands a video loader only `media_io_kwargs`, never the request's
     `mm_processor_kwargs`; without this a `video_url` is decoded at the server's count and
@@ -196,6 +211,28 @@ def _join_salts(engine_input: dict, client_salt: str | None) -> dict:
     return engine_input
 
 
+def processor_chat_template(checkpoint: str):
+    """vLLM's chat-template fallback for a checkpoint directory whose template is only in its
+    processor file `chat_template.json` (`{"chat_template": "..."}`): the template as a
+    `.jinja` file in the temp directory (named by its hash), or None where there is none."""
+    import hashlib
+    import json
+    import tempfile
+    from pathlib import Path
+
+    source = Path(checkpoint) / "chat_template.json"
+    if not source.is_file():
+        return None
+    template = json.loads(source.read_text()).get("chat_template")
+    if not isinstance(template, str):
+        return None
+    digest = hashlib.sha256(template.encode()).hexdigest()[:16]
+    path = Path(tempfile.gettempdir()) / f"intp_vllm_chat_template_{digest}.jinja"
+    if not path.is_file():
+        path.write_text(template)
+    return path
+
+
 RENDERER_WRAPPERS = {
     "render_chat": prepare_chat_request,
     "render_chat_async": prepare_chat_request,
@@ -206,8 +243,9 @@ RENDERER_WRAPPERS = {
 
 
 def register() -> None:
-    """The plugin's entry point: registers the model for both architectures, its config hook,
-    our video loader and media connector, the chat-template fallback and the renderer wrappers.
+    """The plugin's entry point: registers the models for their architectures (`MODEL_CLASSES`),
+    the config hook, our video loader and media connector, the chat-template fallback and the
+    renderer wrappers.
     Idempotent."""
     from intp_vllm.core.prompt import VIDEO_LLAVA_CHAT_TEMPLATE_PATH
     from intp_vllm.vllm_ext.internals import (
@@ -230,7 +268,9 @@ def register() -> None:
     MEDIA_CONNECTOR_REGISTRY.register(MEDIA_HOOK_NAME)(BoundedMediaConnector)  # used where VLLM_MEDIA_CONNECTOR says
     if get_chat_template_fallback_path(VIDEO_LLAVA_MODEL_TYPE, "") is None:
         register_chat_template_fallback_path(VIDEO_LLAVA_MODEL_TYPE, VIDEO_LLAVA_CHAT_TEMPLATE_PATH)
-    for architecture in ARCHITECTURES:
-        MODELS_CONFIG_MAP[architecture] = VideoLlavaConfigHook
-        if architecture not in ModelRegistry.get_supported_archs():
-            ModelRegistry.register_model(architecture, MODEL_CLASS)
+    if not getattr(processor_chat_template, "registered", False):  # vLLM warns when a fallback is replaced
+        register_chat_template_fallback_path(LLAVA_NEXT_VIDEO_MODEL_TYPE, processor_chat_template)
+        processor_chat_template.registered = True
+    for architecture, model_cls in MODEL_CLASSES.items():
+        MODELS_CONFIG_MAP[architecture] = IntpConfigHook
+        ModelRegistry.register_model(architecture, model_cls)  # replaces vLLM's own LlavaNextVideo

@@ -11,8 +11,9 @@ Pruning runs on the projected tokens in frame-time order, after INTP's groups ar
 grid of patches: **each frame's CLS token is always kept**, and the method prunes the patch
 tokens. The CLS token is the frame's only summary of the whole picture and marks where the
 frame sits in time; kept, even a frame whose every patch repeats its neighbour's still shows
-the language model that time went by (1 of 257 tokens a frame at 224 px). The kept count is
-known from the frame count alone (placeholders equal the kept tokens), as vLLM requires.
+the language model that time went by (1 of 257 tokens a frame at 224 px). A model without a
+CLS token (LLaVA-NeXT-Video's pooled patches) has every token pruned by the method. The kept
+count is known from the frame count alone (placeholders equal the kept tokens), as vLLM requires.
 """
 
 from __future__ import annotations
@@ -53,24 +54,29 @@ class VideoPruning:
 
         return {"evs": evs, "vidcom2": vidcom2}[self.method]
 
-    def kept_tokens(self, frames: int, tokens_per_frame: int) -> int:
-        """Tokens left of `frames` frames of `tokens_per_frame` tokens (CLS + patches): every
-        CLS, and the method's count of patches (`compute_retained_tokens_count`)."""
+    def kept_tokens(self, frames: int, tokens_per_frame: int, cls_token: bool = True) -> int:
+        """Tokens left of `frames` frames of `tokens_per_frame` tokens (CLS + patches, or
+        patches alone without `cls_token`): every CLS, and the method's count of patches
+        (`compute_retained_tokens_count`)."""
         if not self.rate:
             return frames * tokens_per_frame
-        return frames + self._module().compute_retained_tokens_count(tokens_per_frame - 1, frames, self.rate)
+        first = int(cls_token)
+        return first * frames + self._module().compute_retained_tokens_count(tokens_per_frame - first, frames,
+                                                                             self.rate)
 
-    def retention_mask(self, embeds, frames: int):
+    def retention_mask(self, embeds, frames: int, cls_token: bool = True):
         """(frames * tokens_per_frame,) bool, True for kept tokens, of `embeds`
-        (frames * tokens_per_frame, hidden) in frame-time order, CLS first in each frame;
-        `kept_tokens` of them are True. The method's `compute_retention_mask` scores the
-        patches (as a grid of one row a frame: neither method uses the layout within a frame)."""
+        (frames * tokens_per_frame, hidden) in frame-time order, CLS first in each frame
+        (with `cls_token`); `kept_tokens` of them are True. The method's
+        `compute_retention_mask` scores the patches (as a grid of one row a frame: neither
+        method uses the layout within a frame)."""
         import torch
 
         per_frame = embeds.shape[0] // frames
+        first = int(cls_token)
         mask = torch.ones(frames, per_frame, dtype=torch.bool, device=embeds.device)
         if self.rate:
-            patches = embeds.unflatten(0, (frames, per_frame))[:, 1:].flatten(0, 1)
-            kept = self._module().compute_retention_mask(patches, (frames, 1, per_frame - 1), 1, self.rate)
-            mask[:, 1:] = kept.view(frames, per_frame - 1)
+            patches = embeds.unflatten(0, (frames, per_frame))[:, first:].flatten(0, 1)
+            kept = self._module().compute_retention_mask(patches, (frames, 1, per_frame - first), 1, self.rate)
+            mask[:, first:] = kept.view(frames, per_frame - first)
         return mask.flatten()

@@ -39,7 +39,6 @@ from intp_vllm.apps.batch.results import ResultWriter, load_results
 from intp_vllm.apps.batch.runner import local_replicas, ray_replicas, run_chunks, split_chunks
 from intp_vllm.video.fetch import HostPolicy
 from intp_vllm.video.io import VideoLimits
-from intp_vllm.video.preprocess import ClipPreprocessConfig
 from intp_vllm.vllm_ext.pruning import PRUNING_METHODS
 
 DEFAULT_BATCH_SIZE = 16
@@ -169,7 +168,7 @@ def resolve_model(model: str, intp: dict) -> tuple:
     """(IntpConfig, ClipPreprocessConfig) the engine will use (checkpoint + flags), known before it starts."""
     from transformers import AutoConfig
 
-    from intp_vllm.core.config import IntpConfig
+    from intp_vllm.vllm_ext.plugin import MODEL_CLASSES, model_class
 
     try:
         hf_config = AutoConfig.from_pretrained(model)
@@ -177,8 +176,12 @@ def resolve_model(model: str, intp: dict) -> tuple:
         raise BatchError(f"cannot load the config of --model {model!r}: {exc}") from None
     if intp:
         hf_config.intp = intp  # as vLLM's hf_overrides does: the flags replace the checkpoint's section
+    architecture = (getattr(hf_config, "architectures", None) or ["VideoLlavaForConditionalGeneration"])[0]
+    if architecture not in MODEL_CLASSES:
+        raise BatchError(f"--model {model!r} is a {architecture}; intp-vllm serves {', '.join(MODEL_CLASSES)}")
+    adapter = model_class(architecture)
     try:
-        return IntpConfig.from_hf_config(hf_config), ClipPreprocessConfig.for_tower(hf_config.vision_config)
+        return adapter.intp_config(hf_config), adapter.preprocess_config(hf_config)
     except ValueError as exc:
         raise BatchError(f"INTP flags: {exc}") from None
 
