@@ -203,8 +203,8 @@ RENDERER_WRAPPERS = {
 
 def register() -> None:
     """The plugin's entry point: registers the model for both architectures, its config hook,
-    our video loader and media connector, the chat-template fallback and the renderer wrappers.
-    Idempotent."""
+    our video loader and media connector, the chat-template fallback, the renderer wrappers and
+    the structured-output check. Idempotent."""
     from vllm import ModelRegistry
     from vllm.model_executor.models.config import MODELS_CONFIG_MAP
     from vllm.multimodal.media.connector import MEDIA_CONNECTOR_REGISTRY
@@ -222,6 +222,7 @@ def register() -> None:
     for name, wrap in RENDERER_WRAPPERS.items():
         if not getattr(getattr(BaseRenderer, name), "intp_vllm_wrapped", False):
             setattr(BaseRenderer, name, wrap(getattr(BaseRenderer, name)))
+    _refuse_json_the_tokenizer_cannot_write()
     VIDEO_LOADER_REGISTRY.register(MEDIA_HOOK_NAME)(IntpVideoLoader)
     MEDIA_CONNECTOR_REGISTRY.register(MEDIA_HOOK_NAME)(BoundedMediaConnector)  # used where VLLM_MEDIA_CONNECTOR says
     if get_chat_template_fallback_path(VIDEO_LLAVA_MODEL_TYPE, "") is None:
@@ -230,3 +231,14 @@ def register() -> None:
         MODELS_CONFIG_MAP[architecture] = VideoLlavaConfigHook
         if architecture not in ModelRegistry.get_supported_archs():
             ModelRegistry.register_model(architecture, MODEL_CLASS)
+
+
+def _refuse_json_the_tokenizer_cannot_write() -> None:
+    """Wrap `SamplingParams.verify` (`structured_output.checked_verify`): a response_format our
+    model's tokenizer cannot begin is a 400, not a 500 mid-generation."""
+    from vllm import SamplingParams
+
+    from intp_vllm.vllm_ext.structured_output import checked_verify
+
+    if not getattr(SamplingParams.verify, "intp_vllm_wrapped", False):
+        SamplingParams.verify = checked_verify(SamplingParams.verify)
