@@ -152,3 +152,69 @@ def test_a_busy_slot_is_waited_for_and_errors_reach_the_caller(tmp_path):
 def test_slot_count_must_be_a_positive_integer(slots):
     with pytest.raises(ValueError, match="file read slots must be a positive integer"):
         FileReadSlots(slots)
+
+
+def test_health_is_a_503_naming_the_stuck_reads_while_every_slot_is_stuck(tmp_path, monkeypatch):
+    """`intp-vllm serve`'s /health (RequestLimitMiddleware) while reads are stuck: a load balancer
+    routes video elsewhere; once they return, the request goes on to vLLM's /health."""
+    import json
+
+    from intp_vllm.apps import serve
+    from intp_vllm.vllm_ext import media
+
+    slots = FileReadSlots(1)
+    monkeypatch.setattr(media, "_file_reads", slots)
+    os.mkfifo(tmp_path / "pipe")
+    reached_vllm = []
+
+    async def vllm_health(scope, receive, send):
+        reached_vllm.append(scope["path"])
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    async def get_health():
+        sent = []
+
+        async def send(message):
+            sent.append(message)
+
+        await serve.RequestLimitMiddleware(vllm_health)({"type": "http", "method": "GET", "path": "/health"},
+                                                        None, send)
+        return sent[0]["status"], dict(sent[0]["headers"]), sent[1]["body"]
+
+    async def scenario():
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(slots.run(blocking_read, tmp_path / "pipe"), 0.1)
+        stuck = await get_health()
+        os.close(os.open(tmp_path / "pipe", os.O_WRONLY))
+        while slots.stuck:
+            await asyncio.sleep(0.02)
+        return stuck, await get_health()
+
+    (status, headers, body), (after, after_headers, _) = asyncio.run(scenario())
+    assert status == 503 and headers[b"x-intp-stuck-file-reads"] == b"1/1"
+    assert json.loads(body)["error"]["message"].startswith(
+        "video path unhealthy: 1 of 1 file-read slots stuck, 1 in use: reads of file:// videos have not returned")
+    assert after == 200 and after_headers[b"x-intp-stuck-file-reads"] == b"0/1" and reached_vllm == ["/health"]
+
+
+@pytest.mark.parametrize("raised", [
+    "video_url 'file:///tmp/media/pipe.mp4': is a FIFO (named pipe), not a regular file; only video files are read",
+    "video_url 'file:///srv/videos/a/b.mp4' could not be fetched: FileNotFoundError: No such file or directory "
+    "(parameter=video_url)",
+])
+def test_error_messages_sanitised_by_vllm_get_the_client_s_url_back(raised):
+    import json
+
+    from vllm.entrypoints.serve.exception_handling.utils import sanitize_message
+
+    from intp_vllm.apps.serve import _with_raised_message
+
+    sanitised = sanitize_message(raised)
+    assert "<path>" in sanitised  # what vLLM alone answers
+    body = json.dumps({"error": {"message": sanitised, "type": "BadRequestError", "param": None, "code": 400}})
+    assert json.loads(_with_raised_message(body.encode(), ["another message", raised]))["error"]["message"] == raised
+    other = json.dumps({"error": {"message": sanitize_message("video_url 'file:///tmp/x/other.mp4': is a FIFO"),
+                                  "type": "BadRequestError", "param": None, "code": 400}}).encode()
+    assert _with_raised_message(other, [raised]) == other  # only this request's own messages come back
+

@@ -22,7 +22,8 @@ import re
 
 from intp_vllm.apps.flags import add_media_host_arguments, add_video_decoder_argument
 from intp_vllm.core.prompt import VIDEO_LLAVA_CHAT_TEMPLATE_PATH
-from intp_vllm.vllm_ext.media import CLIENT_MESSAGES, ServeLimits, file_read_slots, install_media_limits
+from intp_vllm.vllm_ext.client_messages import CLIENT_MESSAGES
+from intp_vllm.vllm_ext.media import ServeLimits, file_read_slots, install_media_limits
 
 logger = logging.getLogger("vllm.intp_vllm")  # under "vllm": its handler and level apply
 
@@ -142,7 +143,7 @@ class RequestLimitMiddleware:
     has not returned (`media.file_read_slots`): a load balancer then routes video elsewhere.
     Otherwise it is vLLM's, with `STUCK_READS_HEADER` added. An error response whose message
     vLLM sanitised (file paths become `<path>`) gets the client's own URLs back, from the
-    message as our media connector raised it (`media.CLIENT_MESSAGES`).
+    message as our media connector raised it (`client_messages.py`).
     """
 
     def __init__(self, app) -> None:

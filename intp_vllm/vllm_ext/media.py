@@ -16,7 +16,6 @@ import binascii
 import json
 import math
 import os
-from contextvars import ContextVar
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -26,6 +25,7 @@ from intp_vllm.video.fetch import (FetchError, FileReadSlots, FileReadsStuck, Ho
                                    file_url_path, read_local_file, short_url)
 from intp_vllm.video.io import DECODERS, VideoLimits, sample_video
 from intp_vllm.video.preprocess import ClipPreprocessConfig, resize_and_crop
+from intp_vllm.vllm_ext.client_messages import for_the_client
 from intp_vllm.vllm_ext.image_frames import frame_list_urls
 from intp_vllm.core.checks import check_positive_int
 
@@ -34,10 +34,6 @@ MEDIA_HOOK_NAME = "intp_vllm"
 """Name of our media connector (VLLM_MEDIA_CONNECTOR) and video loader (video_backend)."""
 REQUEST_TEXT_BYTES = 1 << 20
 """Room for the JSON and text of a request on top of a base64 video."""
-CLIENT_MESSAGES: ContextVar[list[str] | None] = ContextVar("intp_vllm_client_messages", default=None)
-"""This request's error messages as raised, naming the URLs the client sent. vLLM's error
-responses replace file paths by `<path>`; `serve.RequestLimitMiddleware` sets a list here for
-each request and puts the client's own URLs back into its error response. Logs are unchanged."""
 
 
 @dataclass(frozen=True)
@@ -120,14 +116,6 @@ def file_read_slots() -> FileReadSlots:
     if _file_reads is None:
         _file_reads = FileReadSlots(ServeLimits.from_env().file_read_slots)
     return _file_reads
-
-
-def for_the_client(error: Exception) -> Exception:
-    """`error`, its message kept (CLIENT_MESSAGES) to reach the client with the URLs it sent."""
-    kept = CLIENT_MESSAGES.get()
-    if kept is not None:
-        kept.append(str(error))
-    return error
 
 
 class IntpVideoLoader:

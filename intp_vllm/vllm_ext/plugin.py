@@ -84,7 +84,8 @@ class VideoLlavaConfigHook:
 
 def prepare_chat_request(render_chat):
     """Wrap vLLM's `BaseRenderer.render_chat` (or `render_chat_async`) so that, for our model,
-    a message's image_url frames become one video (`image_frames.frames_as_video`), a request's
+    a message's image_url frames become one video (`image_frames.frames_as_video`), a video
+    attached again in a later turn counts once (`image_frames.one_video_each`), a request's
     `media_io_kwargs.video.num_frames` is its frame count unless it names `frames`
     (`VideoLlavaMultiModalProcessor.request_frames_kwargs`), and the videos of a chat request
     are fetched and decoded at the frame count the model's processor chooses for it
@@ -118,12 +119,13 @@ def prepare_chat_request(render_chat):
 
 
 def _frames_as_video(renderer, conversations, chat_params, prompt_extras):
-    """Conversations with image_url frames as one video each; chat params and prompt extras
+    """Conversations with image_url frames as one video each and videos attached again dropped
+    (`image_frames.one_video_each`); chat params and prompt extras
     (which carry the request's `mm_processor_kwargs` to the processor) asking for all of their
     frames unless the request asked for a count (`image_frames.py`)."""
     from vllm import envs
 
-    from intp_vllm.vllm_ext.image_frames import frames_as_video
+    from intp_vllm.vllm_ext.image_frames import frames_as_video, one_video_each
     from intp_vllm.vllm_ext.media import MEDIA_HOOK_NAME, ServeLimits
     from intp_vllm.vllm_ext.model import REQUEST_FRAMES_KWARG
 
@@ -131,6 +133,7 @@ def _frames_as_video(renderer, conversations, chat_params, prompt_extras):
         conversations, enabled=ServeLimits.from_env().image_frames,
         frame_limit=renderer.mm_processor.info.get_intp_config().frame_limit,
         connector_serves_frames=envs.VLLM_MEDIA_CONNECTOR == MEDIA_HOOK_NAME)
+    conversations = one_video_each(conversations)
     if len(counts) > 1:
         raise ValueError(f"conversations of {sorted(counts)} image_url frames in one call: their frame counts "
                          "differ; send each in its own call")
