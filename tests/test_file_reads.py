@@ -46,8 +46,8 @@ def media(tmp_path) -> Path:
 
 def test_a_regular_file_is_read_whole(media):
     (media / "sub").mkdir()
-    assert read_local_file(media / "clip.mp4", media, 100) == b"video bytes"
-    assert read_local_file(media / "sub" / ".." / "clip.mp4", media, 100) == b"video bytes"
+    assert read_local_file(media / "clip.mp4", media, 100)[0] == b"video bytes"
+    assert read_local_file(media / "sub" / ".." / "clip.mp4", media, 100)[0] == b"video bytes"
 
 
 def test_a_fifo_is_refused_from_its_stat_without_being_opened(media):
@@ -82,7 +82,7 @@ def test_paths_outside_the_allowed_directory_are_refused_after_resolving(media, 
         with pytest.raises(ValueError, match="must be a subpath of `--allowed-local-media-path`"):
             read_local_file(path, media, 100)
     (media / "inside.mp4").symlink_to(media / "clip.mp4")  # a link that stays inside is followed
-    assert read_local_file(media / "inside.mp4", media, 100) == b"video bytes"
+    assert read_local_file(media / "inside.mp4", media, 100)[0] == b"video bytes"
 
 
 def test_size_is_checked_before_reading_and_a_missing_file_is_an_os_error(media):
@@ -218,3 +218,25 @@ def test_error_messages_sanitised_by_vllm_get_the_client_s_url_back(raised):
                                   "type": "BadRequestError", "param": None, "code": 400}}).encode()
     assert _with_raised_message(other, [raised]) == other  # only this request's own messages come back
 
+
+
+def test_the_decoded_video_cache_keeps_the_most_recent_videos_within_its_bytes():
+    import numpy as np
+    from vllm.multimodal.media.base import MediaWithBytes
+
+    from intp_vllm.vllm_ext.media import DecodedVideoCache
+
+    def video(fill: int) -> MediaWithBytes:  # 600 bytes of frames + 400 of file
+        return MediaWithBytes((np.full((2, 10, 10, 3), fill, np.uint8), {"fill": fill}), bytes(400))
+
+    cache = DecodedVideoCache(2500)
+    cache.put("a", video(1))
+    cache.put("b", video(2))
+    assert cache.get("a") is not None  # now the most recent
+    cache.put("c", video(3))  # over 2500 bytes: "b", the least recent, goes
+    assert cache.get("b") is None and len(cache) == 2 and cache.held_bytes == 2000
+    hit = cache.get("a")
+    hit.media[0][:] = 9  # a request changing its frames does not change the cache's
+    assert cache.get("a").media[0].max() == 1 and cache.get("a").original_bytes == bytes(400)
+    cache.put("big", MediaWithBytes((np.zeros((3000,), np.uint8), {}), b""))  # larger than the cache: not kept
+    assert cache.get("big") is None and len(cache) == 2

@@ -409,6 +409,32 @@ def test_a_video_attached_again_in_later_turns_is_one_video(server, model, clip)
         "prompt_tokens"], reply
 
 
+def test_a_follow_up_question_about_an_unchanged_file_is_not_read_or_decoded_again(server, model, media_dir):
+    """The decoded-video cache: while the file's inode, size and mtime are unchanged, the next
+    turn gets the frames decoded for the first; touching the file makes the next one read it.
+    Shown by swapping other frames into the file behind the cache's back, same size and mtime."""
+    first, other = (write_video(media_dir / f"cache-{seed}.mp4", moving_shapes_video(
+        num_frames=24, height=72, width=100, seed=seed)).read_bytes() for seed in (21, 22))
+    size = max(len(first), len(other))
+    first, other = first.ljust(size, b"\0"), other.ljust(size, b"\0")  # trailing bytes after the moov: ignored
+    path = media_dir / "cached.mp4"
+    path.write_bytes(first)
+    (media_dir / "other.mp4").write_bytes(other)
+    mtime = path.stat().st_mtime_ns
+    status, turn_one = post(server, video_request(model, f"file://{path}"))
+    assert status == 200, turn_one
+    status, other_answer = post(server, video_request(model, f"file://{media_dir / 'other.mp4'}"))
+    assert other_answer["choices"][0]["message"] != turn_one["choices"][0]["message"]  # the frames tell apart
+    with open(path, "r+b") as file:  # other frames, same inode and size
+        file.write(other)
+    os.utime(path, ns=(mtime, mtime))
+    status, turn_two = post(server, video_request(model, f"file://{path}", text=QUESTION))
+    assert status == 200 and turn_two["choices"][0]["message"] == turn_one["choices"][0]["message"]
+    os.utime(path)  # a changed file: read again
+    status, turn_three = post(server, video_request(model, f"file://{path}"))
+    assert status == 200 and turn_three["choices"][0]["message"] == other_answer["choices"][0]["message"]
+
+
 def test_two_different_videos_are_a_400_saying_how_to_ask_about_two(server, model, clip, long_clip):
     two = [turn(f"file://{clip}", "What moves?"), {"role": "assistant", "content": "A square."},
            turn(f"file://{long_clip}", "And here?")]

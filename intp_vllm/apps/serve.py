@@ -118,6 +118,10 @@ def add_limit_arguments(parser: argparse.ArgumentParser) -> None:
                        "thread; a read that never returns (a stalled network mount) holds one until it returns. "
                        "When all hold such reads, file:// videos get a 503 and /health a 503 "
                        "(default %(default)s)")
+    group.add_argument("--video-cache-bytes", type=int, default=defaults.video_cache_bytes,
+                       help="bytes of decoded file:// videos (frames plus the file) each API-server process keeps "
+                       "so that a chat's next question about an unchanged file skips reading and decoding it; "
+                       "least recently used first out; 0 turns it off (default %(default)s = 256 MiB)")
     add_video_decoder_argument(group)
     add_media_host_arguments(group)
 

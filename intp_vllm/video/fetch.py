@@ -229,23 +229,32 @@ def file_kind(mode: int) -> str:
     return "a regular file" if stat.S_ISREG(mode) else FILE_KINDS.get(stat.S_IFMT(mode), "not a regular file")
 
 
-def read_local_file(path: Path, allowed_dir: Path, max_bytes: int) -> bytes:
-    """The bytes of the regular file at `path`, which must resolve (symlinks, `..`) to a
-    path under `allowed_dir` (resolved). Blocking: call it through `FileReadSlots.run`.
-
-    Its kind and size come from `stat` on the resolved path, before it is opened; it is then
-    opened non-blocking (a FIFO swapped in after the check cannot block the open) and must be
-    the file that was checked. Raises ValueError for a path outside `allowed_dir`, anything
+def local_file_stat(path: Path, allowed_dir: Path, max_bytes: int) -> tuple[Path, os.stat_result]:
+    """The resolved path and `stat` of the regular file at `path`, which must resolve (symlinks,
+    `..`) to a path under `allowed_dir` (resolved); nothing is opened. Blocking: call it
+    through `FileReadSlots.run`. Raises ValueError for a path outside `allowed_dir`, anything
     but a regular file (naming its kind) or more than `max_bytes` bytes (messages without the
-    path: the caller names the URL); OSError for a missing or unreadable file."""
+    path: the caller names the URL); OSError for a missing file."""
     resolved = path.resolve()
     if allowed_dir not in resolved.parents:
         raise ValueError("must be a subpath of `--allowed-local-media-path` (after symlinks and '..' are resolved)")
-    before = os.stat(resolved)
-    if not stat.S_ISREG(before.st_mode):
-        raise ValueError(f"is {file_kind(before.st_mode)}, not a regular file; only video files are read")
-    if before.st_size > max_bytes:
-        raise ValueError(f"is a file of {before.st_size} bytes; at most {max_bytes} bytes of video are allowed")
+    found = os.stat(resolved)
+    if not stat.S_ISREG(found.st_mode):
+        raise ValueError(f"is {file_kind(found.st_mode)}, not a regular file; only video files are read")
+    if found.st_size > max_bytes:
+        raise ValueError(f"is a file of {found.st_size} bytes; at most {max_bytes} bytes of video are allowed")
+    return resolved, found
+
+
+def read_local_file(path: Path, allowed_dir: Path, max_bytes: int) -> tuple[bytes, os.stat_result]:
+    """The bytes of the regular file at `path` (checked by `local_file_stat`) and its `stat` as
+    read. Blocking: call it through `FileReadSlots.run`.
+
+    Its kind and size come from `stat` on the resolved path, before it is opened; it is then
+    opened non-blocking (a FIFO swapped in after the check cannot block the open) and must be
+    the file that was checked, unchanged once read. Raises ValueError (as `local_file_stat`,
+    or for a file replaced or changed while read) or OSError for an unreadable file."""
+    resolved, before = local_file_stat(path, allowed_dir, max_bytes)
     fd = os.open(resolved, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
     try:
         opened = os.fstat(fd)
@@ -258,7 +267,10 @@ def read_local_file(path: Path, allowed_dir: Path, max_bytes: int) -> bytes:
             if size > max_bytes:
                 raise ValueError(f"grew past {max_bytes} bytes while it was read; at most {max_bytes} bytes "
                                  "of video are allowed")
-        return b"".join(chunks)
+        after = os.fstat(fd)
+        if (after.st_size, after.st_mtime_ns) != (size, opened.st_mtime_ns):
+            raise ValueError("changed while it was read; send it again once it is written")
+        return b"".join(chunks), after
     finally:
         os.close(fd)
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from intp_vllm.video.fetch import (FetchError, FileReadSlots, FileReadsStuck, HostPolicy, fetch_bytes,
-                                   file_url_path, read_local_file, short_url)
+                                   file_url_path, local_file_stat, read_local_file, short_url)
 from intp_vllm.video.io import DECODERS, VideoLimits, sample_video
 from intp_vllm.video.preprocess import ClipPreprocessConfig, resize_and_crop
 from intp_vllm.vllm_ext.client_messages import for_the_client
@@ -41,8 +41,9 @@ class ServeLimits:
     """What one request may cost the server: its video (see VideoLimits), its fetch time,
     and how many requests may be in flight at once; which hosts its video may come from
     (see fetch.HostPolicy); which decoder reads its video; whether a video may come as
-    its frames, image_url parts (image_frames.py); and how many file reads may be stuck at
-    once (fetch.FileReadSlots)."""
+    its frames, image_url parts (image_frames.py); how many file reads may be stuck at
+    once (fetch.FileReadSlots); and how many bytes of decoded file:// videos are kept for
+    a chat's next turn (DecodedVideoCache; 0: none)."""
 
     video: VideoLimits = field(default_factory=VideoLimits)
     fetch_timeout_s: float = 30.0
@@ -51,6 +52,7 @@ class ServeLimits:
     media_hosts: HostPolicy = field(default_factory=HostPolicy)
     image_frames: bool = True
     file_read_slots: int = 8
+    video_cache_bytes: int = 256 << 20
 
     def __post_init__(self) -> None:
         if self.video_decoder not in DECODERS:
@@ -59,6 +61,9 @@ class ServeLimits:
             raise ValueError(f"video fetch timeout must be > 0 seconds, got {self.fetch_timeout_s!r}")
         check_positive_int("max in-flight requests", self.max_in_flight)
         check_positive_int("file read slots", self.file_read_slots)
+        if isinstance(self.video_cache_bytes, bool) or not isinstance(self.video_cache_bytes, int) \
+                or self.video_cache_bytes < 0:
+            raise ValueError(f"video cache bytes must be an integer >= 0, got {self.video_cache_bytes!r}")
 
     @property
     def max_request_bytes(self) -> int:
@@ -76,7 +81,8 @@ class ServeLimits:
                              "no video could be decoded at that many frames; raise --max-video-frames")
         return cls(video, fetch_timeout_s=args.video_fetch_timeout, max_in_flight=args.max_in_flight_requests,
                    video_decoder=args.video_decoder, media_hosts=HostPolicy.from_args(args),
-                   image_frames=args.image_frames, file_read_slots=args.file_read_slots)
+                   image_frames=args.image_frames, file_read_slots=args.file_read_slots,
+                   video_cache_bytes=args.video_cache_bytes)
 
     @classmethod
     def from_env(cls) -> "ServeLimits":
@@ -116,6 +122,71 @@ def file_read_slots() -> FileReadSlots:
     if _file_reads is None:
         _file_reads = FileReadSlots(ServeLimits.from_env().file_read_slots)
     return _file_reads
+
+
+class DecodedVideoCache:
+    """Decoded `file://` videos (vLLM's `MediaWithBytes`: frames, metadata and the file's bytes,
+    which vLLM hashes, so a hit gives the same multimodal hash and the prefix cache still
+    applies) kept for a chat's next turn, least recently used first out, at most `max_bytes`
+    (frames plus file bytes; a video larger than that is not kept). A key is the file's
+    device, inode, size and mtime (so a changed file misses) and the decode's
+    settings (`media_io_kwargs`: frame count, frame size, decoder). A hit hands out a copy of
+    the frames. Thread-safe."""
+
+    def __init__(self, max_bytes: int) -> None:
+        from collections import OrderedDict
+        from threading import Lock
+
+        self.max_bytes = max_bytes
+        self.held_bytes = 0
+        self._entries: OrderedDict = OrderedDict()
+        self._lock = Lock()
+
+    def get(self, key):
+        with self._lock:
+            video = self._entries.get(key)
+            if video is None:
+                return None
+            self._entries.move_to_end(key)
+        (frames, metadata), data = video.media, video.original_bytes
+        return replace(video, media=(frames.copy(), dict(metadata)), original_bytes=data)
+
+    def put(self, key, video) -> None:
+        size = _held_bytes(video)
+        if size > self.max_bytes:
+            return
+        with self._lock:
+            if key in self._entries:
+                return
+            self._entries[key] = video
+            self.held_bytes += size
+            while self.held_bytes > self.max_bytes:
+                _, old = self._entries.popitem(last=False)
+                self.held_bytes -= _held_bytes(old)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+def _held_bytes(video) -> int:
+    return int(np.asarray(video.media[0]).nbytes) + len(video.original_bytes)
+
+
+def _file_key(found: os.stat_result, sampling: tuple) -> tuple:
+    """A file's version (device, inode, size, mtime: any path to it) and the decode's settings."""
+    return (found.st_dev, found.st_ino, found.st_size, found.st_mtime_ns, json.dumps(sampling, sort_keys=True,
+                                                                                      default=str))
+
+
+_video_cache: DecodedVideoCache | None = None
+
+
+def video_cache() -> DecodedVideoCache:
+    """This process's cache of decoded file:// videos (`ServeLimits.video_cache_bytes`), made on first use."""
+    global _video_cache
+    if _video_cache is None:
+        _video_cache = DecodedVideoCache(ServeLimits.from_env().video_cache_bytes)
+    return _video_cache
 
 
 class IntpVideoLoader:
@@ -256,25 +327,39 @@ class BoundedMediaConnector:
                                       video_processor: str | None = None):
         """vLLM's `fetch_video_async` for a file URL, the file read in a slot (`_read_file`) and
         decoded as vLLM decodes fetched bytes: our loader (media_io_kwargs.video names it), on
-        vLLM's media threads. (`video_processor` only picks a loader, and ours is forced.)"""
+        vLLM's media threads; from `video_cache()` while the file is unchanged (its path, inode,
+        size and mtime) and the sampling is the same. (`video_processor` only picks a loader,
+        and ours is forced.)"""
         from vllm.multimodal.media.connector import global_thread_pool
         from vllm.multimodal.media.image import ImageMediaIO
         from vllm.multimodal.media.video import VideoMediaIO
 
-        data = await self._read_file(url, self.limits.video.max_bytes)
-        image_io = ImageMediaIO(**({"image_mode": image_mode} | self.inner.media_io_kwargs.get("image", {})))
-        video_io = VideoMediaIO(image_io, **self.inner.media_io_kwargs["video"])
-        return await asyncio.get_running_loop().run_in_executor(global_thread_pool, video_io.load_bytes, data)
+        image_kwargs = {"image_mode": image_mode} | self.inner.media_io_kwargs.get("image", {})
+        cache, sampling = video_cache(), (image_kwargs, self.inner.media_io_kwargs["video"])
+        if cache.max_bytes:
+            _, found = await file_read_slots().run(local_file_stat, *self._file_args(url, self.limits.video.max_bytes))
+            if (hit := cache.get(_file_key(found, sampling))) is not None:
+                return hit
+        data, found = await self._read_file(url, self.limits.video.max_bytes)
+        video_io = VideoMediaIO(ImageMediaIO(**image_kwargs), **self.inner.media_io_kwargs["video"])
+        video = await asyncio.get_running_loop().run_in_executor(global_thread_pool, video_io.load_bytes, data)
+        cache.put(_file_key(found, sampling), video)
+        return video
 
-    async def _read_file(self, url: str, max_bytes: int) -> bytes:
-        """The bytes of a file URL's regular file under --allowed-local-media-path, read in one
-        of `file_read_slots()`. Raises ValueError (naming the kind of a path that is not a
-        regular file), OSError, FileReadsStuck."""
+    def _file_args(self, url: str, max_bytes: int) -> tuple[Path, Path, int]:
+        """(path, allowed directory, byte limit) of a file URL for `fetch.read_local_file`.
+        Raises ValueError for a server without --allowed-local-media-path or a bad URL."""
         allowed = self.inner.allowed_local_media_path
         if allowed is None:
             raise ValueError("file:// URLs are disabled on this server (it was started without "
                              "--allowed-local-media-path)")
-        return await file_read_slots().run(read_local_file, file_url_path(url), allowed, max_bytes)
+        return file_url_path(url), allowed, max_bytes
+
+    async def _read_file(self, url: str, max_bytes: int) -> tuple[bytes, os.stat_result]:
+        """The bytes (and `stat`) of a file URL's regular file under --allowed-local-media-path,
+        read in one of `file_read_slots()`. Raises ValueError (naming the kind of a path that is
+        not a regular file), OSError, FileReadsStuck."""
+        return await file_read_slots().run(read_local_file, *self._file_args(url, max_bytes))
 
     async def _fetch_frames_async(self, urls: list[str]) -> tuple:
         """(uint8 frames (N, S, S, 3), metadata) of N image URLs, fetched at once, in order."""
@@ -288,7 +373,7 @@ class BoundedMediaConnector:
         from vllm.multimodal.media.connector import global_thread_pool
 
         try:
-            data = await self._read_file(url, io.get_max_bytes())
+            data, _ = await self._read_file(url, io.get_max_bytes())
         except ValueError as exc:
             raise ValueError(f"{io.label} {exc}") from None
         return await asyncio.get_running_loop().run_in_executor(global_thread_pool, io.load_bytes, data)
