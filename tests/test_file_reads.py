@@ -240,3 +240,7 @@ def test_the_decoded_video_cache_keeps_the_most_recent_videos_within_its_bytes()
     assert cache.get("a").media[0].max() == 1 and cache.get("a").original_bytes == bytes(400)
     cache.put("big", MediaWithBytes((np.zeros((3000,), np.uint8), {}), b""))  # larger than the cache: not kept
     assert cache.get("big") is None and len(cache) == 2
+    served = video(4)
+    cache.put("d", served)
+    served.media[0][:] = 7  # the request that decoded it changes its frames: the cache keeps its own
+    assert cache.get("d").media[0].max() == 4

@@ -3,8 +3,10 @@ video loader, ours (registered by the plugin in every vLLM process).
 
 `IntpVideoLoader` decodes (video/io.py) and preprocesses each frame as it is decoded;
 `BoundedMediaConnector` checks files, data URLs and fetches (video/fetch.py) before they cost
-memory, and reads files in bounded slots (`fetch.FileReadSlots`); both follow the `ServeLimits` that `intp-vllm serve` installs through one environment
-variable, so the API-server processes it starts see them too (docs/robustness.md).
+memory, reads files in bounded slots (`fetch.FileReadSlots`) and keeps decoded files for a
+chat's next turn (`DecodedVideoCache`); both follow the `ServeLimits` that `intp-vllm serve`
+installs through one environment variable, so the API-server processes it starts see them
+too (docs/robustness.md).
 """
 
 from __future__ import annotations
@@ -130,8 +132,8 @@ class DecodedVideoCache:
     applies) kept for a chat's next turn, least recently used first out, at most `max_bytes`
     (frames plus file bytes; a video larger than that is not kept). A key is the file's
     device, inode, size and mtime (so a changed file misses) and the decode's
-    settings (`media_io_kwargs`: frame count, frame size, decoder). A hit hands out a copy of
-    the frames. Thread-safe."""
+    settings (`media_io_kwargs`: frame count, frame size, decoder). It keeps, and a hit hands
+    out, a copy of the frames (a request may change its own). Thread-safe."""
 
     def __init__(self, max_bytes: int) -> None:
         from collections import OrderedDict
@@ -148,13 +150,13 @@ class DecodedVideoCache:
             if video is None:
                 return None
             self._entries.move_to_end(key)
-        (frames, metadata), data = video.media, video.original_bytes
-        return replace(video, media=(frames.copy(), dict(metadata)), original_bytes=data)
+        return _copied(video)
 
     def put(self, key, video) -> None:
         size = _held_bytes(video)
         if size > self.max_bytes:
             return
+        video = _copied(video)
         with self._lock:
             if key in self._entries:
                 return
@@ -166,6 +168,11 @@ class DecodedVideoCache:
 
     def __len__(self) -> int:
         return len(self._entries)
+
+
+def _copied(video):
+    (frames, metadata) = video.media
+    return replace(video, media=(np.array(frames, copy=True), dict(metadata)))
 
 
 def _held_bytes(video) -> int:
