@@ -207,7 +207,8 @@ RENDERER_WRAPPERS = {
 def register() -> None:
     """The plugin's entry point: registers the model for both architectures, its config hook,
     our video loader and media connector, the chat-template fallback, the renderer wrappers and
-    the structured-output check. Idempotent."""
+    the structured-output check; in an engine-core process, ends it with its parent
+    (`engine.end_with_parent`). Idempotent."""
     from vllm import ModelRegistry
     from vllm.model_executor.models.config import MODELS_CONFIG_MAP
     from vllm.multimodal.media.connector import MEDIA_CONNECTOR_REGISTRY
@@ -217,6 +218,7 @@ def register() -> None:
         register_chat_template_fallback_path,
     )
 
+    from intp_vllm.vllm_ext.engine import end_with_parent
     from intp_vllm.vllm_ext.media import MEDIA_HOOK_NAME, BoundedMediaConnector, IntpVideoLoader
     from intp_vllm.core.prompt import VIDEO_LLAVA_CHAT_TEMPLATE_PATH
 
@@ -226,6 +228,7 @@ def register() -> None:
         if not getattr(getattr(BaseRenderer, name), "intp_vllm_wrapped", False):
             setattr(BaseRenderer, name, wrap(getattr(BaseRenderer, name)))
     _refuse_json_the_tokenizer_cannot_write()
+    end_with_parent()
     VIDEO_LOADER_REGISTRY.register(MEDIA_HOOK_NAME)(IntpVideoLoader)
     MEDIA_CONNECTOR_REGISTRY.register(MEDIA_HOOK_NAME)(BoundedMediaConnector)  # used where VLLM_MEDIA_CONNECTOR says
     if get_chat_template_fallback_path(VIDEO_LLAVA_MODEL_TYPE, "") is None:
