@@ -20,7 +20,8 @@ from PIL import Image
 from intp_vllm.research.synthetic import moving_shapes_video
 from intp_vllm.video.io import VideoLimits, write_video
 from intp_vllm.video.preprocess import ClipPreprocessConfig, resize_and_crop
-from intp_vllm.vllm_ext.image_frames import FRAME_LIST_PREFIX, frame_list_url, frame_list_urls, frames_as_video
+from intp_vllm.vllm_ext.image_frames import (FRAME_LIST_PREFIX, frame_list_url, frame_list_urls, frames_as_video,
+                                             one_video_each)
 from intp_vllm.vllm_ext.media import FrameImageIO, ServeLimits, frames_video
 
 QUESTION = "What is happening in this video?"
@@ -91,7 +92,6 @@ FRAME = "data:image/png;base64,AAAA"
     ([frames_message([FRAME] * 2), {"role": "user", "content": [
         {"type": "video_url", "video_url": {"url": "file:///a.mp4"}}]}], {},
      r"2 image part\(s\) and 1 video part\(s\).*not both"),
-    ([frames_message([FRAME] * 2), frames_message([FRAME] * 2)], {}, "frames came in more than one message"),
     ([frames_message([FRAME] * (MAX_FRAMES + 1))], {},
      f"{MAX_FRAMES + 1} image_url frames: at most {MAX_FRAMES} frames are served a request"),
     ([frames_message([FRAME] * 2)], {"enabled": False}, "image parts are not served: .*--no-image-frames"),
@@ -99,10 +99,72 @@ FRAME = "data:image/png;base64,AAAA"
      "image part 1 of a message of frames is a image_embeds part without a URL"),
     ([frames_message([FRAME] * 2)], {"connector_serves_frames": False},
      r"served as one video by `intp-vllm serve`.*multi_modal_data=\{'video': frames\}"),
-], ids=["single-image", "images-and-video", "two-messages", "too-many", "disabled", "embeds", "offline"])
+], ids=["single-image", "images-and-video", "too-many", "disabled", "embeds", "offline"])
 def test_frame_lists_outside_the_rules_are_refused_naming_why(conversation, options, message):
     with pytest.raises(ValueError, match=message):
         rewrite(conversation, **options)
+
+
+# ------------------------------------------------------------------------------ multi-turn chats
+
+
+def video_turn(url: str, text: str, uuid: str | None = None) -> dict:
+    part = {"type": "video_url", "video_url": {"url": url}, **({"uuid": uuid} if uuid else {})}
+    return {"role": "user", "content": [part, {"type": "text", "text": text}]}
+
+
+ANSWER = {"role": "assistant", "content": "A red square."}
+
+
+@pytest.mark.parametrize("first, again", [
+    (video_turn("file:///media/clip.mp4", "What?"), video_turn("file:///media/clip.mp4", "And then?")),
+    (video_turn("file:///media/clip.mp4", "What?"), video_turn("file://localhost/media/./clip.mp4", "And then?")),
+    (video_turn("data:video/mp4;base64,AAAA", "What?"), video_turn("data:video/mp4;base64,AAAA", "And then?")),
+    (video_turn("https://example.com/a.mp4", "What?", uuid="v1"),
+     video_turn("https://cdn.example.com/a.mp4", "And then?", uuid="v1")),
+    (frames_message([FRAME, FRAME + "B"], "What?"), frames_message([FRAME, FRAME + "B"], "And then?")),
+], ids=["same-url", "file-localhost", "same-data-url", "same-uuid", "same-frames"])
+def test_a_video_attached_again_in_a_later_turn_is_one_video_where_it_was_first_attached(first, again):
+    system = {"role": "system", "content": "Be brief."}
+    conversations, counts = rewrite([system, first, ANSWER, again])
+    [conversation] = one_video_each(conversations)
+    assert [[part["type"] for part in m["content"]] if isinstance(m["content"], list) else "text"
+            for m in conversation] == ["text", ["video_url", "text"], "text", ["text"]]
+    assert conversation[3]["content"][0]["text"] == "And then?"
+    assert conversation[1]["content"][0] == conversations[0][1]["content"][0]  # the first attachment, unchanged
+
+
+@pytest.mark.parametrize("second, named", [
+    (video_turn("file:///media/other.mp4", "And this one?"), "video_url 'file:///media/other.mp4' in message 3"),
+    (video_turn("file:///media/clip.mp4", "And this one?", uuid="other"), None),
+    (frames_message([FRAME, FRAME], "And these?"), None),
+], ids=["other-url", "uuid-and-url", "frames"])
+def test_two_different_videos_in_a_conversation_are_refused_saying_how_to_ask_about_two(second, named):
+    first = video_turn("file:///media/clip.mp4", "What?", uuid="v1")
+    if second["content"][0]["type"] == "image_url":
+        with pytest.raises(ValueError, match=r"2 image part\(s\) and 1 video part\(s\)"):
+            rewrite([first, ANSWER, second])
+        return
+    conversations, _ = rewrite([first, ANSWER, second])
+    if named is None:  # the same URL under another uuid: the URL says it is the same video
+        assert len(one_video_each(conversations)[0][2]["content"]) == 1
+        return
+    with pytest.raises(ValueError) as refused:
+        one_video_each(conversations)
+    assert str(refused.value) == (
+        f"this conversation attaches two different videos (video_url 'file:///media/clip.mp4' in message 1, {named}): "
+        "this model takes one video a prompt (a video attached again in a later turn, by the same URL or uuid, counts "
+        "once); to ask about two videos, ask about each in its own request, or join them into one video file (one "
+        "after the other) and send that")
+
+
+def test_different_frame_lists_in_two_turns_are_two_videos():
+    conversations, counts = rewrite([frames_message([FRAME, FRAME], "What?"), ANSWER,
+                                     frames_message([FRAME, FRAME, FRAME], "And these?")])
+    assert counts == {2, 3}
+    with pytest.raises(ValueError, match=r"two different videos \(2 image_url frames in message 1, 3 image_url "
+                       r"frames in message 3\)"):
+        one_video_each(conversations)
 
 
 @pytest.mark.parametrize("url", [FRAME_LIST_PREFIX + "[]", FRAME_LIST_PREFIX + "{", FRAME_LIST_PREFIX + "[1, 2]"])

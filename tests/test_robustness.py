@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import json
 import os
 import re
 import socket
@@ -268,6 +269,106 @@ def test_hostile_video_is_a_4xx_naming_the_problem_and_the_next_request_succeeds
     assert_served(server, model, clip)
 
 
+def timed_post(server: str, body: dict) -> tuple[int, dict, float]:
+    start = time.monotonic()
+    status, reply = post(server, body)
+    return status, reply, time.monotonic() - start
+
+
+def test_eight_fifos_are_400s_at_once_and_the_next_video_is_answered_in_the_usual_time(server, model, media_dir, clip):
+    """The field report: file:// naming a FIFO (opening it blocks until a writer comes) used to
+    hold one of vLLM's 8 media threads forever; after 8, every video request was a 422. Now a
+    FIFO is refused from its stat, never opened, and the client's own URL is in the message."""
+    usual = min(timed_post(server, video_request(model, f"file://{clip}"))[2] for _ in range(3))
+    fifos = [media_dir / f"pipe{i}.mp4" for i in range(8)]
+    for fifo in fifos:
+        if not fifo.exists():
+            os.mkfifo(fifo)
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(len(fifos)) as pool:
+        answers = list(pool.map(lambda fifo: timed_post(server, video_request(model, f"file://{fifo}")), fifos))
+    for fifo, (status, reply, seconds) in zip(fifos, answers):
+        assert status == 400 and seconds < FETCH_TIMEOUT_S, (status, reply, seconds)
+        assert reply["error"]["message"] == (f"video_url 'file://{fifo}': is a FIFO (named pipe), not a regular file; "
+                                             "only video files are read")
+    health = requests.get(f"{server}/health", timeout=5)
+    assert health.status_code == 200 and health.headers["x-intp-stuck-file-reads"] == "0/8"
+    status, reply, seconds = timed_post(server, video_request(model, f"file://{clip}"))
+    assert status == 200, reply
+    assert seconds < min(FETCH_TIMEOUT_S, 3 * usual + 1.0), (seconds, usual)
+
+
+def test_sockets_and_directories_are_400s_naming_the_kind_and_the_client_s_url(server, model, media_dir, clip):
+    import socket as sockets
+
+    listener = sockets.socket(sockets.AF_UNIX)
+    path = media_dir / "sock.mp4"
+    path.unlink(missing_ok=True)
+    listener.bind(str(path))
+    (media_dir / "folder.mp4").mkdir(exist_ok=True)
+    try:
+        for name, kind in (("sock.mp4", "a socket"), ("folder.mp4", "a directory")):
+            status, reply = post(server, video_request(model, f"file://{media_dir / name}"))
+            assert status == 400 and reply["error"]["message"] == (
+                f"video_url 'file://{media_dir / name}': is {kind}, not a regular file; only video files are read")
+    finally:
+        listener.close()
+    assert_served(server, model, clip)
+
+
+def test_file_localhost_urls_are_served_like_file_urls_without_a_host(server, model, clip):
+    """RFC 8089: file://localhost/abs/path is file:///abs/path (vLLM read it as a relative path: a 422)."""
+    status, reply = post(server, video_request(model, f"file://localhost{clip}"))
+    assert status == 200, reply
+    assert reply["choices"][0]["message"] == assert_served(server, model, clip)["choices"][0]["message"]
+    status, reply = post(server, video_request(model, f"file://fileserver{clip}"))
+    assert status == 400 and reply["error"]["message"] == (
+        f"video_url 'file://fileserver{clip}': names host 'fileserver': file URLs name a path on this server, "
+        "file:///abs/path or file://localhost/abs/path")
+
+
+def test_error_messages_name_the_path_the_client_sent(server, model, media_dir):
+    """vLLM's sanitiser makes paths `<path>` in error messages; the client sent the path, so ours
+    come back whole (a missing file: 422; too big: 400)."""
+    status, reply = post(server, video_request(model, f"file://{media_dir / 'missing.mp4'}"))
+    assert status == 422 and reply["error"]["message"] == (
+        f"video_url 'file://{media_dir / 'missing.mp4'}' could not be fetched: FileNotFoundError: No such file or "
+        "directory (parameter=video_url)")
+    (media_dir / "big.mp4").write_bytes(bytes(MAX_VIDEO_BYTES + 1))
+    status, reply = post(server, video_request(model, f"file://{media_dir / 'big.mp4'}"))
+    assert status == 400 and reply["error"]["message"].startswith(f"video_url 'file://{media_dir / 'big.mp4'}': is a "
+                                                                  f"file of {MAX_VIDEO_BYTES + 1} bytes")
+
+
+def test_a_streamed_request_refused_before_its_first_token_gets_the_status_and_body_of_an_unstreamed_one(
+        server, model, clip):
+    """vLLM checks sampling parameters once the stream has begun (a 200, then an error event);
+    the server answers a streamed request it refuses with a 4xx, as an unstreamed one."""
+    bad = video_request(model, f"file://{clip}", logit_bias={"100000": 5})  # a token id out of the vocabulary
+    status, unstreamed = post(server, bad)
+    assert status == 400, unstreamed
+    response = requests.post(f"{server}/v1/chat/completions", json={**bad, "stream": True}, timeout=120)
+    assert response.status_code == 400 and response.headers["content-type"] == "application/json"
+    assert response.json()["error"] == unstreamed["error"]
+    response = requests.post(f"{server}/v1/chat/completions", json={**video_request(model, f"file://{clip}"),
+                                                                    "stream": True}, timeout=120)
+    assert response.status_code == 200 and response.text.startswith("data: ") and "data: [DONE]" in response.text
+
+
+def test_json_response_format_is_served_when_the_tokenizer_can_write_json(server, model, clip):
+    """The tiny checkpoint's byte-level tokenizer can begin '{': response_format is honoured
+    (the refusal for a tokenizer that cannot: test_structured_output.py)."""
+    for stream in (False, True):
+        response = requests.post(f"{server}/v1/chat/completions", timeout=120, json={
+            **video_request(model, f"file://{clip}"), "stream": stream, "response_format": {"type": "json_object"}})
+        assert response.status_code == 200, response.text
+        text = response.json()["choices"][0]["message"]["content"] if not stream else "".join(
+            json.loads(line[6:])["choices"][0]["delta"].get("content") or ""
+            for line in response.text.splitlines() if line.startswith("data: {"))
+        assert text.lstrip().startswith("{"), text
+
+
 def test_num_frames_alone_is_the_request_s_frame_count(server, model, clip):
     """What lmms-eval's pass_video_url sends: the video is read at num_frames, as with frames."""
     def prompt_tokens(extra: dict) -> int:
@@ -279,9 +380,69 @@ def test_num_frames_alone_is_the_request_s_frame_count(server, model, clip):
         == prompt_tokens({"mm_processor_kwargs": {"frames": 16}}) > prompt_tokens({})
 
 
-def test_more_videos_than_allowed_is_a_400(server, model, clip):
-    status, reply = post(server, video_request(model, f"file://{clip}", videos=2))
-    assert status == 400 and "At most 1 video(s) may be provided" in reply["error"]["message"]
+def chat(model: str, messages: list[dict]) -> dict:
+    return {"model": model, "messages": messages, "max_tokens": 4, "temperature": 0.0}
+
+
+def turn(url: str, text: str) -> dict:
+    return {"role": "user", "content": [{"type": "video_url", "video_url": {"url": url}}, {"type": "text", "text": text}]}
+
+
+def test_a_video_attached_again_in_later_turns_is_one_video(server, model, clip):
+    """Clients resend the attachment with every turn (vLLM alone: a 400, 'At most 1 video(s)'):
+    the conversation is served as if the video came once, in the first turn."""
+    url = f"file://{clip}"
+    answer = {"role": "assistant", "content": "A red square."}
+    system = {"role": "system", "content": "Answer in one word."}
+    once = [system, turn(url, "What moves?"), answer, {"role": "user", "content": "Which way?"}]
+    status, expected = post(server, chat(model, once))
+    assert status == 200, expected
+    for again in (url, f"file://localhost{clip}"):
+        resent = [system, turn(url, "What moves?"), answer,
+                  {"role": "user", "content": [{"type": "video_url", "video_url": {"url": again}},
+                                               {"type": "text", "text": "Which way?"}]}]
+        status, reply = post(server, chat(model, resent))
+        assert status == 200, reply
+        assert reply["usage"] == expected["usage"] and reply["choices"][0]["message"] == expected["choices"][0]["message"]
+    status, reply = post(server, video_request(model, url, videos=2))  # twice in one message: once
+    assert status == 200 and reply["usage"]["prompt_tokens"] == assert_served(server, model, clip)["usage"][
+        "prompt_tokens"], reply
+
+
+def test_a_follow_up_question_about_an_unchanged_file_is_not_read_or_decoded_again(server, model, media_dir):
+    """The decoded-video cache: while the file's inode, size and mtime are unchanged, the next
+    turn gets the frames decoded for the first; touching the file makes the next one read it.
+    Shown by swapping other frames into the file behind the cache's back, same size and mtime."""
+    first, other = (write_video(media_dir / f"cache-{seed}.mp4", moving_shapes_video(
+        num_frames=24, height=72, width=100, seed=seed)).read_bytes() for seed in (21, 22))
+    size = max(len(first), len(other))
+    first, other = first.ljust(size, b"\0"), other.ljust(size, b"\0")  # trailing bytes after the moov: ignored
+    path = media_dir / "cached.mp4"
+    path.write_bytes(first)
+    (media_dir / "other.mp4").write_bytes(other)
+    mtime = path.stat().st_mtime_ns
+    status, turn_one = post(server, video_request(model, f"file://{path}"))
+    assert status == 200, turn_one
+    status, other_answer = post(server, video_request(model, f"file://{media_dir / 'other.mp4'}"))
+    assert other_answer["choices"][0]["message"] != turn_one["choices"][0]["message"]  # the frames tell apart
+    with open(path, "r+b") as file:  # other frames, same inode and size
+        file.write(other)
+    os.utime(path, ns=(mtime, mtime))
+    status, turn_two = post(server, video_request(model, f"file://{path}", text=QUESTION))
+    assert status == 200 and turn_two["choices"][0]["message"] == turn_one["choices"][0]["message"]
+    os.utime(path)  # a changed file: read again
+    status, turn_three = post(server, video_request(model, f"file://{path}"))
+    assert status == 200 and turn_three["choices"][0]["message"] == other_answer["choices"][0]["message"]
+
+
+def test_two_different_videos_are_a_400_saying_how_to_ask_about_two(server, model, clip, long_clip):
+    two = [turn(f"file://{clip}", "What moves?"), {"role": "assistant", "content": "A square."},
+           turn(f"file://{long_clip}", "And here?")]
+    status, reply = post(server, chat(model, two))
+    assert status == 400 and reply["error"]["message"].startswith(
+        f"this conversation attaches two different videos (video_url 'file://{clip}' in message 1, video_url "
+        f"'file://{long_clip}' in message 3): this model takes one video a prompt"), reply
+    assert "ask about each in its own request" in reply["error"]["message"]
     assert_served(server, model, clip)
 
 

@@ -7,8 +7,10 @@ vLLM's parser unchanged.
 
 Hostile or heavy input is bounded (docs/robustness.md): videos from `video_url` parts are
 fetched and decoded within `ServeLimits` (`vllm_ext/media.py`), and `RequestLimitMiddleware`
-(here) sheds load with a 503 and caps bodies with a 413 before they cost memory. All run in
-the API-server processes; the limits reach them through one environment variable.
+(here) sheds load with a 503 and caps bodies with a 413 before they cost memory, answers
+`/health` with a 503 while no file:// video can be read, and puts the URLs a client sent back
+into its error messages. All run in the API-server processes; the limits reach them through
+one environment variable.
 """
 
 from __future__ import annotations
@@ -16,14 +18,18 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 
 from intp_vllm.apps.flags import add_media_host_arguments, add_video_decoder_argument
 from intp_vllm.core.prompt import VIDEO_LLAVA_CHAT_TEMPLATE_PATH
-from intp_vllm.vllm_ext.media import ServeLimits, install_media_limits
+from intp_vllm.vllm_ext.client_messages import CLIENT_MESSAGES
+from intp_vllm.vllm_ext.media import ServeLimits, file_read_slots, install_media_limits
 
 logger = logging.getLogger("vllm.intp_vllm")  # under "vllm": its handler and level apply
 
 MIDDLEWARE = "intp_vllm.apps.serve.RequestLimitMiddleware"
+STUCK_READS_HEADER = b"x-intp-stuck-file-reads"
+"""On every /health answer: `<stuck>/<slots>` file-read slots held by reads that have not returned."""
 
 
 def merge_hf_overrides(user: dict | str | None, intp: dict) -> dict:
@@ -104,6 +110,15 @@ def add_limit_arguments(parser: argparse.ArgumentParser) -> None:
                        help="serve a message's 2 or more image_url parts as one video of those frames, in order "
                        "(how lmms-eval sends a video by default); --no-image-frames answers image parts with a "
                        "400 (default: on)")
+    group.add_argument("--file-read-slots", type=int, default=defaults.file_read_slots,
+                       help="file:// videos and frames read at once by each API-server process, each in its own "
+                       "thread; a read that never returns (a stalled network mount) holds one until it returns. "
+                       "When all hold such reads, file:// videos get a 503 and /health a 503 "
+                       "(default %(default)s)")
+    group.add_argument("--video-cache-bytes", type=int, default=defaults.video_cache_bytes,
+                       help="bytes of decoded file:// videos (frames plus the file) each API-server process keeps "
+                       "so that a chat's next question about an unchanged file skips reading and decoding it; "
+                       "least recently used first out; 0 turns it off (default %(default)s = 256 MiB)")
     add_video_decoder_argument(group)
     add_media_host_arguments(group)
 
@@ -120,6 +135,16 @@ class RequestLimitMiddleware:
     are being served gets a 503 with Retry-After. vLLM's own --max-num-queued-reqs counts a
     request only once it reaches the engine, after its video was fetched and decoded, so a
     burst passes it all at once; this counts from arrival.
+
+    A streamed request refused before its first token (vLLM validates sampling parameters,
+    e.g. `response_format`, only once the stream has begun: a 200, then an error event) gets
+    that error's own status and JSON body instead (`refused_streams_as_status`).
+
+    `GET /health` is a 503 naming the stuck reads while every file-read slot holds a read that
+    has not returned (`media.file_read_slots`): a load balancer then routes video elsewhere.
+    Otherwise it is vLLM's, with `STUCK_READS_HEADER` added. An error response whose message
+    vLLM sanitised (file paths become `<path>`) gets the client's own URLs back, from the
+    message as our media connector raised it (`client_messages.py`).
     """
 
     def __init__(self, app) -> None:
@@ -128,6 +153,9 @@ class RequestLimitMiddleware:
         self.in_flight = 0
 
     async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http" and scope["path"] == "/health":
+            await self._health(scope, receive, send)
+            return
         if scope["type"] != "http" or scope["method"] != "POST":
             await self.app(scope, receive, send)
             return
@@ -141,10 +169,30 @@ class RequestLimitMiddleware:
                              f"{self.limits.max_in_flight}; retry later", retry_after=True)
             return
         self.in_flight += 1
+        raised: list[str] = []
+        token = CLIENT_MESSAGES.set(raised)
         try:
-            await self._serve_capped(scope, receive, send)
+            await self._serve_capped(scope, receive, refused_streams_as_status(restore_client_urls(send, raised)))
         finally:
+            CLIENT_MESSAGES.reset(token)
             self.in_flight -= 1
+
+    async def _health(self, scope, receive, send) -> None:
+        slots = file_read_slots()
+        stuck = f"{slots.stuck}/{slots.slots}".encode()
+        if not slots.healthy:
+            await send_error(send, 503, "ServiceUnavailableError",
+                             f"video path unhealthy: {slots.status()}: reads of file:// videos have not returned "
+                             "(a stalled mount or device?); file:// videos get a 503 until one returns",
+                             headers=[(STUCK_READS_HEADER, stuck)])
+            return
+
+        async def send_with_count(message):
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []), (STUCK_READS_HEADER, stuck)]}
+            await send(message)
+
+        await self.app(scope, receive, send_with_count)
 
     async def _serve_capped(self, scope, receive, send) -> None:
         """Run the app with its body reads counted; past the limit it reads a disconnect."""
@@ -185,14 +233,106 @@ class RequestLimitMiddleware:
 
 
 async def send_error(send, status: int, kind: str, message: str, retry_after: bool = False,
-                     close: bool = False) -> None:
+                     close: bool = False, headers: list[tuple[bytes, bytes]] = (), param: str | None = None) -> None:
     """An error in vLLM's (OpenAI's) JSON shape; `close` ends the connection after it (the
     client may still be sending a body nobody will read)."""
-    body = json.dumps({"error": {"message": message, "type": kind, "param": None, "code": status}}).encode()
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    body = json.dumps({"error": {"message": message, "type": kind, "param": param, "code": status}}).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), *headers]
     if retry_after:
         headers.append((b"retry-after", b"1"))
     if close:
         headers.append((b"connection", b"close"))
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
+
+
+# ------------------------------------------------------------------------------ the client's URLs in errors
+
+
+def restore_client_urls(send, raised: list[str]):
+    """`send` for one request whose error response, if vLLM sanitised a message in `raised`
+    (the request's own messages, filled while it is served), carries that message as raised.
+    Other responses, and streamed ones, pass through unchanged."""
+    start = None
+    chunks: list[bytes] = []
+
+    async def wrapped(message):
+        nonlocal start
+        if message["type"] == "http.response.start" and message["status"] >= 400 and raised:
+            start = message
+            return
+        if start is None or message["type"] != "http.response.body":
+            await send(message)
+            return
+        chunks.append(message.get("body", b""))
+        if message.get("more_body", False):
+            return
+        body = _with_raised_message(b"".join(chunks), raised)
+        headers = [(k, v) for k, v in start.get("headers", []) if k.lower() != b"content-length"]
+        await send({**start, "headers": [*headers, (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
+
+    return wrapped
+
+
+def _with_raised_message(body: bytes, raised: list[str]) -> bytes:
+    """A JSON error body whose sanitised message (`<path>` for paths) is one of `raised`, with
+    that message instead; any other body unchanged."""
+    try:
+        reply = json.loads(body)
+        sanitised = reply["error"]["message"]
+    except (ValueError, KeyError, TypeError):
+        return body
+    if not isinstance(sanitised, str) or "<path>" not in sanitised:
+        return body
+    pattern = re.compile(".+?".join(map(re.escape, sanitised.split("<path>"))), re.DOTALL)
+    for message in raised:
+        if pattern.fullmatch(message):
+            reply["error"]["message"] = message
+            return json.dumps(reply).encode()
+    return body
+
+
+def refused_streams_as_status(send):
+    """`send` for one request whose event stream (`text/event-stream`, 200) is held back until
+    its first event: if that event is a client error (`{"error": {"code": 4xx, ...}}`, what
+    vLLM streams when it refuses a request after the stream began), the response is that
+    status with the error as its JSON body, as a request without `stream` gets; otherwise the
+    stream goes on unchanged. Delays a stream's headers until its first event (the first token)."""
+    held = None
+    refused = False
+
+    async def wrapped(message):
+        nonlocal held, refused
+        if refused:
+            return
+        if message["type"] == "http.response.start":
+            content_type = dict(message.get("headers", [])).get(b"content-type", b"")
+            if message["status"] == 200 and content_type.startswith(b"text/event-stream"):
+                held = message
+                return
+        elif held is not None and message["type"] == "http.response.body":
+            start, held = held, None
+            error = _client_error_event(message.get("body", b""))
+            if error is not None:
+                refused = True
+                await send_error(send, error["code"], error.get("type", "BadRequestError"), error.get("message", ""),
+                                 param=error.get("param"))
+                return
+            await send(start)
+        await send(message)
+
+    return wrapped
+
+
+def _client_error_event(body: bytes) -> dict | None:
+    """The error of a first server-sent event `data: {"error": {...}}` with a 4xx code, or None."""
+    event = body.split(b"\n\n", 1)[0]
+    if not event.startswith(b"data: "):
+        return None
+    try:
+        error = json.loads(event[len(b"data: "):])["error"]
+        code = int(error["code"])
+    except (ValueError, KeyError, TypeError):
+        return None
+    return error if 400 <= code < 500 else None

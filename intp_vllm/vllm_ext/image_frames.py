@@ -1,4 +1,5 @@
-"""A video sent as its frames, one `image_url` part each (lmms-eval's default), served as one video.
+"""How a chat's media parts become the model's one video: frames sent as `image_url` parts
+(lmms-eval's default) served as one video, and a video attached again in later turns counted once.
 
 Video-LLaVA's image path is not served (the image tower is skipped), and evaluation harnesses
 send a video as N evenly spaced frames, each a base64 `image_url` part of one user message.
@@ -10,18 +11,29 @@ host rules), resizes and crops it as a decoded video frame is, and hands the fra
 order, as one video. From there it is any video: INTP grouping, the request's RoPE scale.
 
 Rules (each refusal a 400 naming the input): a single image is refused (Video-LLaVA's image
-path is not served); image and video parts in one request are refused; frames in more than
-one message are refused (one video a request); more frames than `intp.max_frames` are
-refused. A request that does not set `mm_processor_kwargs.frames` gets it set to the number
-of frames, so all of them are used; one that sets it gets its frames sampled to that count
-as any video's. Every frame is resized (short side) and centre-cropped to the tower's input,
-so frames of different sizes make one video.
+path is not served); image and video parts in one request are refused; more frames in a
+message than `intp.max_frames` are refused. A request that does not set
+`mm_processor_kwargs.frames` gets it set to the number of frames, so all of them are used; one
+that sets it gets its frames sampled to that count as any video's. Every frame is resized
+(short side) and centre-cropped to the tower's input, so frames of different sizes make one video.
+
+Multi-turn chats (`one_video_each`, after the frames are videos): clients resend a video with
+every turn. A video part whose video an earlier part already attached (the same `uuid`, or
+the same URL: `file://localhost/p` is `file:///p`, the same frame list, the same data URL,
+i.e. the same bytes) is dropped, so the model sees the video once, where it was first
+attached, and the later turns' questions refer to it. Two different videos in one
+conversation are refused: the model takes one video a prompt (docs/robustness.md,
+"Multi-turn chats").
 """
 
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterable, Mapping
+
+from intp_vllm.video.fetch import file_url_path, short_url
+from intp_vllm.vllm_ext.client_messages import for_the_client
 
 FRAME_LIST_PREFIX = "intp-frames:"
 """A `video_url` made of frames: this prefix, then the frames' URLs as a JSON list."""
@@ -82,10 +94,77 @@ def frames_as_video(conversations: Iterable[list[Mapping]], *, enabled: bool, fr
         images = [(m, i) for m, message in enumerate(conversation) for i, part in enumerate(_parts(message))
                   if _part_type(part)[0] in IMAGE_PART_TYPES]
         if images:
-            counts.add(_check_frames(conversation, images, enabled, frame_limit, connector_serves_frames))
-            conversation = _replace_frames(conversation, images)
+            _check_frames(conversation, images, enabled, connector_serves_frames)
+            for m in sorted({m for m, _ in images}, reverse=True):
+                frames = [i for n, i in images if n == m]
+                counts.add(_check_message_frames(conversation[m], frames, frame_limit))
+                conversation = _replace_frames(conversation, m, frames)
         out.append(conversation)
     return out, counts
+
+
+def one_video_each(conversations: Iterable[list[Mapping]]) -> list[list[Mapping]]:
+    """`conversations` (lists of messages, frames already made videos by `frames_as_video`)
+    with every video part that attaches a video an earlier part attached dropped (same `uuid`
+    or same URL, `video_identity`). Raises ValueError for a conversation with two different
+    videos, naming them."""
+    out = []
+    for conversation in conversations:
+        conversation = [_materialize(message) for message in conversation]
+        first, seen, drop = None, set(), set()
+        for m, message in enumerate(conversation):
+            for i, part in enumerate(_parts(message)):
+                keys = video_identity(part)
+                if keys is None:
+                    continue
+                if first is None:
+                    first, seen = (m, part), set(keys)
+                elif keys & seen:
+                    seen |= keys
+                    drop.add((m, i))
+                else:
+                    raise for_the_client(ValueError(_two_videos(first, (m, part))))
+        out.append([message if not any(n == m for n, _ in drop) else
+                    {**message, "content": [p for i, p in enumerate(message["content"]) if (m, i) not in drop]}
+                    for m, message in enumerate(conversation)])
+    return out
+
+
+def video_identity(part) -> set[str] | None:
+    """What identifies a video part's video: its `uuid` and its URL (a file URL by its
+    normalised path, without touching the file system); None for a part that is not a video.
+    A video given without a URL or uuid (embeddings) is its own."""
+    kind, content = _part_type(part)
+    if kind not in VIDEO_PART_TYPES:
+        return None
+    keys = {f"uuid:{part['uuid']}"} if part.get("uuid") else set()
+    if isinstance(content, str):
+        keys.add(f"url:{_normalised_url(content)}")
+    return keys or {f"part:{id(part)}"}
+
+
+def _normalised_url(url: str) -> str:
+    if url[:5].lower() == "file:":
+        try:
+            return "file://" + os.path.normpath(file_url_path(url))
+        except ValueError:  # refused by the media connector, with its reason
+            return url
+    return url
+
+
+def _two_videos(first: tuple[int, Mapping], second: tuple[int, Mapping]) -> str:
+    def name(m: int, part: Mapping) -> str:
+        content = _part_type(part)[1]
+        if isinstance(content, str) and (frames := frame_list_urls(content)) is not None:
+            what = f"{len(frames)} image_url frames"
+        else:
+            what = f"video_url {short_url(content)}" if isinstance(content, str) else f"a {part.get('type')} part"
+        return f"{what} in message {m + 1}"
+
+    return (f"this conversation attaches two different videos ({name(*first)}, {name(*second)}): this model takes "
+            "one video a prompt (a video attached again in a later turn, by the same URL or uuid, counts once); to ask "
+            "about two videos, ask about each in its own request, or join them into one video file (one after the "
+            "other) and send that")
 
 
 def _materialize(message):
@@ -100,40 +179,39 @@ def _parts(message) -> list:
     return content if isinstance(content, list) else []
 
 
-def _check_frames(conversation, images, enabled: bool, frame_limit: int, connector_serves_frames: bool) -> int:
+def _check_frames(conversation, images, enabled: bool, connector_serves_frames: bool) -> None:
     if not enabled:
         raise ValueError(f"image parts are not served: {DISABLED_HINT}; send the video as a video_url")
     videos = sum(_part_type(part)[0] in VIDEO_PART_TYPES for message in conversation for part in _parts(message))
     if videos:
         raise ValueError(f"a request has {len(images)} image part(s) and {videos} video part(s): this model takes "
                          "one video a request, as a video_url or as its frames (image_url parts), not both")
-    if len(images) == 1:
-        raise ValueError(f"a single image is not served: Video-LLaVA's image path is not (only its video "
-                         f"path is); {SEND_FRAMES_HINT}")
-    if len({m for m, _ in images}) > 1:
-        raise ValueError("image_url frames came in more than one message: a video's frames go in one message "
-                         "(this model takes one video a request)")
-    if len(images) > frame_limit:
-        raise ValueError(f"{len(images)} image_url frames: at most {frame_limit} frames are served a request "
-                         "(intp.max_frames, the server's --max-frames); send fewer frames")
-    message = conversation[images[0][0]]
-    for _, i in images:
-        kind, content = _part_type(message["content"][i])
-        if kind not in URL_PART_TYPES or not isinstance(content, str):
-            raise ValueError(f"image part {i} of a message of frames is a {kind} part without a URL; frames are "
-                             "served from image_url parts with a url (data:, http(s) or file://)")
     if not connector_serves_frames:
         raise ValueError("image_url frames are served as one video by `intp-vllm serve` (its media connector, "
                          "VLLM_MEDIA_CONNECTOR=intp_vllm); offline, pass the frames as one video array, "
                          "multi_modal_data={'video': frames}")
-    return len(images)
 
 
-def _replace_frames(conversation, images) -> list:
-    """The conversation with the frames' message holding one video part where its first frame was."""
-    m = images[0][0]
+def _check_message_frames(message, frames: list[int], frame_limit: int) -> int:
+    """The frame count of one message's image parts `frames` (their indices); raises ValueError
+    by the module's rules."""
+    if len(frames) == 1:
+        raise ValueError(f"a single image is not served: Video-LLaVA's image path is not (only its video "
+                         f"path is); {SEND_FRAMES_HINT}")
+    if len(frames) > frame_limit:
+        raise ValueError(f"{len(frames)} image_url frames: at most {frame_limit} frames are served a request "
+                         "(intp.max_frames, the server's --max-frames); send fewer frames")
+    for i in frames:
+        kind, content = _part_type(message["content"][i])
+        if kind not in URL_PART_TYPES or not isinstance(content, str):
+            raise ValueError(f"image part {i} of a message of frames is a {kind} part without a URL; frames are "
+                             "served from image_url parts with a url (data:, http(s) or file://)")
+    return len(frames)
+
+
+def _replace_frames(conversation, m: int, frames: list[int]) -> list:
+    """The conversation with message `m`'s frames (part indices) one video part where its first frame was."""
     message = conversation[m]
-    frames = [i for _, i in images]
     video = {"type": "video_url",
              "video_url": {"url": frame_list_url([_part_type(message["content"][i])[1] for i in frames])}}
     content = [video if i == frames[0] else part for i, part in enumerate(message["content"])

@@ -120,19 +120,25 @@ RELIANCES: dict[str, Reliance] = {
     "parse_chat_message_content_mm_part": Reliance((
         "vllm.renderers.chat_utils.chat_message:parse_chat_message_content_mm_part",  # 0.33, 0.34
         "vllm.renderers.chat_utils:_parse_chat_message_content_mm_part")),           # 0.32
-    **_at("vllm.exceptions", "VLLMValidationError", "VLLMUnprocessableEntityError"),
+    **_at("vllm.exceptions", "VLLMValidationError", "VLLMUnprocessableEntityError", "GracefulHTTPError"),
+    # --- structured output: SamplingParams.verify, wrapped (structured_output.py)
+    "SamplingParams.verify": Reliance(("vllm:SamplingParams.verify",),
+                                      params=("model_config", "speculative_config", "structured_outputs_config",
+                                              "tokenizer")),
     **_at("vllm", "envs", members=("VLLM_MEDIA_CONNECTOR",)),
     # --- registries and hooks the plugin registers in (plugin.py)
     **_at("vllm", "ModelRegistry", members=("register_model", "get_supported_archs")),
     **_at("vllm.model_executor.models.config", "MODELS_CONFIG_MAP"),
     **_at("vllm.multimodal.video", "VIDEO_LOADER_REGISTRY", members=("register",)),
-    **_at("vllm.multimodal.media.connector", "MEDIA_CONNECTOR_REGISTRY", "merge_media_io_kwargs"),
+    **_at("vllm.multimodal.media.connector", "MEDIA_CONNECTOR_REGISTRY", "merge_media_io_kwargs",
+          "global_thread_pool"),
     **_at("vllm.multimodal.media.connector", "MediaConnector",
           members=("fetch_video", "fetch_video_async", "load_from_url", "load_from_url_async")),
     **_at("vllm.transformers_utils.chat_templates.registry", "get_chat_template_fallback_path",
           "register_chat_template_fallback_path"),
     # --- media (media.py)
     **_at("vllm.multimodal.media.image", "ImageMediaIO", params=("image_mode",)),
+    **_at("vllm.multimodal.media.video", "VideoMediaIO", members=("load_bytes",)),
     **_at("vllm.multimodal.image", "open_image"),
     # --- the rotary swap (llm_rope.py)
     **_at("vllm.model_executor.layers.rotary_embedding", "RotaryEmbedding"),

@@ -3,8 +3,10 @@ video loader, ours (registered by the plugin in every vLLM process).
 
 `IntpVideoLoader` decodes (video/io.py) and preprocesses each frame as it is decoded;
 `BoundedMediaConnector` checks files, data URLs and fetches (video/fetch.py) before they cost
-memory; both follow the `ServeLimits` that `intp-vllm serve` installs through one environment
-variable, so the API-server processes it starts see them too (docs/robustness.md).
+memory, reads files in bounded slots (`fetch.FileReadSlots`) and keeps decoded files for a
+chat's next turn (`DecodedVideoCache`); both follow the `ServeLimits` that `intp-vllm serve`
+installs through one environment variable, so the API-server processes it starts see them
+too (docs/robustness.md).
 """
 
 from __future__ import annotations
@@ -21,9 +23,11 @@ from pathlib import Path
 
 import numpy as np
 
-from intp_vllm.video.fetch import FetchError, HostPolicy, fetch_bytes, short_url
+from intp_vllm.video.fetch import (FetchError, FileReadSlots, FileReadsStuck, HostPolicy, fetch_bytes,
+                                   file_url_path, local_file_stat, read_local_file, short_url)
 from intp_vllm.video.io import DECODERS, VideoLimits, sample_video
 from intp_vllm.video.preprocess import ClipPreprocessConfig, resize_and_crop
+from intp_vllm.vllm_ext.client_messages import for_the_client
 from intp_vllm.vllm_ext.image_frames import frame_list_urls
 from intp_vllm.core.checks import check_positive_int
 
@@ -38,8 +42,10 @@ REQUEST_TEXT_BYTES = 1 << 20
 class ServeLimits:
     """What one request may cost the server: its video (see VideoLimits), its fetch time,
     and how many requests may be in flight at once; which hosts its video may come from
-    (see fetch.HostPolicy); which decoder reads its video; and whether a video may come as
-    its frames, image_url parts (image_frames.py)."""
+    (see fetch.HostPolicy); which decoder reads its video; whether a video may come as
+    its frames, image_url parts (image_frames.py); how many file reads may be stuck at
+    once (fetch.FileReadSlots); and how many bytes of decoded file:// videos are kept for
+    a chat's next turn (DecodedVideoCache; 0: none)."""
 
     video: VideoLimits = field(default_factory=VideoLimits)
     fetch_timeout_s: float = 30.0
@@ -47,6 +53,8 @@ class ServeLimits:
     video_decoder: str = "pyav"
     media_hosts: HostPolicy = field(default_factory=HostPolicy)
     image_frames: bool = True
+    file_read_slots: int = 8
+    video_cache_bytes: int = 256 << 20
 
     def __post_init__(self) -> None:
         if self.video_decoder not in DECODERS:
@@ -54,6 +62,10 @@ class ServeLimits:
         if not self.fetch_timeout_s > 0:
             raise ValueError(f"video fetch timeout must be > 0 seconds, got {self.fetch_timeout_s!r}")
         check_positive_int("max in-flight requests", self.max_in_flight)
+        check_positive_int("file read slots", self.file_read_slots)
+        if isinstance(self.video_cache_bytes, bool) or not isinstance(self.video_cache_bytes, int) \
+                or self.video_cache_bytes < 0:
+            raise ValueError(f"video cache bytes must be an integer >= 0, got {self.video_cache_bytes!r}")
 
     @property
     def max_request_bytes(self) -> int:
@@ -71,7 +83,8 @@ class ServeLimits:
                              "no video could be decoded at that many frames; raise --max-video-frames")
         return cls(video, fetch_timeout_s=args.video_fetch_timeout, max_in_flight=args.max_in_flight_requests,
                    video_decoder=args.video_decoder, media_hosts=HostPolicy.from_args(args),
-                   image_frames=args.image_frames)
+                   image_frames=args.image_frames, file_read_slots=args.file_read_slots,
+                   video_cache_bytes=args.video_cache_bytes)
 
     @classmethod
     def from_env(cls) -> "ServeLimits":
@@ -99,6 +112,88 @@ def install_media_limits(limits: ServeLimits) -> None:
     """`media_limits_env` in this process and the API-server processes it starts (they inherit
     the environment)."""
     os.environ.update(media_limits_env(limits))
+
+
+_file_reads: FileReadSlots | None = None
+
+
+def file_read_slots() -> FileReadSlots:
+    """This process's slots for reading `file://` videos and frames (`ServeLimits.file_read_slots`
+    of them), made on first use; `/health` reports them (serve.py)."""
+    global _file_reads
+    if _file_reads is None:
+        _file_reads = FileReadSlots(ServeLimits.from_env().file_read_slots)
+    return _file_reads
+
+
+class DecodedVideoCache:
+    """Decoded `file://` videos (vLLM's `MediaWithBytes`: frames, metadata and the file's bytes,
+    which vLLM hashes, so a hit gives the same multimodal hash and the prefix cache still
+    applies) kept for a chat's next turn, least recently used first out, at most `max_bytes`
+    (frames plus file bytes; a video larger than that is not kept). A key is the file's
+    device, inode, size and mtime (so a changed file misses) and the decode's
+    settings (`media_io_kwargs`: frame count, frame size, decoder). It keeps, and a hit hands
+    out, a copy of the frames (a request may change its own). Thread-safe."""
+
+    def __init__(self, max_bytes: int) -> None:
+        from collections import OrderedDict
+        from threading import Lock
+
+        self.max_bytes = max_bytes
+        self.held_bytes = 0
+        self._entries: OrderedDict = OrderedDict()
+        self._lock = Lock()
+
+    def get(self, key):
+        with self._lock:
+            video = self._entries.get(key)
+            if video is None:
+                return None
+            self._entries.move_to_end(key)
+        return _copied(video)
+
+    def put(self, key, video) -> None:
+        size = _held_bytes(video)
+        if size > self.max_bytes:
+            return
+        video = _copied(video)
+        with self._lock:
+            if key in self._entries:
+                return
+            self._entries[key] = video
+            self.held_bytes += size
+            while self.held_bytes > self.max_bytes:
+                _, old = self._entries.popitem(last=False)
+                self.held_bytes -= _held_bytes(old)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+def _copied(video):
+    (frames, metadata) = video.media
+    return replace(video, media=(np.array(frames, copy=True), dict(metadata)))
+
+
+def _held_bytes(video) -> int:
+    return int(np.asarray(video.media[0]).nbytes) + len(video.original_bytes)
+
+
+def _file_key(found: os.stat_result, sampling: tuple) -> tuple:
+    """A file's version (device, inode, size, mtime: any path to it) and the decode's settings."""
+    return (found.st_dev, found.st_ino, found.st_size, found.st_mtime_ns, json.dumps(sampling, sort_keys=True,
+                                                                                      default=str))
+
+
+_video_cache: DecodedVideoCache | None = None
+
+
+def video_cache() -> DecodedVideoCache:
+    """This process's cache of decoded file:// videos (`ServeLimits.video_cache_bytes`), made on first use."""
+    global _video_cache
+    if _video_cache is None:
+        _video_cache = DecodedVideoCache(ServeLimits.from_env().video_cache_bytes)
+    return _video_cache
 
 
 class IntpVideoLoader:
@@ -164,10 +259,14 @@ class BoundedMediaConnector:
     Checks what vLLM does not: a file's or a data URL's size before reading or decoding
     it, a data URL's encoding, and a total deadline on fetching and decoding (vLLM retries
     a dead host three times with growing timeouts). Every failure becomes a 4xx naming the
-    URL: ValueError -> 400, fetch failures -> 422. Video decodes with IntpVideoLoader and the
-    server's decoder, whatever video_backend or decoder a request asks for. A video sent as
-    image_url frames (`image_frames.py`) is fetched here, frame by frame, through vLLM's image
-    loading. Everything else is vLLM's connector unchanged.
+    URL as the client sent it: ValueError -> 400, fetch failures -> 422; a 503 when every
+    file-read slot is stuck. Files (`file:///abs/path` and RFC 8089's `file://localhost/abs/path`)
+    are read here, not by vLLM: regular files only, in `file_read_slots()`, so a read that
+    never returns holds one slot, not one of the threads vLLM decodes every video with.
+    Video decodes with IntpVideoLoader and the server's decoder, whatever video_backend or
+    decoder a request asks for. A video sent as image_url frames (`image_frames.py`) is
+    fetched here, frame by frame, through vLLM's image loading. Everything else is vLLM's
+    connector unchanged.
     """
 
     def __init__(self, media_io_kwargs: dict | None = None, **kwargs) -> None:
@@ -187,29 +286,42 @@ class BoundedMediaConnector:
     async def fetch_video_async(self, video_url: str, **kwargs):
         """vLLM's fetch, after our checks and within the fetch deadline; errors become 4xx naming
         the URL. A `image_frames.frame_list_url` is fetched frame by frame (`_fetch_frames_async`)."""
+        from http import HTTPStatus
+
         from aiohttp import ClientError
-        from intp_vllm.vllm_ext.internals import VLLMUnprocessableEntityError
+        from intp_vllm.vllm_ext.internals import GracefulHTTPError, VLLMUnprocessableEntityError
 
         urls = frame_list_urls(video_url)
         what = f"video_url {short_url(video_url)}" if urls is None else f"the {len(urls)} image_url frames"
         try:
             self._check_before_loading(video_url)
-            loading = self.inner.fetch_video_async(video_url, **kwargs) if urls is None else self._fetch_frames_async(urls)
+            if urls is not None:
+                loading = self._fetch_frames_async(urls)
+            elif _is_file_url(video_url):
+                loading = self._fetch_file_video_async(video_url, **kwargs)
+            else:
+                loading = self.inner.fetch_video_async(video_url, **kwargs)
             return await asyncio.wait_for(loading, self.limits.fetch_timeout_s)
         except TimeoutError:
-            raise VLLMUnprocessableEntityError(
+            raise for_the_client(VLLMUnprocessableEntityError(
                 f"{what} {'were' if urls else 'was'} not fetched and decoded within "
-                f"{self.limits.fetch_timeout_s:g} s", parameter="video_url") from None
+                f"{self.limits.fetch_timeout_s:g} s", parameter="video_url")) from None
+        except FileReadsStuck as exc:
+            raise GracefulHTTPError(f"{what}: {exc}", HTTPStatus.SERVICE_UNAVAILABLE) from None
         except FetchError as exc:  # its message starts with the URL it names
             message = f"video_url {exc}" if urls is None else f"{what}: {exc}"
             if exc.refused:
-                raise ValueError(message) from None
-            raise VLLMUnprocessableEntityError(message, parameter="video_url") from None
+                raise for_the_client(ValueError(message)) from None
+            raise for_the_client(VLLMUnprocessableEntityError(message, parameter="video_url")) from None
         except ValueError as exc:
-            raise ValueError(f"{what}: {exc}") from None
-        except (OSError, ClientError) as exc:  # unreachable hosts, HTTP errors after retries, missing files
-            raise VLLMUnprocessableEntityError(
-                f"{what} could not be fetched: {type(exc).__name__}: {exc}", parameter="video_url") from None
+            raise for_the_client(ValueError(f"{what}: {exc}")) from None
+        except OSError as exc:  # missing or unreadable files: the reason, not the resolved path
+            raise for_the_client(VLLMUnprocessableEntityError(
+                f"{what} could not be fetched: {type(exc).__name__}: {exc.strerror or exc}",
+                parameter="video_url")) from None
+        except ClientError as exc:  # unreachable hosts, HTTP errors after retries
+            raise for_the_client(VLLMUnprocessableEntityError(
+                f"{what} could not be fetched: {type(exc).__name__}: {exc}", parameter="video_url")) from None
 
     def fetch_video(self, video_url: str, **kwargs):
         """vLLM's synchronous fetch (offline `LLM.chat`); frame lists as in `fetch_video_async`."""
@@ -218,28 +330,70 @@ class BoundedMediaConnector:
             return self.inner.fetch_video(video_url, **kwargs)
         return frames_video([self.inner.load_from_url(url, io) for url, io in zip(urls, self._frame_ios(urls))])
 
+    async def _fetch_file_video_async(self, url: str, *, image_mode: str | None = "RGB",
+                                      video_processor: str | None = None):
+        """vLLM's `fetch_video_async` for a file URL, the file read in a slot (`_read_file`) and
+        decoded as vLLM decodes fetched bytes: our loader (media_io_kwargs.video names it), on
+        vLLM's media threads; from `video_cache()` while the file is unchanged (its path, inode,
+        size and mtime) and the sampling is the same. (`video_processor` only picks a loader,
+        and ours is forced.)"""
+        from intp_vllm.vllm_ext.internals import ImageMediaIO, VideoMediaIO, global_thread_pool
+
+        image_kwargs = {"image_mode": image_mode} | self.inner.media_io_kwargs.get("image", {})
+        cache, sampling = video_cache(), (image_kwargs, self.inner.media_io_kwargs["video"])
+        if cache.max_bytes:
+            _, found = await file_read_slots().run(local_file_stat, *self._file_args(url, self.limits.video.max_bytes))
+            if (hit := cache.get(_file_key(found, sampling))) is not None:
+                return hit
+        data, found = await self._read_file(url, self.limits.video.max_bytes)
+        video_io = VideoMediaIO(ImageMediaIO(**image_kwargs), **self.inner.media_io_kwargs["video"])
+        video = await asyncio.get_running_loop().run_in_executor(global_thread_pool, video_io.load_bytes, data)
+        cache.put(_file_key(found, sampling), video)
+        return video
+
+    def _file_args(self, url: str, max_bytes: int) -> tuple[Path, Path, int]:
+        """(path, allowed directory, byte limit) of a file URL for `fetch.read_local_file`.
+        Raises ValueError for a server without --allowed-local-media-path or a bad URL."""
+        allowed = self.inner.allowed_local_media_path
+        if allowed is None:
+            raise ValueError("file:// URLs are disabled on this server (it was started without "
+                             "--allowed-local-media-path)")
+        return file_url_path(url), allowed, max_bytes
+
+    async def _read_file(self, url: str, max_bytes: int) -> tuple[bytes, os.stat_result]:
+        """The bytes (and `stat`) of a file URL's regular file under --allowed-local-media-path,
+        read in one of `file_read_slots()`. Raises ValueError (naming the kind of a path that is
+        not a regular file), OSError, FileReadsStuck."""
+        return await file_read_slots().run(read_local_file, *self._file_args(url, max_bytes))
+
     async def _fetch_frames_async(self, urls: list[str]) -> tuple:
         """(uint8 frames (N, S, S, 3), metadata) of N image URLs, fetched at once, in order."""
-        loads = (self.inner.load_from_url_async(url, io) for url, io in zip(urls, self._frame_ios(urls)))
-        return frames_video(await asyncio.gather(*loads))
+        return frames_video(await asyncio.gather(*(self._fetch_frame_async(url, io)
+                                                   for url, io in zip(urls, self._frame_ios(urls)))))
+
+    async def _fetch_frame_async(self, url: str, io: "FrameImageIO") -> np.ndarray:
+        """One frame; a file URL read in a slot (`_read_file`), like a video file."""
+        if not _is_file_url(url):
+            return await self.inner.load_from_url_async(url, io)
+        from intp_vllm.vllm_ext.internals import global_thread_pool
+
+        try:
+            data, _ = await self._read_file(url, io.get_max_bytes())
+        except ValueError as exc:
+            raise ValueError(f"{io.label} {exc}") from None
+        return await asyncio.get_running_loop().run_in_executor(global_thread_pool, io.load_bytes, data)
 
     def _frame_ios(self, urls: list[str]) -> list["FrameImageIO"]:
-        """One checked image loader a frame (file:// frames checked as video files are)."""
+        """One checked image loader a frame."""
         self.limits.video.check_num_frames(len(urls))
-        for url in urls:
-            if url[:5].lower() == "file:":
-                self._check_file_url(url)
         preprocess = frame_preprocess(self.inner.media_io_kwargs["video"].get("frame_size", 0), self.limits.video)
         per_frame = replace(self.limits.video, max_bytes=max(1, self.limits.video.max_bytes // len(urls)))
         return [FrameImageIO(per_frame, preprocess, f"image_url frame {i} ({short_url(url)})")
                 for i, url in enumerate(urls)]
 
     def _check_before_loading(self, url: str) -> None:
-        scheme = url[: url.find(":")].lower() if ":" in url else ""
-        if scheme == "data":
+        if url[:5].lower() == "data:":
             self._check_data_url(url)
-        elif scheme == "file":
-            self._check_file_url(url)
 
     def _check_data_url(self, url: str) -> None:
         """vLLM answers a non-base64 data URL with a 501 and decodes `video/jpeg` frame lists
@@ -253,20 +407,9 @@ class BoundedMediaConnector:
                              f"got data:{header[5:60]!s}")
         self.limits.video.check_size(len(payload.rstrip("=")) * 3 // 4, "the decoded data URL")
 
-    def _check_file_url(self, url: str) -> None:
-        """The file's size before vLLM reads all of it; the path as vLLM resolves it."""
-        from urllib.request import url2pathname
 
-        from urllib3.util import parse_url
-
-        allowed = self.inner.allowed_local_media_path
-        if allowed is None:
-            raise ValueError("file:// URLs are disabled on this server (it was started without "
-                             "--allowed-local-media-path)")
-        spec = parse_url(url)
-        path = Path(url2pathname((spec.netloc or "") + (spec.path or ""))).resolve()
-        if allowed in path.parents and path.is_file():  # vLLM rejects anything else, unread
-            self.limits.video.check_size(path.stat().st_size, "the file")
+def _is_file_url(url: str) -> bool:
+    return url[:5].lower() == "file:"
 
 
 class FrameImageIO:

@@ -104,7 +104,8 @@ class IntpConfigHook:
 
 def prepare_chat_request(render_chat):
     """Wrap vLLM's `BaseRenderer.render_chat` (or `render_chat_async`) so that, for our model,
-    a message's image_url frames become one video (`image_frames.frames_as_video`), a request's
+    a message's image_url frames become one video (`image_frames.frames_as_video`), a video
+    attached again in a later turn counts once (`image_frames.one_video_each`), a request's
     `media_io_kwargs.video.num_frames` is its frame count unless it names `frames`
     (`IntpMultiModalProcessor.request_frames_kwargs`), and the videos of a chat request
     are fetched and decoded at the frame count the model's processor chooses for it
@@ -138,10 +139,11 @@ def prepare_chat_request(render_chat):
 
 
 def _frames_as_video(renderer, conversations, chat_params, prompt_extras):
-    """Conversations with image_url frames as one video each; chat params and prompt extras
+    """Conversations with image_url frames as one video each and videos attached again dropped
+    (`image_frames.one_video_each`); chat params and prompt extras
     (which carry the request's `mm_processor_kwargs` to the processor) asking for all of their
     frames unless the request asked for a count (`image_frames.py`)."""
-    from intp_vllm.vllm_ext.image_frames import frames_as_video
+    from intp_vllm.vllm_ext.image_frames import frames_as_video, one_video_each
     from intp_vllm.vllm_ext.internals import envs
     from intp_vllm.vllm_ext.media import MEDIA_HOOK_NAME, ServeLimits
     from intp_vllm.vllm_ext.model import REQUEST_FRAMES_KWARG
@@ -150,6 +152,7 @@ def _frames_as_video(renderer, conversations, chat_params, prompt_extras):
         conversations, enabled=ServeLimits.from_env().image_frames,
         frame_limit=renderer.mm_processor.info.get_intp_config().frame_limit,
         connector_serves_frames=envs.VLLM_MEDIA_CONNECTOR == MEDIA_HOOK_NAME)
+    conversations = one_video_each(conversations)
     if len(counts) > 1:
         raise ValueError(f"conversations of {sorted(counts)} image_url frames in one call: their frame counts "
                          "differ; send each in its own call")
@@ -244,9 +247,9 @@ RENDERER_WRAPPERS = {
 
 def register() -> None:
     """The plugin's entry point: registers the models for their architectures (`MODEL_CLASSES`),
-    the config hook, our video loader and media connector, the chat-template fallback and the
-    renderer wrappers.
-    Idempotent."""
+    the config hook, our video loader and media connector, the chat-template fallback, the
+    renderer wrappers and the structured-output check; in an engine-core process, ends it with
+    its parent (`engine.end_with_parent`). Idempotent."""
     from intp_vllm.core.prompt import VIDEO_LLAVA_CHAT_TEMPLATE_PATH
     from intp_vllm.vllm_ext.internals import (
         MEDIA_CONNECTOR_REGISTRY,
@@ -258,12 +261,15 @@ def register() -> None:
         register_chat_template_fallback_path,
         warn_if_untested,
     )
+    from intp_vllm.vllm_ext.engine import end_with_parent
     from intp_vllm.vllm_ext.media import MEDIA_HOOK_NAME, BoundedMediaConnector, IntpVideoLoader
 
     warn_if_untested()
     for name, wrap in RENDERER_WRAPPERS.items():
         if not getattr(getattr(BaseRenderer, name), "intp_vllm_wrapped", False):
             setattr(BaseRenderer, name, wrap(getattr(BaseRenderer, name)))
+    _refuse_json_the_tokenizer_cannot_write()
+    end_with_parent()
     VIDEO_LOADER_REGISTRY.register(MEDIA_HOOK_NAME)(IntpVideoLoader)
     MEDIA_CONNECTOR_REGISTRY.register(MEDIA_HOOK_NAME)(BoundedMediaConnector)  # used where VLLM_MEDIA_CONNECTOR says
     if get_chat_template_fallback_path(VIDEO_LLAVA_MODEL_TYPE, "") is None:
@@ -274,3 +280,14 @@ def register() -> None:
     for architecture, model_cls in MODEL_CLASSES.items():
         MODELS_CONFIG_MAP[architecture] = IntpConfigHook
         ModelRegistry.register_model(architecture, model_cls)  # replaces vLLM's own LlavaNextVideo
+
+
+def _refuse_json_the_tokenizer_cannot_write() -> None:
+    """Wrap `SamplingParams.verify` (`structured_output.checked_verify`): a response_format our
+    model's tokenizer cannot begin is a 400, not a 500 mid-generation."""
+    from vllm import SamplingParams
+
+    from intp_vllm.vllm_ext.structured_output import checked_verify
+
+    if not getattr(SamplingParams.verify, "intp_vllm_wrapped", False):
+        SamplingParams.verify = checked_verify(SamplingParams.verify)
