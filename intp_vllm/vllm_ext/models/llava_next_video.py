@@ -22,8 +22,7 @@ import re
 import torch
 import torch.nn as nn
 
-from intp_vllm.vllm_ext.internals import CLIPVisionModel, maybe_prefix, VllmConfig, WeightsMapper
-
+from intp_vllm.vllm_ext.internals import CLIPVisionModel, VllmConfig, WeightsMapper, maybe_prefix
 from intp_vllm.vllm_ext.model import IntpVideoModel, intp_video_model
 from intp_vllm.vllm_ext.models.llava import LlavaProjector, feature_layer_count
 

@@ -14,8 +14,7 @@ import re
 
 import torch
 
-from intp_vllm.vllm_ext.internals import CLIPVisionModel, maybe_prefix, VllmConfig, WeightsMapper
-
+from intp_vllm.vllm_ext.internals import CLIPVisionModel, VllmConfig, WeightsMapper, maybe_prefix
 from intp_vllm.core.config import tokens_per_frame
 from intp_vllm.core.temporal_attention import TemporalAttention, TemporalAttentionSpec
 from intp_vllm.vllm_ext.model import IntpVideoModel, intp_video_model
