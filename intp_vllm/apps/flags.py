@@ -27,6 +27,10 @@ def add_intp_arguments(parser: argparse.ArgumentParser) -> None:
                        help="most frames one request may ask for: a batch job's \"frames\", or a server request's "
                        "mm_processor_kwargs={'frames': n} (the server also needs vLLM's --trust-request-mm-kwargs) "
                        "(default: --frames)")
+    group.add_argument("--fps", type=float,
+                       help="sample videos by rate: frames a second of video (600 for 10 minutes at 1 fps), capped "
+                       "by --max-frames; a request may still name its own 'frames' or 'fps' (default: --frames "
+                       "frames over the whole video)")
     group.add_argument("--encoder-frames", type=int, help="the encoder's trained window N (default: from checkpoint)")
     group.add_argument("--rope-type", choices=ROPE_TYPES,
                        help="RoPE context extension (default yarn; ntk is the INTP paper's)")
@@ -39,7 +43,7 @@ def add_intp_arguments(parser: argparse.ArgumentParser) -> None:
 
 def intp_section(args: argparse.Namespace) -> dict:
     """The `intp` hf_overrides section from the parsed flags (only those given)."""
-    keys = {"frames": "frames", "max_frames": "max_frames", "encoder_frames": "encoder_frames",
+    keys = {"frames": "frames", "max_frames": "max_frames", "fps": "fps", "encoder_frames": "encoder_frames",
             "rope_type": "rope_type", "factor": "factor", "grouping": "grouping"}
     return {key: getattr(args, attr) for attr, key in keys.items() if getattr(args, attr, None) is not None}
 

@@ -117,9 +117,11 @@ class IntpVideoLoader:
 
     @classmethod
     def load_bytes(cls, data: bytes, num_frames: int = -1, frame_size: int = 0, decoder: str = "pyav",
+                   fps: float | None = None, start: float | None = None, end: float | None = None,
                    **kwargs) -> tuple:
-        """(uint8 frames (T, H, W, 3), vLLM's video metadata dict) of encoded `data`. Raises
-        ValueError naming the option or limit at fault."""
+        """(uint8 frames (T, H, W, 3), vLLM's video metadata dict) of encoded `data`; `fps`, `start`,
+        `end` (set by the processor, core/frame_plan.py) sample by rate and within a time range,
+        `num_frames` then being the cap. Raises ValueError naming the option or limit at fault."""
         if kwargs:
             raise ValueError(f"media_io_kwargs.video {sorted(kwargs)} are not supported: this server decodes "
                              "video with the intp_vllm loader, which takes 'num_frames', 'frame_size' and 'decoder'")
@@ -127,7 +129,7 @@ class IntpVideoLoader:
         if LIMITS_ENV not in os.environ and isinstance(num_frames, int) and num_frames > limits.max_frames:
             limits = replace(limits, max_frames=num_frames)
         video = sample_video(data, num_frames, limits, decoder=decoder,
-                             preprocess=frame_preprocess(frame_size, limits))
+                             preprocess=frame_preprocess(frame_size, limits), fps=fps, start=start, end=end)
         return video.frames, video_metadata(video.total_frames, video.fps, video.indices)
 
 

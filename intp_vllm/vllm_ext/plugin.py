@@ -84,7 +84,8 @@ class VideoLlavaConfigHook:
 
 def prepare_chat_request(render_chat):
     """Wrap vLLM's `BaseRenderer.render_chat` (or `render_chat_async`) so that, for our model,
-    a message's image_url frames become one video (`image_frames.frames_as_video`), a request's
+    a message's image_url frames become one video (`image_frames.frames_as_video`), a video_url's
+    `#t=` time range becomes the request's start/end (`video_range.py`), a request's
     `media_io_kwargs.video.num_frames` is its frame count unless it names `frames`
     (`VideoLlavaMultiModalProcessor.request_frames_kwargs`), and the videos of a chat request
     are fetched and decoded at the frame count the model's processor chooses for it
@@ -103,6 +104,11 @@ def prepare_chat_request(render_chat):
 
             conversations, chat_params, prompt_extras = _frames_as_video(self, conversations, chat_params,
                                                                          prompt_extras)
+            from intp_vllm.vllm_ext.video_range import fragment_time_range
+
+            conversations, mm_kwargs = fragment_time_range(conversations, chat_params.mm_processor_kwargs)
+            if mm_kwargs is not chat_params.mm_processor_kwargs:
+                chat_params, prompt_extras = _with_mm_processor_kwargs(chat_params, prompt_extras, mm_kwargs)
             defaults = self.model_config.multimodal_config.media_io_kwargs
             media_io_kwargs = merge_media_io_kwargs(defaults, chat_params.media_io_kwargs)
             mm_kwargs = self.mm_processor.request_frames_kwargs(media_io_kwargs or {}, chat_params.mm_processor_kwargs)
