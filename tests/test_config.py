@@ -33,13 +33,15 @@ def test_settings_are_read(hf_config):
 @pytest.mark.parametrize(
     "section, message",
     [
-        ({"frame": 32}, r"unknown intp key\(s\) \['frame'\]; allowed: \['encoder_frames', 'factor', 'frames'"),
+        ({"frame": 32}, r"unknown intp key\(s\) \['frame'\]; allowed: \['encoder_frames', 'factor', 'fps', 'frames'"),
         ({"rope_type": "ntk-aware"}, "rope_type 'ntk-aware' is not one of none, linear, ntk, yarn, dynamic"),
         ({"factor": 0.5}, 'intp.factor must be a number >= 1 or "auto", got 0.5'),
         ({"factor": "big"}, 'intp.factor must be a number >= 1 or "auto", got \'big\''),
         ({"frames": 0}, "intp.frames must be a positive integer, got 0"),
         ({"grouping": "random"}, "grouping 'random' is not one of interleaved, consecutive"),
         ({"frames": 64, "max_frames": 32}, r"intp.max_frames \(32\) must be at least intp.frames \(64\)"),
+        ({"fps": 0}, r"intp.fps must be frames a second of video, a number > 0, got 0"),
+        ({"fps": "1"}, r"intp.fps must be frames a second of video, a number > 0, got '1'"),
         ("yes", "intp must be a mapping"),
         ({"rope_type": "dynamic", "factor": 2}, 'takes its scale from each request.s length; set intp.factor to "auto"'),
     ],
