@@ -97,3 +97,25 @@ def test_a_server_frame_count_outside_intp_is_refused(tiny_model_dir):
         EngineArgs(model=str(tiny_model_dir), media_io_kwargs={"video": {"num_frames": 16}}).create_engine_config()
     same = EngineArgs(model=str(tiny_model_dir), media_io_kwargs={"video": {"num_frames": 8}}).create_engine_config()
     assert same.model_config.multimodal_config.media_io_kwargs["video"]["num_frames"] == 8
+
+
+def test_an_explicit_max_model_len_past_the_checkpoint_is_accepted_with_intp_and_checked(tiny_model_dir):
+    """--max-model-len past max_position_embeddings (2048 here) starts when INTP extends RoPE, with no
+    VLLM_ALLOW_LONG_MAX_MODEL_LEN; one too short for --max-frames is refused at start, naming the flags."""
+    from vllm.engine.arg_utils import EngineArgs
+
+    from intp_vllm.apps.flags import with_long_context
+
+    def config(intp: dict, max_model_len: int):
+        overrides = with_long_context({"intp": intp}, max_model_len)
+        return EngineArgs(model=str(tiny_model_dir), max_model_len=max_model_len,
+                          hf_overrides=overrides).create_engine_config().model_config
+
+    assert config({"max_frames": 512}, 16384).max_model_len == 16384  # 512 x 17 tokens + text
+    with pytest.raises(ValueError, match=r"max_model_len 4096 is too short for intp.max_frames 512 \(8704 video "
+                                         r"tokens \+ 512 for text = 9216\): raise --max-model-len to 9216"):
+        config({"max_frames": 512}, 4096)
+    with pytest.raises(ValueError, match=r"User-specified max_model_len \(16384\) is greater than the derived"):
+        config({"max_frames": 512, "rope_type": "none"}, 16384)  # no RoPE extension: vLLM's own refusal stands
+    assert with_long_context({"intp": {}}, None) == {"intp": {}}
+    assert with_long_context({"text_config": {"model_max_length": 5}}, 9) == {"text_config": {"model_max_length": 5}}

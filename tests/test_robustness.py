@@ -304,6 +304,17 @@ def test_frame_counts_beyond_the_decoder_limit_are_refused_at_startup():
         ServeLimits.from_args(args, {"frames": 8, "max_frames": 32})
 
 
+def test_max_frames_is_the_one_knob_of_the_decoder_cap_and_the_deadline():
+    """--max-frames 128 alone starts: the decoder's cap follows it; the fetch-and-decode deadline
+    grows with the frames a request asks for."""
+    parser = argparse.ArgumentParser()
+    add_limit_arguments(parser)
+    assert ServeLimits.from_args(parser.parse_args([]), {"max_frames": 1024}).video.max_frames == 1024
+    assert ServeLimits.from_args(parser.parse_args([]), {"frames": 8}).video.max_frames == 64
+    limits = ServeLimits.from_args(parser.parse_args(["--video-fetch-timeout", "30"]), {"max_frames": 1024})
+    assert [limits.fetch_deadline_s(n) for n in (8, 64, 128, 1024)] == [30, 30, 60, 480]
+
+
 def test_silent_http_host_is_given_up_on_at_the_fetch_timeout(server, model, silent_url):
     """vLLM alone retries a dead host 3 times with growing timeouts: 30 + 120 + 480 s."""
     start = time.monotonic()

@@ -48,6 +48,19 @@ def intp_section(args: argparse.Namespace) -> dict:
     return {key: getattr(args, attr) for attr, key in keys.items() if getattr(args, attr, None) is not None}
 
 
+def with_long_context(hf_overrides: dict, max_model_len: int | None) -> dict:
+    """`hf_overrides` that let an explicit `max_model_len` exceed the checkpoint's trained length
+    when INTP extends RoPE (its `intp` rope_type is not "none"): `text_config.model_max_length`
+    set to it, the one length vLLM accepts past `max_position_embeddings` without
+    VLLM_ALLOW_LONG_MAX_MODEL_LEN. The plugin then checks it against intp.max_frames at start
+    (plugin.py). `hf_overrides` as it is when no length is given (it then follows --max-frames)."""
+    intp = hf_overrides.get("intp") or {}
+    if not max_model_len or max_model_len < 0 or intp.get("rope_type") == "none":
+        return hf_overrides
+    text = hf_overrides.get("text_config") or {}
+    return {**hf_overrides, "text_config": {"model_max_length": max_model_len, **text}}
+
+
 def cidr_list(text: str) -> list[str]:
     """--allowed-media-networks: comma-separated CIDRs (checked by `fetch.HostPolicy`)."""
     return [part.strip() for part in text.split(",") if part.strip()]

@@ -17,7 +17,7 @@ import argparse
 import json
 import logging
 
-from intp_vllm.apps.flags import add_media_host_arguments, add_video_decoder_argument
+from intp_vllm.apps.flags import add_media_host_arguments, add_video_decoder_argument, with_long_context
 from intp_vllm.core.prompt import VIDEO_LLAVA_CHAT_TEMPLATE_PATH
 from intp_vllm.vllm_ext.media import ServeLimits, install_media_limits
 
@@ -57,7 +57,7 @@ def vllm_serve_args(model: str, intp: dict, vllm_args: list[str]) -> argparse.Na
     """vLLM's `serve` arguments, parsed by vLLM's own parser, with our `intp` section, the
     Video-LLaVA chat template (unless one is given) and the load-shedding middleware."""
     args = vllm_serve_parser().parse_args([model, *vllm_args])
-    args.hf_overrides = merge_hf_overrides(args.hf_overrides, intp)
+    args.hf_overrides = with_long_context(merge_hf_overrides(args.hf_overrides, intp), args.max_model_len)
     if args.chat_template is None:
         args.chat_template = str(VIDEO_LLAVA_CHAT_TEMPLATE_PATH)
     args.middleware = [*(args.middleware or []), MIDDLEWARE]
@@ -90,15 +90,16 @@ def add_limit_arguments(parser: argparse.ArgumentParser) -> None:
     """The server's resource limits (docs/robustness.md); defaults from ServeLimits."""
     defaults = ServeLimits()
     group = parser.add_argument_group("intp-vllm limits (hostile and heavy input)")
-    group.add_argument("--max-video-frames", type=int, default=defaults.video.max_frames,
+    group.add_argument("--max-video-frames", type=int,
                        help="most frames decoded from one video (media_io_kwargs num_frames above it is a 400; "
-                       "default %(default)s)")
+                       f"default: --max-frames, at least {defaults.video.max_frames})")
     group.add_argument("--max-frame-pixels", type=int, default=defaults.video.max_frame_pixels,
                        help="most pixels a video frame may have, checked before decoding (default 1920x1080)")
     group.add_argument("--max-video-bytes", type=int, default=defaults.video.max_bytes,
                        help="most bytes of one encoded video (file://, data: or http; default %(default)s = 128 MiB)")
     group.add_argument("--video-fetch-timeout", type=float, default=defaults.fetch_timeout_s,
-                       help="seconds to fetch and decode one video_url, in one attempt (default %(default)s)")
+                       help="seconds to fetch and decode one video_url of up to 64 frames, in one attempt; a "
+                       "request of more frames gets as much more, pro rata (default %(default)s)")
     group.add_argument("--max-in-flight-requests", type=int, default=defaults.max_in_flight,
                        help="POST requests served at once by each API-server process, from arrival (video fetch "
                        "included); more get a 503 (default %(default)s). With --ray: requests at once on each "

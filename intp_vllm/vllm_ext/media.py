@@ -32,6 +32,8 @@ MEDIA_HOOK_NAME = "intp_vllm"
 """Name of our media connector (VLLM_MEDIA_CONNECTOR) and video loader (video_backend)."""
 REQUEST_TEXT_BYTES = 1 << 20
 """Room for the JSON and text of a request on top of a base64 video."""
+FETCH_TIMEOUT_FRAMES = 64
+"""--video-fetch-timeout is the deadline of a video of up to this many frames; more get it pro rata."""
 
 
 @dataclass(frozen=True)
@@ -60,12 +62,18 @@ class ServeLimits:
         """A request body: the largest video as base64, plus text."""
         return 4 * math.ceil(self.video.max_bytes / 3) + REQUEST_TEXT_BYTES
 
+    def fetch_deadline_s(self, frames: int) -> float:
+        """Seconds to fetch and decode one video of `frames` frames: `fetch_timeout_s` for up to
+        FETCH_TIMEOUT_FRAMES frames, pro rata above."""
+        return self.fetch_timeout_s * max(1.0, frames / FETCH_TIMEOUT_FRAMES)
+
     @classmethod
     def from_args(cls, args: argparse.Namespace, intp: dict) -> "ServeLimits":
-        """From add_limit_arguments' flags; the INTP frame counts must fit the decoder's."""
-        video = VideoLimits(max_frames=args.max_video_frames, max_frame_pixels=args.max_frame_pixels,
-                            max_bytes=args.max_video_bytes)
+        """From add_limit_arguments' flags; the INTP frame counts must fit the decoder's, whose cap
+        follows --max-frames (at least VideoLimits' default) unless --max-video-frames is given."""
         frames = max(intp.get("frames", 0), intp.get("max_frames") or 0)
+        video = VideoLimits(max_frames=args.max_video_frames or max(VideoLimits.max_frames, frames),
+                            max_frame_pixels=args.max_frame_pixels, max_bytes=args.max_video_bytes)
         if frames > video.max_frames:
             raise ValueError(f"--frames/--max-frames {frames} exceeds --max-video-frames {video.max_frames}: "
                              "no video could be decoded at that many frames; raise --max-video-frames")
@@ -194,14 +202,17 @@ class BoundedMediaConnector:
 
         urls = frame_list_urls(video_url)
         what = f"video_url {short_url(video_url)}" if urls is None else f"the {len(urls)} image_url frames"
+        frames = len(urls) if urls else self.inner.media_io_kwargs["video"].get("num_frames", 0)
+        deadline = self.limits.fetch_deadline_s(frames if isinstance(frames, int) else 0)
         try:
             self._check_before_loading(video_url)
             loading = self.inner.fetch_video_async(video_url, **kwargs) if urls is None else self._fetch_frames_async(urls)
-            return await asyncio.wait_for(loading, self.limits.fetch_timeout_s)
+            return await asyncio.wait_for(loading, deadline)
         except TimeoutError:
             raise VLLMUnprocessableEntityError(
-                f"{what} {'were' if urls else 'was'} not fetched and decoded within "
-                f"{self.limits.fetch_timeout_s:g} s", parameter="video_url") from None
+                f"{what} {'were' if urls else 'was'} not fetched and decoded within {deadline:g} s "
+                f"(--video-fetch-timeout {self.limits.fetch_timeout_s:g} s for up to {FETCH_TIMEOUT_FRAMES} frames, "
+                f"pro rata above; {frames} asked); raise --video-fetch-timeout", parameter="video_url") from None
         except FetchError as exc:  # its message starts with the URL it names
             message = f"video_url {exc}" if urls is None else f"{what}: {exc}"
             if exc.refused:

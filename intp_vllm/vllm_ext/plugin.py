@@ -53,6 +53,12 @@ class VideoLlavaConfigHook:
         needed = most_video_tokens + TEXT_MARGIN_TOKENS
         if model_config.original_max_model_len is None and model_config.max_model_len < needed:
             model_config.max_model_len = needed
+        elif model_config.max_model_len < needed:
+            raise ValueError(
+                f"max_model_len {model_config.max_model_len} is too short for intp.max_frames {intp.frame_limit} "
+                f"({most_video_tokens} video tokens + {TEXT_MARGIN_TOKENS} for text = {needed}): raise "
+                f"--max-model-len to {needed}, lower --max-frames, or leave --max-model-len out (it then follows "
+                "--max-frames)")
         if intp.factor == "auto":
             # Per-request RoPE scale rides on M-RoPE positions (request_scale.py); declaring
             # an M-RoPE section makes vLLM ask the model for each request's positions.

@@ -153,7 +153,10 @@ def _uses_ray(args) -> bool:
 
 def engine_kwargs_from(args, intp: dict) -> dict:
     """`vllm.LLM` keyword arguments of each replica: the engine flags, one video a prompt, and the
-    INTP flags (`intp`, the `intp` config section) as hf_overrides; unset flags are left out."""
+    INTP flags (`intp`, the `intp` config section) as hf_overrides (with an explicit --max-model-len
+    past the checkpoint's length allowed: `flags.with_long_context`); unset flags are left out."""
+    from intp_vllm.apps.flags import with_long_context
+
     kwargs = {
         "model": str(args.model),
         "dtype": args.dtype,
@@ -162,8 +165,9 @@ def engine_kwargs_from(args, intp: dict) -> dict:
         "enforce_eager": args.enforce_eager,
         "limit_mm_per_prompt": {"video": 1},
     }
-    if intp:
-        kwargs["hf_overrides"] = {"intp": intp}
+    overrides = with_long_context({"intp": intp} if intp else {}, args.max_model_len)
+    if overrides:
+        kwargs["hf_overrides"] = overrides
     for name in ("max_num_seqs", "max_model_len", "kv_cache_memory_bytes", "gpu_memory_utilization",
                  "video_pruning_rate", "video_pruning_method"):
         if getattr(args, name) is not None:
