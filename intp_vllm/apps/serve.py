@@ -19,11 +19,14 @@ import logging
 
 from intp_vllm.apps.flags import add_media_host_arguments, add_video_decoder_argument, with_long_context
 from intp_vllm.core.prompt import VIDEO_LLAVA_CHAT_TEMPLATE_PATH
-from intp_vllm.vllm_ext.media import ServeLimits, install_media_limits
+from intp_vllm.vllm_ext.media import VIDEO_TIMESTAMPS, ServeLimits, install_media_limits
 
 logger = logging.getLogger("vllm.intp_vllm")  # under "vllm": its handler and level apply
 
 MIDDLEWARE = "intp_vllm.apps.serve.RequestLimitMiddleware"
+TIMESTAMPS_HEADER = "x-video-timestamps"
+"""Response header with the times of the frames a request's video_url was sampled at: seconds from
+the video's first frame, comma-separated, to the millisecond (before the encoder-window padding)."""
 
 
 def merge_hf_overrides(user: dict | str | None, intp: dict) -> dict:
@@ -123,7 +126,8 @@ class RequestLimitMiddleware:
     disconnect and what it read so far is dropped). A POST arriving while `max_in_flight`
     are being served gets a 503 with Retry-After. vLLM's own --max-num-queued-reqs counts a
     request only once it reaches the engine, after its video was fetched and decoded, so a
-    burst passes it all at once; this counts from arrival.
+    burst passes it all at once; this counts from arrival. A response to a request whose
+    video_url was decoded carries the sampled frames' times (`TIMESTAMPS_HEADER`).
     """
 
     def __init__(self, app) -> None:
@@ -145,9 +149,11 @@ class RequestLimitMiddleware:
                              f"{self.limits.max_in_flight}; retry later", retry_after=True)
             return
         self.in_flight += 1
+        token = VIDEO_TIMESTAMPS.set([])
         try:
             await self._serve_capped(scope, receive, send)
         finally:
+            VIDEO_TIMESTAMPS.reset(token)
             self.in_flight -= 1
 
     async def _serve_capped(self, scope, receive, send) -> None:
@@ -170,6 +176,9 @@ class RequestLimitMiddleware:
             nonlocal started
             if over:
                 return
+            if message["type"] == "http.response.start" and (stamps := VIDEO_TIMESTAMPS.get()):
+                value = ",".join(f"{t:.3f}" for t in stamps[0]).encode()
+                message = {**message, "headers": [*message.get("headers", []), (TIMESTAMPS_HEADER.encode(), value)]}
             started = started or message["type"] == "http.response.start"
             await send(message)
 

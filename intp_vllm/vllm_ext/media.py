@@ -16,6 +16,7 @@ import binascii
 import json
 import math
 import os
+from contextvars import ContextVar
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -32,6 +33,10 @@ MEDIA_HOOK_NAME = "intp_vllm"
 """Name of our media connector (VLLM_MEDIA_CONNECTOR) and video loader (video_backend)."""
 REQUEST_TEXT_BYTES = 1 << 20
 """Room for the JSON and text of a request on top of a base64 video."""
+VIDEO_TIMESTAMPS: ContextVar[list | None] = ContextVar("intp_vllm_video_timestamps", default=None)
+"""A request's list of its decoded videos' frame times (a list of seconds each), where the server's
+middleware set one (apps/serve.py, which returns them in a response header); the media connector
+appends to it."""
 FETCH_TIMEOUT_FRAMES = 64
 """--video-fetch-timeout is the deadline of a video of up to this many frames; more get it pro rata."""
 
@@ -138,7 +143,7 @@ class IntpVideoLoader:
             limits = replace(limits, max_frames=num_frames)
         video = sample_video(data, num_frames, limits, decoder=decoder,
                              preprocess=frame_preprocess(frame_size, limits), fps=fps, start=start, end=end)
-        return video.frames, video_metadata(video.total_frames, video.fps, video.indices)
+        return video.frames, video_metadata(video.total_frames, video.fps, video.indices, video.timestamps)
 
 
 def frame_preprocess(frame_size: int, limits: VideoLimits) -> ClipPreprocessConfig | None:
@@ -156,9 +161,12 @@ def frame_preprocess(frame_size: int, limits: VideoLimits) -> ClipPreprocessConf
         raise ValueError(f"media_io_kwargs.video frame_size: {exc}") from None
 
 
-def video_metadata(total_frames: int, fps: float, indices: list[int]) -> dict:
-    """vLLM's video metadata dict for frames already sampled by our loader."""
+def video_metadata(total_frames: int, fps: float, indices: list[int],
+                   timestamps: list[float] | None = None) -> dict:
+    """vLLM's video metadata dict for frames already sampled by our loader, with the frames' times
+    (`timestamps`, seconds from the video's first frame) when known."""
     return {
+        "timestamps": timestamps or [],
         "total_num_frames": total_frames,
         "fps": fps,
         "duration": total_frames / fps if fps > 0 else 0.0,
@@ -207,7 +215,10 @@ class BoundedMediaConnector:
         try:
             self._check_before_loading(video_url)
             loading = self.inner.fetch_video_async(video_url, **kwargs) if urls is None else self._fetch_frames_async(urls)
-            return await asyncio.wait_for(loading, deadline)
+            video = await asyncio.wait_for(loading, deadline)
+            if (stamps := VIDEO_TIMESTAMPS.get()) is not None and urls is None:
+                stamps.append(getattr(video, "media", video)[1].get("timestamps", []))
+            return video
         except TimeoutError:
             raise VLLMUnprocessableEntityError(
                 f"{what} {'were' if urls else 'was'} not fetched and decoded within {deadline:g} s "
