@@ -24,9 +24,10 @@ def add_intp_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("INTP (training-free long video)")
     group.add_argument("--frames", type=int, help="frames sampled per video (default: the encoder window, 8)")
     group.add_argument("--max-frames", type=int,
-                       help="most frames one request may ask for: a batch job's \"frames\", or a server request's "
-                       "mm_processor_kwargs={'frames': n} (the server also needs vLLM's --trust-request-mm-kwargs) "
-                       "(default: --frames)")
+                       help="most frames one request may carry, the one knob of long videos: a batch job's "
+                       "\"frames\", a server request's mm_processor_kwargs={'frames': n} (the server also needs vLLM's "
+                       "--trust-request-mm-kwargs), and the cap of sampling by rate (--fps, a request's 'fps'); the "
+                       "decoder's frame cap, max_model_len and the fetch-and-decode deadline follow it (default: --frames)")
     group.add_argument("--fps", type=float,
                        help="sample videos by rate: frames a second of video (600 for 10 minutes at 1 fps), capped "
                        "by --max-frames; a request may still name its own 'frames' or 'fps' (default: --frames "
