@@ -285,6 +285,24 @@ def test_pruning_flags_reach_every_replica_s_engine():
         build_parser().parse_args([*base, "--video-pruning-method", "fastv"])
 
 
+def test_an_explicit_max_model_len_past_the_checkpoint_reaches_each_engine_allowed():
+    """--max-model-len with --max-frames: each LLM() gets the override that lets vLLM accept it
+    (flags.with_long_context); with --rope-type none it does not."""
+    from intp_vllm.apps.batch.cli import engine_kwargs_from
+    from intp_vllm.apps.cli import build_parser
+    from intp_vllm.apps.flags import intp_section
+
+    base = ["batch", "--model", "/m", "--input", "in.jsonl", "--output", "out.jsonl", "--max-frames", "1024",
+            "--fps", "1"]
+    args = build_parser().parse_args([*base, "--max-model-len", "20000"])
+    assert intp_section(args) == {"max_frames": 1024, "fps": 1.0}
+    assert engine_kwargs_from(args, intp_section(args))["hf_overrides"] == {
+        "intp": {"max_frames": 1024, "fps": 1.0}, "text_config": {"model_max_length": 20000}}
+    plain = build_parser().parse_args([*base, "--max-model-len", "20000", "--rope-type", "none"])
+    assert "text_config" not in engine_kwargs_from(plain, intp_section(plain))["hf_overrides"]
+    assert "text_config" not in engine_kwargs_from(build_parser().parse_args(base), {"max_frames": 1024})["hf_overrides"]
+
+
 def test_jobs_sample_by_rate_and_range_as_server_requests_do(tmp_path):
     """A job's fps/start/end pick the frames (frame-exact on an index-coded video) and its record
     gets their timestamps; conflicting or out-of-range values fail that job alone, naming the key."""
