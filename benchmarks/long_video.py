@@ -103,7 +103,8 @@ def bench_engine(path: Path) -> list[dict]:
 
     from intp_vllm.core.config import kv_bytes_per_token
 
-    llm = LLM(model=str(ROOT / "assets" / "needle-video-llava"), hf_overrides={"intp": {"max_frames": max(ENGINE_CAPS)}},
+    llm = LLM(model=str(ROOT / "assets" / "needle-video-llava"),
+              hf_overrides={"intp": {"max_frames": max(ENGINE_CAPS)}},
               allowed_local_media_path=str(path.parent), limit_mm_per_prompt={"video": 1}, max_num_seqs=2, seed=0)
     per_token = kv_bytes_per_token(llm.llm_engine.model_config.hf_config.text_config, 4)
     messages = [{"role": "user", "content": [{"type": "video_url", "video_url": {"url": f"file://{path}"}},
