@@ -300,7 +300,8 @@ def test_an_explicit_max_model_len_past_the_checkpoint_reaches_each_engine_allow
         "intp": {"max_frames": 1024, "fps": 1.0}, "text_config": {"model_max_length": 20000}}
     plain = build_parser().parse_args([*base, "--max-model-len", "20000", "--rope-type", "none"])
     assert "text_config" not in engine_kwargs_from(plain, intp_section(plain))["hf_overrides"]
-    assert "text_config" not in engine_kwargs_from(build_parser().parse_args(base), {"max_frames": 1024})["hf_overrides"]
+    no_length = engine_kwargs_from(build_parser().parse_args(base), {"max_frames": 1024})
+    assert "text_config" not in no_length["hf_overrides"]
 
 
 def test_jobs_sample_by_rate_and_range_as_server_requests_do(tmp_path):
@@ -332,7 +333,8 @@ def test_jobs_sample_by_rate_and_range_as_server_requests_do(tmp_path):
     fps_run = JobDefaults(**{**defaults.__dict__, "fps": 0.5})
     assert len(prepare(Job("j", clip, "q", {}), fps_run)[2]) == 5  # the run's --fps
     assert len(prepare(Job("j", clip, "q", {"frames": 3}), fps_run)[2]) == 3  # a job's count wins
-    assert run(frames=8, fps=1)["error"] == "job frames=8 and job fps=1 conflict: a video is sampled by count or by rate; send one of them"
+    assert run(frames=8, fps=1)["error"] == ("job frames=8 and job fps=1 conflict: a video is sampled by count or by "
+                                             "rate; send one of them")
     assert "job end=1 must be after job start=2" in run(start=2, end=1)["error"]
     assert "start=12 s is at or past the end of video file" in run(start=12)["error"]
     assert "job frames=65: expected an integer from 1 to 64" in run(frames=65)["error"]

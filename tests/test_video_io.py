@@ -290,7 +290,7 @@ def test_a_range_past_the_end_is_refused_before_any_frame_is_decoded(tmp_path):
     data[mdat + 64: moov - 64] = bytes(moov - 128 - mdat)
     broken = tmp_path / "broken.mp4"
     broken.write_bytes(bytes(data))
-    with pytest.raises(ValueError, match=r"start=25 s is at or past the end of video file '.*broken.mp4' \(20 s long\)"):
+    with pytest.raises(ValueError, match=r"start=25 s is at or past the end of video file '.*broken.mp4' \(20 s long"):
         sample_video(broken, 8, start=25)
     with pytest.raises(ValueError, match="broken.mp4"):  # the control: a range inside it decodes, and fails
         sample_video(broken, 8, start=5, end=6)

@@ -27,7 +27,8 @@ def add_intp_arguments(parser: argparse.ArgumentParser) -> None:
                        help="most frames one request may carry, the one knob of long videos: a batch job's "
                        "\"frames\", a server request's mm_processor_kwargs={'frames': n} (the server also needs vLLM's "
                        "--trust-request-mm-kwargs), and the cap of sampling by rate (--fps, a request's 'fps'); the "
-                       "decoder's frame cap, max_model_len and the fetch-and-decode deadline follow it (default: --frames)")
+                       "decoder's frame cap, max_model_len and the fetch-and-decode deadline follow it "
+                       "(default: --frames)")
     group.add_argument("--fps", type=float,
                        help="sample videos by rate: frames a second of video (600 for 10 minutes at 1 fps), capped "
                        "by --max-frames; a request may still name its own 'frames' or 'fps' (default: --frames "
