@@ -169,6 +169,10 @@ def scale_code_from_the_request(media, clip):
 
 
 def unsupported_loader_option(media, clip):
+    return f"file://{clip}", {"media_io_kwargs": {"video": {"max_duration": 2}}}
+
+
+def rate_as_loader_option(media, clip):
     return f"file://{clip}", {"media_io_kwargs": {"video": {"fps": 2}}}
 
 
@@ -241,7 +245,9 @@ HOSTILE = [
                  id="processor-frames-over-max"),
     pytest.param(scale_code_from_the_request, 400, r"mm_processor_kwargs.rope_scale_code is set by the server",
                  id="scale-code-from-request"),
-    pytest.param(unsupported_loader_option, 400, r"\['fps'\] are not supported", id="loader-option"),
+    pytest.param(unsupported_loader_option, 400, r"\['max_duration'\] are not supported", id="loader-option"),
+    pytest.param(rate_as_loader_option, 400, r"media_io_kwargs.video \['fps'\]: a request's rate and time range are "
+                 r"mm_processor_kwargs \['fps', 'start', 'end'\]", id="rate-as-loader-option"),
     pytest.param(outside_allowed_dir, 400, "must be a subpath of `--allowed-local-media-path", id="outside"),
     pytest.param(dot_dot_out_of_allowed_dir, 400, "must be a subpath of `--allowed-local-media-path", id="dot-dot"),
     pytest.param(symlink_out_of_allowed_dir, 400, "must be a subpath of `--allowed-local-media-path", id="symlink"),
