@@ -104,7 +104,9 @@ def test_answers_and_error_record(reference):
     assert "broken.mp4" in records["broken"]["error"] and "not a video" in records["broken"]["error"]
     for job_id in JOB_IDS - {"broken"}:
         record = records[job_id]
-        assert set(record) == {"id", "answer", "finish_reason", "prompt_tokens", "output_tokens", "frames"}
+        assert set(record) == {"id", "answer", "finish_reason", "prompt_tokens", "output_tokens", "frames",
+                               "timestamps"}
+        assert len(record["timestamps"]) == record["frames"]
         assert isinstance(record["answer"], str) and 1 <= record["output_tokens"] <= MAX_TOKENS
         assert record["prompt_tokens"] > 8 * 17  # 8 frames' placeholders (17 tokens a frame) + the question
     assert records[3]["frames"] == 4 and records["j0"]["frames"] == 8
@@ -186,7 +188,7 @@ def test_bad_job_fields_become_error_records(tmp_path):
     jobs = tmp_path / "jobs.jsonl"
     jobs.write_text("\n".join(json.dumps(job) for job in [
         {"id": "ok", "video": "v.mp4", "question": "q", "frames": 16},
-        {"id": "extra", "video": "v.mp4", "question": "q", "fps": 2},
+        {"id": "extra", "video": "v.mp4", "question": "q", "fsp": 2},
         {"id": "noq", "video": "v.mp4"},
         {"id": "badtok", "video": "v.mp4", "question": "q", "max_tokens": "many"},
         {"id": "badtemp", "video": "v.mp4", "question": "q", "temperature": True},
@@ -195,7 +197,7 @@ def test_bad_job_fields_become_error_records(tmp_path):
     assert [j.id for j in parsed] == ["ok"] and parsed[0].video == str(tmp_path / "v.mp4")
     assert parsed[0].options == {"frames": 16}
     errors = {r["id"]: r["error"] for r in bad}
-    assert "unknown key(s) ['fps']" in errors["extra"]
+    assert "unknown key(s) ['fsp']" in errors["extra"]
     assert "missing 'question'" in errors["noq"]
     assert "'max_tokens' must be an integer" in errors["badtok"]
     assert "'temperature' must be a number" in errors["badtemp"]
@@ -230,7 +232,7 @@ def test_http_videos_are_fetched_only_from_allowed_hosts_and_capped(tmp_path):
         return JobDefaults(**{**base, **changes})
 
     try:
-        assert load_video(url, 8, defaults()).shape == (8, 32, 32, 3)
+        assert load_video(url, 8, defaults()).frames.shape == (8, 32, 32, 3)
         with pytest.raises(ValueError, match=r"refused: 127.0.0.2, a loopback address"):
             load_video(url, 8, defaults(media_hosts=HostPolicy()))
         with pytest.raises(ValueError, match=r"too large: \d+ bytes; at most 100 bytes"):
@@ -281,3 +283,58 @@ def test_pruning_flags_reach_every_replica_s_engine():
     assert "video_pruning_rate" not in engine_kwargs_from(build_parser().parse_args(base), {})
     with pytest.raises(SystemExit):
         build_parser().parse_args([*base, "--video-pruning-method", "fastv"])
+
+
+def test_an_explicit_max_model_len_past_the_checkpoint_reaches_each_engine_allowed():
+    """--max-model-len with --max-frames: each LLM() gets the override that lets vLLM accept it
+    (flags.with_long_context); with --rope-type none it does not."""
+    from intp_vllm.apps.batch.cli import engine_kwargs_from
+    from intp_vllm.apps.cli import build_parser
+    from intp_vllm.apps.flags import intp_section
+
+    base = ["batch", "--model", "/m", "--input", "in.jsonl", "--output", "out.jsonl", "--max-frames", "1024",
+            "--fps", "1"]
+    args = build_parser().parse_args([*base, "--max-model-len", "20000"])
+    assert intp_section(args) == {"max_frames": 1024, "fps": 1.0}
+    assert engine_kwargs_from(args, intp_section(args))["hf_overrides"] == {
+        "intp": {"max_frames": 1024, "fps": 1.0}, "text_config": {"model_max_length": 20000}}
+    plain = build_parser().parse_args([*base, "--max-model-len", "20000", "--rope-type", "none"])
+    assert "text_config" not in engine_kwargs_from(plain, intp_section(plain))["hf_overrides"]
+    no_length = engine_kwargs_from(build_parser().parse_args(base), {"max_frames": 1024})
+    assert "text_config" not in no_length["hf_overrides"]
+
+
+def test_jobs_sample_by_rate_and_range_as_server_requests_do(tmp_path):
+    """A job's fps/start/end pick the frames (frame-exact on an index-coded video) and its record
+    gets their timestamps; conflicting or out-of-range values fail that job alone, naming the key."""
+    from intp_vllm.apps.batch import JobDefaults
+    from intp_vllm.apps.batch.jobs import Job
+    from intp_vllm.apps.batch.runner import prepare
+    from intp_vllm.core.rearrange import uniform_frame_indices
+    from intp_vllm.research.synthetic import decode_frame_index, index_coded_video
+    from intp_vllm.video.io import write_video
+    from intp_vllm.video.preprocess import ClipPreprocessConfig
+
+    clip = str(write_video(tmp_path / "clip.mp4", index_coded_video(300, 72, 96), fps=30, gop=30))  # 10 s
+    defaults = JobDefaults(frames=8, frame_limit=64, sampling={}, preprocess=ClipPreprocessConfig(shortest_edge=72,
+                           crop_size=72))
+
+    def run(**options):
+        return prepare(Job("j", clip, "q", options), defaults)
+
+    request, _, timestamps = run(start="0:02", end=4)
+    expected = (60 + uniform_frame_indices(60, 8)).tolist()
+    assert decode_frame_index(request["multi_modal_data"]["video"]) == expected
+    assert timestamps == pytest.approx([i / 30 for i in expected], abs=1e-3)
+    request, _, timestamps = run(fps=2)  # 10 s at 2 fps
+    assert len(timestamps) == 20 and request["mm_processor_kwargs"] == {"frames": 64}
+    request, _, timestamps = run(fps=30)  # capped at the run's --max-frames
+    assert len(timestamps) == 64
+    fps_run = JobDefaults(**{**defaults.__dict__, "fps": 0.5})
+    assert len(prepare(Job("j", clip, "q", {}), fps_run)[2]) == 5  # the run's --fps
+    assert len(prepare(Job("j", clip, "q", {"frames": 3}), fps_run)[2]) == 3  # a job's count wins
+    assert run(frames=8, fps=1)["error"] == ("job frames=8 and job fps=1 conflict: a video is sampled by count or by "
+                                             "rate; send one of them")
+    assert "job end=1 must be after job start=2" in run(start=2, end=1)["error"]
+    assert "start=12 s is at or past the end of video file" in run(start=12)["error"]
+    assert "job frames=65: expected an integer from 1 to 64" in run(frames=65)["error"]

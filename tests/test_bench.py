@@ -10,6 +10,7 @@ import sys
 import pytest
 
 from intp_vllm.apps.bench import ModelShape, decoder_flops, make_workload, request_flops
+from intp_vllm.core.config import TEXT_MARGIN_TOKENS
 from intp_vllm.vllm_ext.pruning import VideoPruning
 
 ONE_LAYER = ModelShape(image_size=28, patch_size=14, vision_hidden=2, vision_intermediate=8, vision_layers=1,
@@ -158,16 +159,19 @@ def test_bench_sizes_every_run_for_video_llava_7b(video_llava_7b_config_dir, mon
                          VIDEO_LLAVA_7B_WEIGHT_BYTES)
     assert sorted(sizes) == sorted(r.name for r in runs if r.engine == "vllm")
     per_token = 2 * 32 * 32 * 128 * 2
-    # the longest: a 32-frame request with 64 new tokens (its question's prompt, <video> -> 32 x 257 tokens)
+    # the longest: a 32-frame request with 64 new tokens (its question's prompt, <video> -> 32 x 257 tokens),
+    # raised to what the plugin starts an engine with for 32 frames (their tokens + 512 for text)
     text_tokens = max(len(tokenizer(f"USER: <video>\n{r.question} ASSISTANT:")["input_ids"]) - 1
                       for r in requests if (r.frames, r.max_tokens) == (32, 64))
-    assert sizes["intp_32f"].max_model_len == 32 * 257 + text_tokens + 64
+    assert text_tokens + 64 < TEXT_MARGIN_TOKENS
+    assert sizes["intp_32f"].max_model_len == 32 * 257 + TEXT_MARGIN_TOKENS
     assert sizes["plugin_8f"].max_model_len < 4096 < sizes["intp_32f"].max_model_len
     for run in runs:
         if run.engine != "vllm":
             continue
         size = sizes[run.name]
-        assert size.max_model_len == max(request_tokens(r, run.frames, hf_config, tokenizer) for r in requests)
+        assert size.max_model_len == max(run.frames * 257 + TEXT_MARGIN_TOKENS,
+                                         *(request_tokens(r, run.frames, hf_config, tokenizer) for r in requests))
         assert size.request_kv_bytes == per_token * size.max_model_len
         assert size.kv_cache_memory_bytes + VIDEO_LLAVA_7B_WEIGHT_BYTES <= 0.8 * H100_FREE_BYTES, run.name
         vllm_config = _vllm_config(video_llava_7b_config_dir, run, size, monkeypatch)

@@ -33,13 +33,15 @@ def test_settings_are_read(hf_config):
 @pytest.mark.parametrize(
     "section, message",
     [
-        ({"frame": 32}, r"unknown intp key\(s\) \['frame'\]; allowed: \['encoder_frames', 'factor', 'frames'"),
+        ({"frame": 32}, r"unknown intp key\(s\) \['frame'\]; allowed: \['encoder_frames', 'factor', 'fps', 'frames'"),
         ({"rope_type": "ntk-aware"}, "rope_type 'ntk-aware' is not one of none, linear, ntk, yarn, dynamic"),
         ({"factor": 0.5}, 'intp.factor must be a number >= 1 or "auto", got 0.5'),
         ({"factor": "big"}, 'intp.factor must be a number >= 1 or "auto", got \'big\''),
         ({"frames": 0}, "intp.frames must be a positive integer, got 0"),
         ({"grouping": "random"}, "grouping 'random' is not one of interleaved, consecutive"),
         ({"frames": 64, "max_frames": 32}, r"intp.max_frames \(32\) must be at least intp.frames \(64\)"),
+        ({"fps": 0}, r"intp.fps must be frames a second of video, a number > 0, got 0"),
+        ({"fps": "1"}, r"intp.fps must be frames a second of video, a number > 0, got '1'"),
         ("yes", "intp must be a mapping"),
         ({"rope_type": "dynamic", "factor": 2}, 'takes its scale from each request.s length; set intp.factor to "auto"'),
     ],
@@ -109,3 +111,25 @@ def test_a_memory_setting_is_told_from_vllms_default():
     assert not memory_setting_given(CacheConfig())
     assert memory_setting_given(CacheConfig(gpu_memory_utilization=0.3))
     assert memory_setting_given(CacheConfig(kv_cache_memory_bytes=64 << 20))
+
+
+def test_an_explicit_max_model_len_past_the_checkpoint_is_accepted_with_intp_and_checked(tiny_model_dir):
+    """--max-model-len past max_position_embeddings (2048 here) starts when INTP extends RoPE, with no
+    VLLM_ALLOW_LONG_MAX_MODEL_LEN; one too short for --max-frames is refused at start, naming the flags."""
+    from vllm.engine.arg_utils import EngineArgs
+
+    from intp_vllm.apps.flags import with_long_context
+
+    def config(intp: dict, max_model_len: int):
+        overrides = with_long_context({"intp": intp}, max_model_len)
+        return EngineArgs(model=str(tiny_model_dir), max_model_len=max_model_len,
+                          hf_overrides=overrides).create_model_config()
+
+    assert config({"max_frames": 512}, 16384).max_model_len == 16384  # 512 x 17 tokens + text
+    with pytest.raises(ValueError, match=r"max_model_len 4096 is too short for intp.max_frames 512 \(8704 video "
+                                         r"tokens \+ 512 for text = 9216\): raise --max-model-len to 9216"):
+        config({"max_frames": 512}, 4096)
+    with pytest.raises(ValueError, match=r"User-specified max_model_len \(16384\) is greater than the derived"):
+        config({"max_frames": 512, "rope_type": "none"}, 16384)  # no RoPE extension: vLLM's own refusal stands
+    assert with_long_context({"intp": {}}, None) == {"intp": {}}
+    assert with_long_context({"text_config": {"model_max_length": 5}}, 9) == {"text_config": {"model_max_length": 5}}

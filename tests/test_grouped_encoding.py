@@ -81,3 +81,50 @@ def test_unknown_grouping_and_bad_encoder_output_are_errors(frames32):
         encode_in_groups(frames32, lambda c: c, N, "random")
     with pytest.raises(ValueError, match=r"encoder returned shape \(32, 3, 8, 8\)"):
         encode_in_groups(frames32, lambda c: c.flatten(0, 1), N)
+
+
+class RecordingEncoder(nn.Module):
+    """WindowTemporalEncoder that records how many frames each call saw."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.inner = WindowTemporalEncoder().eval()
+        self.calls: list[int] = []
+
+    def forward(self, clips):
+        self.calls.append(clips.shape[0] * clips.shape[1])
+        return self.inner(clips)
+
+
+@pytest.mark.parametrize("grouping", ["interleaved", "consecutive"])
+def test_chunked_encoding_equals_one_call_bit_for_bit_and_bounds_each_call(grouping):
+    pixels = torch.randn(256, 3, 8, 8, generator=torch.Generator().manual_seed(2))
+    encoder = RecordingEncoder()
+    with torch.no_grad():
+        one_call = encode_in_groups(pixels, encoder, N, grouping, chunk_frames=256)
+        assert encoder.calls == [256]
+        encoder.calls.clear()
+        chunked = encode_in_groups(pixels, encoder, N, grouping, chunk_frames=64)
+        assert encoder.calls == [64] * 4  # each call at most 64 frames, whatever the video's length
+        encoder.calls.clear()
+        clip_by_clip = encode_in_groups(pixels, encoder, N, grouping, chunk_frames=3)  # at least one clip a call
+        assert encoder.calls == [N] * 32
+        wrong = encode_in_groups(pixels.roll(1, 0), encoder, N, grouping, chunk_frames=64)  # negative control
+    assert torch.equal(chunked, one_call) and torch.equal(clip_by_clip, one_call)
+    assert not torch.equal(wrong, one_call)
+
+
+def test_chunked_per_frame_tower_equals_encoding_all_frames(tiny_model_dir):
+    hf = load_hf_model(str(tiny_model_dir))
+    tower, projector = hf.model.video_tower, hf.model.multi_modal_projector
+
+    def encode_clips(clips: torch.Tensor) -> torch.Tensor:
+        hidden = tower(clips.flatten(0, 1), output_hidden_states=True).hidden_states[hf.config.vision_feature_layer]
+        return projector(hidden).unflatten(0, clips.shape[:2])
+
+    pixels = torch.randn(128, 3, 56, 56, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        one_call = encode_in_groups(pixels, encode_clips, N, chunk_frames=128)
+        chunked = encode_in_groups(pixels, encode_clips, N, chunk_frames=16)
+    assert torch.equal(chunked, one_call)

@@ -261,3 +261,56 @@ def test_chat_video_is_decoded_at_the_request_frames(long_llm):
     assert logprob_gap(chat, as_array) < LOGPROB_ATOL
     sampled_twice = from_array(read_video(path, 128)[uniform_frame_indices(128, 16)])  # negative control
     assert logprob_gap(sampled_twice, chat) > LOGPROB_ATOL
+
+
+@pytest.fixture(scope="module")
+def long_file(long_llm):
+    """300 frames at 8 fps: 37.5 s."""
+    return write_video(long_llm.media_dir / "long300-range.mp4",
+                       moving_shapes_video(num_frames=300, height=48, width=64, seed=23), gop=40, b_frames=2)
+
+
+def chat_video(llm, url: str, mm_processor_kwargs=None):
+    messages = [{"role": "user", "content": [{"type": "video_url", "video_url": {"url": url}},
+                                             {"type": "text", "text": "What happened?"}]}]
+    return llm.chat(messages, greedy_with_logprobs(4), use_tqdm=False, mm_processor_kwargs=mm_processor_kwargs)[0]
+
+
+def test_chat_video_by_time_range_and_rate_decodes_those_frames(long_llm, long_file):
+    """A #t= fragment, start/end and fps are decided once by the processor and decoded by the loader:
+    the same frames as read_video with that range and rate, handed over as an array."""
+    from intp_vllm.video.io import read_video
+
+    def same_as_array(chat, video, frames):
+        prompt_ids = collapse_video(long_llm, list(chat.prompt_token_ids))
+        as_array = long_llm.generate({"prompt_token_ids": prompt_ids, "multi_modal_data": {"video": video},
+                                      "mm_processor_kwargs": {"frames": frames}}, greedy_with_logprobs(4),
+                                     use_tqdm=False)[0]
+        assert chat.prompt_token_ids == as_array.prompt_token_ids
+        return logprob_gap(chat, as_array)
+
+    video_token = long_llm.llm_engine.model_config.hf_config.video_token_index
+    fragment = chat_video(long_llm, f"file://{long_file}#t=10,0:20", {"frames": 16})
+    in_range = read_video(long_file, 16, start=10, end=20)
+    assert same_as_array(fragment, in_range, 16) < LOGPROB_ATOL
+    assert same_as_array(fragment, read_video(long_file, 16), 16) > LOGPROB_ATOL  # the whole video: not it
+    by_kwargs = chat_video(long_llm, f"file://{long_file}", {"frames": 16, "start": 10, "end": "0:20"})
+    assert by_kwargs.outputs[0].token_ids == fragment.outputs[0].token_ids and logprob_gap(by_kwargs, fragment) == 0
+
+    at_rate = chat_video(long_llm, f"file://{long_file}", {"fps": 1})  # 37.5 s at 1 fps: 38 frames, padded to 40
+    assert at_rate.prompt_token_ids.count(video_token) == 40 * TOKENS_PER_FRAME
+    assert same_as_array(at_rate, read_video(long_file, 128, fps=1), 128) < LOGPROB_ATOL
+    capped = chat_video(long_llm, f"file://{long_file}#t=5", {"fps": 30})  # 32.5 s x 30 fps: capped at 128
+    assert capped.prompt_token_ids.count(video_token) == 128 * TOKENS_PER_FRAME
+
+
+@pytest.mark.parametrize("url_tail, kwargs, message", [
+    ("#t=10,20", {"start": 5}, r"video_url #t= time range and mm_processor_kwargs start conflict"),
+    ("", {"frames": 16, "fps": 1}, r"mm_processor_kwargs.frames=16 and mm_processor_kwargs.fps=1 conflict"),
+    ("", {"fps": -2}, r"mm_processor_kwargs.fps=-2: expected frames a second of video"),
+    ("#t=20,10", None, r"the end \(10 s\) must be after the start \(20 s\)"),
+    ("", {"start": 40}, r"start=40 s is at or past the end of .* \(37.5 s long\)"),
+])
+def test_conflicting_or_out_of_range_rate_and_range_are_refused(long_llm, long_file, url_tail, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        chat_video(long_llm, f"file://{long_file}{url_tail}", kwargs)

@@ -380,10 +380,10 @@ def test_replicas_that_cannot_start_are_a_clear_error(tiny_model_dir, cluster):
     before = replica_pids()  # the other tests' endpoint, if it is up
     proc = subprocess.run([sys.executable, "-m", "intp_vllm.apps.cli", "serve", str(tiny_model_dir), "--ray",
                            "--host", "127.0.0.1", "--port", str(free_port()), *ENGINE_FLAGS,
-                           "--max-model-len", "100000"], capture_output=True, text=True, timeout=600)
+                           "--max-model-len", "100"], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 1
     assert "Started a local Ray instance" in proc.stdout + proc.stderr
     error = proc.stderr[proc.stderr.rfind("intp-vllm serve: error:"):]
     assert error.startswith("intp-vllm serve: error: the replicas did not start: LLMServer:"), proc.stderr[-3000:]
-    assert "User-specified max_model_len (100000) is greater than the derived max_model_len" in error
+    assert "max_model_len 100 is too short for intp.max_frames 8" in error
     assert replica_pids() == before

@@ -14,7 +14,6 @@ from intp_vllm.core.rearrange import (
     pad_frame_indices,
     padded_frame_count,
     time_order_permutation,
-    token_permutation,
     uniform_frame_indices,
 )
 
@@ -35,16 +34,6 @@ def test_groups_hold_every_frame_once_and_order_is_restored(fn, grouping):
     assert sorted(groups.ravel().tolist()) == list(range(f))
     encoded = groups.ravel() * 10  # "encoder output" row i belongs to frame groups.ravel()[i]
     assert (encoded[time_order_permutation(groups)] == np.arange(f) * 10).all()
-
-
-@settings(max_examples=200, deadline=None)
-@given(frames_and_window(), st.integers(1, 5), st.sampled_from(sorted(GROUPINGS)))
-def test_token_permutation_moves_whole_frames(fn, tokens, grouping):
-    f, n = fn
-    groups = GROUPINGS[grouping](f, n)
-    rows = np.repeat(groups.ravel(), tokens) * 100 + np.tile(np.arange(tokens), f)
-    restored = rows[token_permutation(groups, tokens)]
-    assert (restored == np.repeat(np.arange(f), tokens) * 100 + np.tile(np.arange(tokens), f)).all()
 
 
 @settings(max_examples=200, deadline=None)
@@ -108,7 +97,6 @@ def test_padding_repeats_the_last_frame(frames, padded):
         (lambda: pad_frame_indices(0, 8), "num_frames must be a positive integer, got 0"),
         (lambda: padded_frame_count(4, 0), "encoder_frames must be a positive integer, got 0"),
         (lambda: time_order_permutation(np.array([[0, 0], [1, 2]])), "every frame index 0..F-1 exactly once"),
-        (lambda: token_permutation(interleaved_groups(8, 8), 0), "tokens_per_frame must be a positive integer"),
     ],
 )
 def test_errors_name_the_argument(call, message):

@@ -170,6 +170,10 @@ def scale_code_from_the_request(media, clip):
 
 
 def unsupported_loader_option(media, clip):
+    return f"file://{clip}", {"media_io_kwargs": {"video": {"max_duration": 2}}}
+
+
+def rate_as_loader_option(media, clip):
     return f"file://{clip}", {"media_io_kwargs": {"video": {"fps": 2}}}
 
 
@@ -242,7 +246,9 @@ HOSTILE = [
                  id="processor-frames-over-max"),
     pytest.param(scale_code_from_the_request, 400, r"mm_processor_kwargs.rope_scale_code is set by the server",
                  id="scale-code-from-request"),
-    pytest.param(unsupported_loader_option, 400, r"\['fps'\] are not supported", id="loader-option"),
+    pytest.param(unsupported_loader_option, 400, r"\['max_duration'\] are not supported", id="loader-option"),
+    pytest.param(rate_as_loader_option, 400, r"media_io_kwargs.video \['fps'\]: a request's rate and time range are "
+                 r"mm_processor_kwargs \['fps', 'start', 'end'\]", id="rate-as-loader-option"),
     pytest.param(outside_allowed_dir, 400, "must be a subpath of `--allowed-local-media-path", id="outside"),
     pytest.param(dot_dot_out_of_allowed_dir, 400, "must be a subpath of `--allowed-local-media-path", id="dot-dot"),
     pytest.param(symlink_out_of_allowed_dir, 400, "must be a subpath of `--allowed-local-media-path", id="symlink"),
@@ -463,6 +469,17 @@ def test_frame_counts_beyond_the_decoder_limit_are_refused_at_startup():
     assert ServeLimits.from_args(parser.parse_args(["--allow-private-media-hosts"]), {}).media_hosts.allow_private
     with pytest.raises(ValueError, match="--frames/--max-frames 32 exceeds --max-video-frames 16"):
         ServeLimits.from_args(args, {"frames": 8, "max_frames": 32})
+
+
+def test_max_frames_is_the_one_knob_of_the_decoder_cap_and_the_deadline():
+    """--max-frames 128 alone starts: the decoder's cap follows it; the fetch-and-decode deadline
+    grows with the frames a request asks for."""
+    parser = argparse.ArgumentParser()
+    add_limit_arguments(parser)
+    assert ServeLimits.from_args(parser.parse_args([]), {"max_frames": 1024}).video.max_frames == 1024
+    assert ServeLimits.from_args(parser.parse_args([]), {"frames": 8}).video.max_frames == 64
+    limits = ServeLimits.from_args(parser.parse_args(["--video-fetch-timeout", "30"]), {"max_frames": 1024})
+    assert [limits.fetch_deadline_s(n) for n in (8, 64, 128, 1024)] == [30, 30, 60, 480]
 
 
 def test_silent_http_host_is_given_up_on_at_the_fetch_timeout(server, model, silent_url):

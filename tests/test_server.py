@@ -165,3 +165,44 @@ def test_text_only_request_is_served(client, tiny_llm):
                                                      {"role": "user", "content": "Hello?"}])
     expected = tiny_llm.get_tokenizer()(f"{SYSTEM} USER: Hello? ASSISTANT:").input_ids  # with BOS
     assert reply.usage.prompt_tokens == len(expected) and reply.usage.completion_tokens >= 1
+
+
+def test_a_media_fragment_time_range_samples_that_span(client, tiny_llm, video_path):
+    """`#t=1,2.5` on a file:// or data: URL (no --trust-request-mm-kwargs needed): the answer is
+    offline generate's on the frames of that span; a range past the end or a malformed one is a 400."""
+    from openai import BadRequestError
+
+    from intp_vllm.video.io import read_video
+
+    params = SamplingParams(temperature=0.0, max_tokens=12)
+    prompt = f"USER: <video>\n{QUESTION} ASSISTANT:"
+
+    def offline(video):
+        return tiny_llm.generate({"prompt": prompt, "multi_modal_data": {"video": video}}, params,
+                                 use_tqdm=False)[0].outputs[0].text
+
+    in_range = offline(read_video(video_path, 8, start=1, end=2.5))
+    assert in_range != offline(read_video(video_path, 8))  # the control: the whole video answers otherwise
+    assert ask(client, f"file://{video_path}#t=1,2.5").choices[0].message.content == in_range
+    data_url = "data:video/mp4;base64," + base64.b64encode(video_path.read_bytes()).decode()
+    assert ask(client, f"{data_url}#t=npt:0:01,0:02.5").choices[0].message.content == in_range
+    with pytest.raises(BadRequestError, match=r"start=5 s is at or past the end of .* \(3 s long\)"):
+        ask(client, f"file://{video_path}#t=5")
+    with pytest.raises(BadRequestError, match=r"video_url fragment #t=2,1: the end \(1 s\) must be after the start"):
+        ask(client, f"file://{video_path}#t=2,1")
+
+
+def test_the_sampled_frames_times_come_back_in_a_header(server, tiny_llm, video_path):
+    """x-video-timestamps: the times of the frames the request's video_url was decoded at."""
+    from intp_vllm.video.io import sample_video
+
+    body = {"model": requests.get(f"{server}/v1/models", timeout=10).json()["data"][0]["id"], "max_tokens": 2,
+            "temperature": 0.0, "messages": messages(f"file://{video_path}#t=1,2.5")}
+    reply = requests.post(f"{server}/v1/chat/completions", json=body, timeout=120)
+    assert reply.status_code == 200, reply.text
+    expected = sample_video(video_path, 8, start=1, end=2.5).timestamps
+    assert reply.headers["x-video-timestamps"] == ",".join(f"{t:.3f}" for t in expected)
+    assert expected[0] == pytest.approx(1.0) and expected[-1] == pytest.approx(2.375)  # 8 fps: frames 8..19
+    text_only = requests.post(f"{server}/v1/chat/completions", timeout=60, json={
+        **body, "messages": [{"role": "user", "content": "Hello?"}]})
+    assert text_only.status_code == 200 and "x-video-timestamps" not in text_only.headers

@@ -230,3 +230,74 @@ def test_as_frames_accepts_arrays_lists_and_tensors():
 def test_as_frames_names_what_it_received(bad, message):
     with pytest.raises(ValueError, match=message):
         as_frames(bad)
+
+
+# ------------------------------------------------------------------------- rate and time range
+
+
+def test_a_time_range_samples_only_that_span_and_decodes_nothing_after_it(gop_video):
+    """Seconds 2-4 of a 20 s, 30 fps video: frames 60..119, and decoding starts at its keyframe."""
+    video = sample_video(gop_video, 8, start=2, end=4)
+    expected = (60 + uniform_frame_indices(60, 8)).tolist()
+    assert video.indices == decode_frame_index(video.frames) == expected
+    assert video.timestamps == pytest.approx([i / 30 for i in expected], abs=1e-3)  # from the video's first frame
+    assert video.decoded_frames <= 60 + 30  # the span and at most one GOP's B-frame lookahead
+    assert sample_video(gop_video, 8).indices != expected  # the negative control: the whole video
+
+
+@pytest.mark.parametrize("start, end, first, last", [
+    ("0:05", None, 150, 599), (None, 1, 0, 29), (2.01, 2.3, 60, 68), (19.99, None, 599, 599)])
+def test_open_ranges_and_mid_frame_edges(gop_video, start, end, first, last):
+    """A range from the frame shown at `start` to the last frame shown before `end`."""
+    video = sample_video(gop_video, 4, start=start, end=end)
+    expected = (first + uniform_frame_indices(last - first + 1, 4)).tolist()
+    assert video.indices == decode_frame_index(video.frames) == expected
+
+
+@pytest.mark.parametrize("decoder", ["pyav", "opencv"])
+def test_a_rate_gives_span_times_fps_frames_capped(gop_video, decoder):
+    at_1fps = sample_video(gop_video, 64, decoder=decoder, fps=1)
+    assert at_1fps.indices == decode_frame_index(at_1fps.frames) == uniform_frame_indices(600, 20).tolist()
+    capped = sample_video(gop_video, 16, decoder=decoder, fps=30)
+    assert capped.indices == uniform_frame_indices(600, 16).tolist()
+    ranged = sample_video(gop_video, 64, decoder=decoder, fps=2, start=5, end=10)
+    assert ranged.indices == decode_frame_index(ranged.frames) == (150 + uniform_frame_indices(150, 10)).tolist()
+
+
+def test_a_range_of_a_variable_frame_rate_video_is_uniform_in_time(tmp_path):
+    """60 frames in the first 2 s, then one frame every 0.2 s to 13.8 s: seconds 1-9 hold frames 30..94."""
+    timestamps = [k / 30 for k in range(60)] + [2 + k / 5 for k in range(60)]
+    path = write_video(tmp_path / "vfr.mp4", index_coded_video(120, 72, 96), fps=30, timestamps=timestamps,
+                       b_frames=2)
+    video = sample_video(path, 5, start=1, end=9)
+    first, last = timestamps[30], timestamps[94]  # the frames shown at 1 s and last before 9 s
+    instants = [first + (last - first) * i / 4 for i in range(5)]
+    expected = [max(k for k, t in enumerate(timestamps) if t <= instant + 1e-9) for instant in instants]
+    assert video.indices == decode_frame_index(video.frames) == expected == [30, 64, 74, 84, 94]
+    assert expected != (30 + uniform_frame_indices(65, 5)).tolist()  # uniform in time, not in index
+    assert video.timestamps == pytest.approx([timestamps[k] for k in expected], abs=1e-3)
+    at_rate = sample_video(path, 64, fps=1, start=1, end=9)  # 8 s at 1 fps: 8 frames, even in time
+    assert len(at_rate.indices) == 8 and decode_frame_index(at_rate.frames) == at_rate.indices
+
+
+def test_a_range_past_the_end_is_refused_before_any_frame_is_decoded(tmp_path):
+    """Its packets are intact (demuxing finds 20 s) but their data is zeroed: only decoding would fail."""
+    path = write_video(tmp_path / "clip.mp4", index_coded_video(600, 72, 96), fps=30, gop=30)
+    data = bytearray(path.read_bytes())
+    mdat = data.index(b"mdat") + 4
+    moov = data.index(b"moov")
+    assert mdat < moov  # the index comes after the frame data
+    data[mdat + 64: moov - 64] = bytes(moov - 128 - mdat)
+    broken = tmp_path / "broken.mp4"
+    broken.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=r"start=25 s is at or past the end of video file '.*broken.mp4' \(20 s long"):
+        sample_video(broken, 8, start=25)
+    with pytest.raises(ValueError, match="broken.mp4"):  # the control: a range inside it decodes, and fails
+        sample_video(broken, 8, start=5, end=6)
+
+
+def test_rate_and_range_arguments_are_checked(gop_video):
+    with pytest.raises(ValueError, match=r"fps=-1: expected frames a second of video, a number > 0"):
+        sample_video(gop_video, 8, fps=-1)
+    with pytest.raises(ValueError, match=r"end=2 must be after start=3"):
+        sample_video(gop_video, 8, start=3, end=2)

@@ -24,9 +24,15 @@ def add_intp_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("INTP (training-free long video)")
     group.add_argument("--frames", type=int, help="frames sampled per video (default: the encoder window, 8)")
     group.add_argument("--max-frames", type=int,
-                       help="most frames one request may ask for: a batch job's \"frames\", or a server request's "
-                       "mm_processor_kwargs={'frames': n} (the server also needs vLLM's --trust-request-mm-kwargs) "
+                       help="most frames one request may carry, the one knob of long videos: a batch job's "
+                       "\"frames\", a server request's mm_processor_kwargs={'frames': n} (the server also needs vLLM's "
+                       "--trust-request-mm-kwargs), and the cap of sampling by rate (--fps, a request's 'fps'); the "
+                       "decoder's frame cap, max_model_len and the fetch-and-decode deadline follow it "
                        "(default: --frames)")
+    group.add_argument("--fps", type=float,
+                       help="sample videos by rate: frames a second of video (600 for 10 minutes at 1 fps), capped "
+                       "by --max-frames; a request may still name its own 'frames' or 'fps' (default: --frames "
+                       "frames over the whole video)")
     group.add_argument("--encoder-frames", type=int, help="the encoder's trained window N (default: from checkpoint)")
     group.add_argument("--rope-type", choices=ROPE_TYPES,
                        help="RoPE context extension (default yarn; ntk is the INTP paper's)")
@@ -39,9 +45,22 @@ def add_intp_arguments(parser: argparse.ArgumentParser) -> None:
 
 def intp_section(args: argparse.Namespace) -> dict:
     """The `intp` hf_overrides section from the parsed flags (only those given)."""
-    keys = {"frames": "frames", "max_frames": "max_frames", "encoder_frames": "encoder_frames",
+    keys = {"frames": "frames", "max_frames": "max_frames", "fps": "fps", "encoder_frames": "encoder_frames",
             "rope_type": "rope_type", "factor": "factor", "grouping": "grouping"}
     return {key: getattr(args, attr) for attr, key in keys.items() if getattr(args, attr, None) is not None}
+
+
+def with_long_context(hf_overrides: dict, max_model_len: int | None) -> dict:
+    """`hf_overrides` that let an explicit `max_model_len` exceed the checkpoint's trained length
+    when INTP extends RoPE (its `intp` rope_type is not "none"): `text_config.model_max_length`
+    set to it, the one length vLLM accepts past `max_position_embeddings` without
+    VLLM_ALLOW_LONG_MAX_MODEL_LEN. The plugin then checks it against intp.max_frames at start
+    (plugin.py). `hf_overrides` as it is when no length is given (it then follows --max-frames)."""
+    intp = hf_overrides.get("intp") or {}
+    if not max_model_len or max_model_len < 0 or intp.get("rope_type") == "none":
+        return hf_overrides
+    text = hf_overrides.get("text_config") or {}
+    return {**hf_overrides, "text_config": {"model_max_length": max_model_len, **text}}
 
 
 def cidr_list(text: str) -> list[str]:

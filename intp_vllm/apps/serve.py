@@ -20,16 +20,19 @@ import json
 import logging
 import re
 
-from intp_vllm.apps.flags import add_media_host_arguments, add_video_decoder_argument
+from intp_vllm.apps.flags import add_media_host_arguments, add_video_decoder_argument, with_long_context
 from intp_vllm.core.prompt import VIDEO_LLAVA_CHAT_TEMPLATE_PATH
 from intp_vllm.vllm_ext.client_messages import CLIENT_MESSAGES
-from intp_vllm.vllm_ext.media import ServeLimits, file_read_slots, install_media_limits
+from intp_vllm.vllm_ext.media import VIDEO_TIMESTAMPS, ServeLimits, file_read_slots, install_media_limits
 
 logger = logging.getLogger("vllm.intp_vllm")  # under "vllm": its handler and level apply
 
 MIDDLEWARE = "intp_vllm.apps.serve.RequestLimitMiddleware"
 STUCK_READS_HEADER = b"x-intp-stuck-file-reads"
 """On every /health answer: `<stuck>/<slots>` file-read slots held by reads that have not returned."""
+TIMESTAMPS_HEADER = "x-video-timestamps"
+"""Response header with the times of the frames a request's video_url was sampled at: seconds from
+the video's first frame, comma-separated, to the millisecond (before the encoder-window padding)."""
 
 
 def merge_hf_overrides(user: dict | str | None, intp: dict) -> dict:
@@ -62,7 +65,7 @@ def vllm_serve_args(model: str, intp: dict, vllm_args: list[str]) -> argparse.Na
     """vLLM's `serve` arguments, parsed by vLLM's own parser, with our `intp` section, the
     Video-LLaVA chat template (unless one is given) and the load-shedding middleware."""
     args = vllm_serve_parser().parse_args([model, *vllm_args])
-    args.hf_overrides = merge_hf_overrides(args.hf_overrides, intp)
+    args.hf_overrides = with_long_context(merge_hf_overrides(args.hf_overrides, intp), args.max_model_len)
     if args.chat_template is None:
         args.chat_template = str(VIDEO_LLAVA_CHAT_TEMPLATE_PATH)
     args.middleware = [*(args.middleware or []), MIDDLEWARE]
@@ -93,15 +96,16 @@ def add_limit_arguments(parser: argparse.ArgumentParser) -> None:
     """The server's resource limits (docs/robustness.md); defaults from ServeLimits."""
     defaults = ServeLimits()
     group = parser.add_argument_group("intp-vllm limits (hostile and heavy input)")
-    group.add_argument("--max-video-frames", type=int, default=defaults.video.max_frames,
+    group.add_argument("--max-video-frames", type=int,
                        help="most frames decoded from one video (media_io_kwargs num_frames above it is a 400; "
-                       "default %(default)s)")
+                       f"default: --max-frames, at least {defaults.video.max_frames})")
     group.add_argument("--max-frame-pixels", type=int, default=defaults.video.max_frame_pixels,
                        help="most pixels a video frame may have, checked before decoding (default 1920x1080)")
     group.add_argument("--max-video-bytes", type=int, default=defaults.video.max_bytes,
                        help="most bytes of one encoded video (file://, data: or http; default %(default)s = 128 MiB)")
     group.add_argument("--video-fetch-timeout", type=float, default=defaults.fetch_timeout_s,
-                       help="seconds to fetch and decode one video_url, in one attempt (default %(default)s)")
+                       help="seconds to fetch and decode one video_url of up to 64 frames, in one attempt; a "
+                       "request of more frames gets as much more, pro rata (default %(default)s)")
     group.add_argument("--max-in-flight-requests", type=int, default=defaults.max_in_flight,
                        help="POST requests served at once by each API-server process, from arrival (video fetch "
                        "included); more get a 503 (default %(default)s). With --ray: requests at once on each "
@@ -134,7 +138,8 @@ class RequestLimitMiddleware:
     disconnect and what it read so far is dropped). A POST arriving while `max_in_flight`
     are being served gets a 503 with Retry-After. vLLM's own --max-num-queued-reqs counts a
     request only once it reaches the engine, after its video was fetched and decoded, so a
-    burst passes it all at once; this counts from arrival.
+    burst passes it all at once; this counts from arrival. A response to a request whose
+    video_url was decoded carries the sampled frames' times (`TIMESTAMPS_HEADER`).
 
     A streamed request refused before its first token (vLLM validates sampling parameters,
     e.g. `response_format`, only once the stream has begun: a 200, then an error event) gets
@@ -171,9 +176,11 @@ class RequestLimitMiddleware:
         self.in_flight += 1
         raised: list[str] = []
         token = CLIENT_MESSAGES.set(raised)
+        timestamps_token = VIDEO_TIMESTAMPS.set([])
         try:
             await self._serve_capped(scope, receive, refused_streams_as_status(restore_client_urls(send, raised)))
         finally:
+            VIDEO_TIMESTAMPS.reset(timestamps_token)
             CLIENT_MESSAGES.reset(token)
             self.in_flight -= 1
 
@@ -214,6 +221,9 @@ class RequestLimitMiddleware:
             nonlocal started
             if over:
                 return
+            if message["type"] == "http.response.start" and (stamps := VIDEO_TIMESTAMPS.get()):
+                value = ",".join(f"{t:.3f}" for t in stamps[0]).encode()
+                message = {**message, "headers": [*message.get("headers", []), (TIMESTAMPS_HEADER.encode(), value)]}
             started = started or message["type"] == "http.response.start"
             await send(message)
 

@@ -30,6 +30,9 @@ class IntpConfig:
     factor: float | str = "auto"
     grouping: str = "interleaved"
     max_frames: int | None = None
+    fps: float | None = None
+    """Sample videos by rate by default: frames a second of video, capped by max_frames
+    (core/frame_plan.py); None samples `frames` frames."""
 
     def __post_init__(self) -> None:
         for name in ("frames", "encoder_frames"):
@@ -48,6 +51,9 @@ class IntpConfig:
                 f'intp.rope_type "dynamic" takes its scale from each request\'s length; set intp.factor to "auto", '
                 f"not {self.factor!r} (or use rope_type \"ntk\" for a fixed scale)"
             )
+        if self.fps is not None and (isinstance(self.fps, bool) or not isinstance(self.fps, (int, float))
+                                     or not math.isfinite(self.fps) or self.fps <= 0):
+            raise ValueError(f"intp.fps must be frames a second of video, a number > 0, got {self.fps!r}")
         if self.max_frames is not None and self.max_frames < self.frames:
             raise ValueError(
                 f"intp.max_frames ({self.max_frames}) must be at least intp.frames ({self.frames})"

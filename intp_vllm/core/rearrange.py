@@ -69,11 +69,4 @@ def time_order_permutation(groups: np.ndarray) -> np.ndarray:
     return np.argsort(flat, kind="stable")
 
 
-def token_permutation(groups: np.ndarray, tokens_per_frame: int) -> np.ndarray:
-    """`time_order_permutation` expanded to token rows (each frame owns consecutive rows)."""
-    check_positive_int("tokens_per_frame", tokens_per_frame)
-    frames = time_order_permutation(groups)
-    return (frames[:, None] * tokens_per_frame + np.arange(tokens_per_frame)[None, :]).ravel()
-
-
 GROUPINGS = {"interleaved": interleaved_groups, "consecutive": consecutive_groups}

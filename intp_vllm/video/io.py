@@ -11,6 +11,9 @@ one time-base tick of the mean: timestamps rounded to milliseconds count as cons
 frames are exactly `rearrange.uniform_frame_indices` (vLLM's and decord's index convention).
 At a variable frame rate (screen and browser recordings) sampling stays even in time; a
 frame shown for a long time may be sampled more than once (`uniform_time_targets`).
+A request may sample by rate (`fps`) and within a time range (`start`/`end`) instead:
+`core.frame_plan` decides how many frames and over which span, `span_targets` which ones
+(the same uniform-in-time rule over the span), and nothing after the span is decoded.
 Timestamps come from one pass over the packets (demuxing, no decoding), which also finds the
 keyframes and counts the frames of streams that state neither (live-stream WebM). Decoding then follows a plan: a target in the same GOP as the
 current position is reached by decoding forward, and the decoder seeks only when a keyframe
@@ -33,6 +36,7 @@ what is allowed.
 from __future__ import annotations
 
 import io
+import math
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -46,6 +50,7 @@ from PIL import Image
 from intp_vllm.video.preprocess import ClipPreprocessConfig, check_aspect_ratio, resize_and_crop, rotate
 from intp_vllm.core.rearrange import uniform_frame_indices
 from intp_vllm.core.checks import check_positive_int
+from intp_vllm.core.frame_plan import FrameRequest
 
 EXPECTED_FRAMES = "a uint8 RGB video of shape (T, H, W, 3) with T >= 1, or a list of (H, W, 3) frames"
 DEMUXERS = "mov,matroska,avi,mpegts,mpeg,flv,ogg,asf"
@@ -153,18 +158,26 @@ def as_frames(video, name: str = "video") -> np.ndarray:
 
 
 def read_video(source: str | os.PathLike | bytes, num_frames: int, limits: VideoLimits | None = None, *,
-               decoder: str = "pyav", preprocess: ClipPreprocessConfig | None = None) -> np.ndarray:
+               decoder: str = "pyav", preprocess: ClipPreprocessConfig | None = None, fps: float | None = None,
+               start: float | str | None = None, end: float | str | None = None) -> np.ndarray:
     """Decode `num_frames` frames sampled uniformly over the whole video (fewer if it is shorter).
 
     `source` is a path or the file's bytes. Returns uint8 (T, H, W, 3) RGB. See `sample_video`.
     """
-    return sample_video(source, num_frames, limits, decoder=decoder, preprocess=preprocess).frames
+    return sample_video(source, num_frames, limits, decoder=decoder, preprocess=preprocess, fps=fps,
+                        start=start, end=end).frames
 
 
 def sample_video(source: str | os.PathLike | bytes, num_frames: int, limits: VideoLimits | None = None, *,
-                 decoder: str = "pyav", preprocess: ClipPreprocessConfig | None = None) -> SampledVideo:
+                 decoder: str = "pyav", preprocess: ClipPreprocessConfig | None = None, fps: float | None = None,
+                 start: float | str | None = None, end: float | str | None = None) -> SampledVideo:
     """`read_video` with the sampled indices, timestamps, frame count and fps.
 
+    fps: sample by rate instead, span x fps frames (`core.frame_plan`), `num_frames` then being
+    the cap. start/end: seconds from the first frame (or `frame_plan.TIME_FORMAT` strings):
+    sample only that span, decoding nothing after it (and before it, only from the keyframe
+    its first frame needs); a start at or past the end of the video is a ValueError, found
+    before any frame is decoded.
     decoder: a key of `DECODERS`. preprocess: resize and crop each frame as it is decoded
     (frames come back (T, crop, crop, 3)); frames with an aspect ratio above
     `preprocess.MAX_ASPECT_RATIO` are then refused before decoding.
@@ -180,6 +193,8 @@ def sample_video(source: str | os.PathLike | bytes, num_frames: int, limits: Vid
         limits.check_num_frames(num_frames)
     else:
         uniform_frame_indices(1, num_frames)  # validates num_frames
+    request = FrameRequest.from_kwargs({"fps": fps, "start": start, "end": end}, default_frames=num_frames,
+                                       limit=num_frames, prefix="")
     if isinstance(source, (bytes, bytearray, memoryview)):
         label = f"video bytes ({len(source)} bytes)"
         if limits:
@@ -192,7 +207,7 @@ def sample_video(source: str | os.PathLike | bytes, num_frames: int, limits: Vid
         if limits:
             limits.check_size(path.stat().st_size, label)
     sample = _sample_pyav if decoder == "pyav" else _sample_opencv
-    return sample(source, num_frames, _FrameCheck(limits, preprocess, label))
+    return sample(source, request, _FrameCheck(limits, preprocess, label))
 
 
 @dataclass(frozen=True)
@@ -323,7 +338,29 @@ def uniform_time_targets(pts: np.ndarray, num_frames: int) -> np.ndarray:
     return np.searchsorted(pts, np.asarray(instants, dtype=np.int64), side="right") - 1
 
 
-def _sample_pyav(source, num_frames: int, check: _FrameCheck) -> SampledVideo:
+def span_targets(pts: np.ndarray, tick_seconds: float, request: FrameRequest, rate: float, label: str) -> np.ndarray:
+    """Indices into presentation-ordered timestamps `pts` (integer ticks of `tick_seconds`) of
+    the frames `request` asks for: its count (or span x fps) spread uniformly in time
+    (`uniform_time_targets`) over its span, from the frame shown at `start` to the last frame
+    shown before `end`. `rate`: frames a second, the duration of a one-frame video (0: unknown).
+    Raises ValueError when the span starts at or past the end of the video."""
+    if request.whole_video:
+        return uniform_time_targets(pts, request.cap)
+    total = len(pts)
+    if total > 1:
+        duration = (int(pts[-1]) - int(pts[0])) * tick_seconds * total / (total - 1)
+    else:
+        duration = 1 / rate if rate else 0.0
+    plan = request.plan(duration, label)
+    first = int(pts[0])
+    lo = max(int(np.searchsorted(pts, first + math.floor(plan.start / tick_seconds + 1e-6), side="right")) - 1, 0)
+    hi = total if plan.end >= duration else int(
+        np.searchsorted(pts, first + math.ceil(plan.end / tick_seconds - 1e-6), side="left"))
+    hi = max(hi, lo + 1)
+    return lo + uniform_time_targets(pts[lo:hi], plan.count)
+
+
+def _sample_pyav(source, request: FrameRequest, check: _FrameCheck) -> SampledVideo:
     import av
 
     container, file = _open_pyav(source, check.label)
@@ -344,13 +381,18 @@ def _sample_pyav(source, num_frames: int, check: _FrameCheck) -> SampledVideo:
     finally:
         container.close()
         file.close()
+    # The plan is made, and a range past the end refused, before a decoder is opened.
+    wanted = None if index is None else span_targets(index.pts, float(time_base), request, float(rate or 0),
+                                                     check.label)
+    seconds_per_frame = None if index is not None else 1 / _known_rate(rate, request, check.label)
     decoder = _PlannedDecoder(source, check)
     try:
         if index is None:
-            frames, indices = decoder.decode_counting(num_frames)
+            frames, indices = decoder.decode_counting(
+                lambda counted: span_targets(np.arange(counted), seconds_per_frame, request, float(rate or 0),
+                                             check.label))
             total, seconds = decoder.counted, [i / float(rate) if rate else 0.0 for i in indices]
         else:
-            wanted = uniform_time_targets(index.pts, num_frames)
             frames, stamps = decoder.decode_planned(index, index.pts[wanted])
             indices, total = wanted.tolist()[: len(frames)], len(index.pts)
             seconds = [float((stamp - int(index.pts[0])) * time_base) for stamp in stamps]
@@ -437,13 +479,13 @@ class _PlannedDecoder:
                 i += 1
         return frames, stamps
 
-    def decode_counting(self, num_frames: int) -> tuple["_FrameStack", list[int]]:
+    def decode_counting(self, choose) -> tuple["_FrameStack", list[int]]:
         """Streams whose packets carry no timestamps: count frames by decoding once (keeping
-        none), then decode again up to the last of `uniform_frame_indices`."""
+        none), then decode again up to the last of `choose(frame count)` (indices)."""
         self.counted = sum(1 for _ in self.frames)
         if self.counted == 0:
             raise ValueError(f"{self.check.label} has no video frames")
-        wanted = set(uniform_frame_indices(self.counted, num_frames).tolist())
+        wanted = set(choose(self.counted).tolist())
         self.close()
         self._open()
         frames, indices, last = self.check.frames(len(wanted)), [], max(wanted)
@@ -458,6 +500,14 @@ class _PlannedDecoder:
         return frames, indices
 
 
+def _known_rate(rate, request: FrameRequest, label: str) -> float:
+    """The stream's frame rate; ValueError when it states none and `request` needs it (a rate or a range)."""
+    if not rate and not request.whole_video:
+        raise ValueError(f"{label} states no frame rate, so it cannot be sampled by fps or a time range; "
+                         "ask for a frame count over the whole video")
+    return float(rate or 1)
+
+
 def _rotation(frame) -> int:
     """A frame's display rotation as 0, 90, 180 or 270 degrees counter-clockwise."""
     return int(round((frame.rotation or 0) / 90)) % 4 * 90
@@ -466,18 +516,18 @@ def _rotation(frame) -> int:
 # ------------------------------------------------------------------------------------ OpenCV
 
 
-def _sample_opencv(source, num_frames: int, check: _FrameCheck) -> SampledVideo:
+def _sample_opencv(source, request: FrameRequest, check: _FrameCheck) -> SampledVideo:
     if isinstance(source, (bytes, bytearray, memoryview)):
         # Bytes go through a file, not OpenCV's in-memory stream reader: that reader
         # segfaults on some malformed mp4 headers (tests/test_robustness.py has one).
         with tempfile.NamedTemporaryFile(suffix=".video") as tmp:
             tmp.write(source)
             tmp.flush()
-            return _sample_opencv_file(tmp.name, num_frames, check)
-    return _sample_opencv_file(str(source), num_frames, check)
+            return _sample_opencv_file(tmp.name, request, check)
+    return _sample_opencv_file(str(source), request, check)
 
 
-def _sample_opencv_file(path: str, num_frames: int, check: _FrameCheck) -> SampledVideo:
+def _sample_opencv_file(path: str, request: FrameRequest, check: _FrameCheck) -> SampledVideo:
     import cv2
 
     capture = cv2.VideoCapture(path, cv2.CAP_FFMPEG)
@@ -490,7 +540,8 @@ def _sample_opencv_file(path: str, num_frames: int, check: _FrameCheck) -> Sampl
         if total <= 0:
             raise ValueError(f"{check.label} has no video frames")
         fps = float(capture.get(cv2.CAP_PROP_FPS))
-        wanted = uniform_frame_indices(total, num_frames).tolist()
+        wanted = span_targets(np.arange(total), 1 / _known_rate(fps, request, check.label), request, fps,
+                              check.label).tolist()
         frames, indices, position = check.frames(len(wanted)), [], 0
         for index in wanted:
             while position < index and capture.grab():  # forward, as vLLM's loader: no seek re-decodes a GOP

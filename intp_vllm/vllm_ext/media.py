@@ -18,6 +18,7 @@ import binascii
 import json
 import math
 import os
+from contextvars import ContextVar
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -36,6 +37,12 @@ MEDIA_HOOK_NAME = "intp_vllm"
 """Name of our media connector (VLLM_MEDIA_CONNECTOR) and video loader (video_backend)."""
 REQUEST_TEXT_BYTES = 1 << 20
 """Room for the JSON and text of a request on top of a base64 video."""
+VIDEO_TIMESTAMPS: ContextVar[list | None] = ContextVar("intp_vllm_video_timestamps", default=None)
+"""A request's list of its decoded videos' frame times (a list of seconds each), where the server's
+middleware set one (apps/serve.py, which returns them in a response header); the media connector
+appends to it."""
+FETCH_TIMEOUT_FRAMES = 64
+"""--video-fetch-timeout is the deadline of a video of up to this many frames; more get it pro rata."""
 
 
 @dataclass(frozen=True)
@@ -72,12 +79,18 @@ class ServeLimits:
         """A request body: the largest video as base64, plus text."""
         return 4 * math.ceil(self.video.max_bytes / 3) + REQUEST_TEXT_BYTES
 
+    def fetch_deadline_s(self, frames: int) -> float:
+        """Seconds to fetch and decode one video of `frames` frames: `fetch_timeout_s` for up to
+        FETCH_TIMEOUT_FRAMES frames, pro rata above."""
+        return self.fetch_timeout_s * max(1.0, frames / FETCH_TIMEOUT_FRAMES)
+
     @classmethod
     def from_args(cls, args: argparse.Namespace, intp: dict) -> "ServeLimits":
-        """From add_limit_arguments' flags; the INTP frame counts must fit the decoder's."""
-        video = VideoLimits(max_frames=args.max_video_frames, max_frame_pixels=args.max_frame_pixels,
-                            max_bytes=args.max_video_bytes)
+        """From add_limit_arguments' flags; the INTP frame counts must fit the decoder's, whose cap
+        follows --max-frames (at least VideoLimits' default) unless --max-video-frames is given."""
         frames = max(intp.get("frames", 0), intp.get("max_frames") or 0)
+        video = VideoLimits(max_frames=args.max_video_frames or max(VideoLimits.max_frames, frames),
+                            max_frame_pixels=args.max_frame_pixels, max_bytes=args.max_video_bytes)
         if frames > video.max_frames:
             raise ValueError(f"--frames/--max-frames {frames} exceeds --max-video-frames {video.max_frames}: "
                              "no video could be decoded at that many frames; raise --max-video-frames")
@@ -212,9 +225,11 @@ class IntpVideoLoader:
 
     @classmethod
     def load_bytes(cls, data: bytes, num_frames: int = -1, frame_size: int = 0, decoder: str = "pyav",
+                   fps: float | None = None, start: float | None = None, end: float | None = None,
                    **kwargs) -> tuple:
-        """(uint8 frames (T, H, W, 3), vLLM's video metadata dict) of encoded `data`. Raises
-        ValueError naming the option or limit at fault."""
+        """(uint8 frames (T, H, W, 3), vLLM's video metadata dict) of encoded `data`; `fps`, `start`,
+        `end` (set by the processor, core/frame_plan.py) sample by rate and within a time range,
+        `num_frames` then being the cap. Raises ValueError naming the option or limit at fault."""
         if kwargs:
             raise ValueError(f"media_io_kwargs.video {sorted(kwargs)} are not supported: this server decodes "
                              "video with the intp_vllm loader, which takes 'num_frames', 'frame_size' and 'decoder'")
@@ -222,8 +237,8 @@ class IntpVideoLoader:
         if LIMITS_ENV not in os.environ and isinstance(num_frames, int) and num_frames > limits.max_frames:
             limits = replace(limits, max_frames=num_frames)
         video = sample_video(data, num_frames, limits, decoder=decoder,
-                             preprocess=frame_preprocess(frame_size, limits))
-        return video.frames, video_metadata(video.total_frames, video.fps, video.indices)
+                             preprocess=frame_preprocess(frame_size, limits), fps=fps, start=start, end=end)
+        return video.frames, video_metadata(video.total_frames, video.fps, video.indices, video.timestamps)
 
 
 def frame_preprocess(frame_size: int, limits: VideoLimits) -> ClipPreprocessConfig | None:
@@ -241,9 +256,12 @@ def frame_preprocess(frame_size: int, limits: VideoLimits) -> ClipPreprocessConf
         raise ValueError(f"media_io_kwargs.video frame_size: {exc}") from None
 
 
-def video_metadata(total_frames: int, fps: float, indices: list[int]) -> dict:
-    """vLLM's video metadata dict for frames already sampled by our loader."""
+def video_metadata(total_frames: int, fps: float, indices: list[int],
+                   timestamps: list[float] | None = None) -> dict:
+    """vLLM's video metadata dict for frames already sampled by our loader, with the frames' times
+    (`timestamps`, seconds from the video's first frame) when known."""
     return {
+        "timestamps": timestamps or [],
         "total_num_frames": total_frames,
         "fps": fps,
         "duration": total_frames / fps if fps > 0 else 0.0,
@@ -293,6 +311,8 @@ class BoundedMediaConnector:
 
         urls = frame_list_urls(video_url)
         what = f"video_url {short_url(video_url)}" if urls is None else f"the {len(urls)} image_url frames"
+        frames = len(urls) if urls else self.inner.media_io_kwargs["video"].get("num_frames", 0)
+        deadline = self.limits.fetch_deadline_s(frames if isinstance(frames, int) else 0)
         try:
             self._check_before_loading(video_url)
             if urls is not None:
@@ -301,11 +321,15 @@ class BoundedMediaConnector:
                 loading = self._fetch_file_video_async(video_url, **kwargs)
             else:
                 loading = self.inner.fetch_video_async(video_url, **kwargs)
-            return await asyncio.wait_for(loading, self.limits.fetch_timeout_s)
+            video = await asyncio.wait_for(loading, deadline)
+            if (stamps := VIDEO_TIMESTAMPS.get()) is not None and urls is None:
+                stamps.append(getattr(video, "media", video)[1].get("timestamps", []))
+            return video
         except TimeoutError:
             raise for_the_client(VLLMUnprocessableEntityError(
-                f"{what} {'were' if urls else 'was'} not fetched and decoded within "
-                f"{self.limits.fetch_timeout_s:g} s", parameter="video_url")) from None
+                f"{what} {'were' if urls else 'was'} not fetched and decoded within {deadline:g} s "
+                f"(--video-fetch-timeout {self.limits.fetch_timeout_s:g} s for up to {FETCH_TIMEOUT_FRAMES} frames, "
+                f"pro rata above; {frames} asked); raise --video-fetch-timeout", parameter="video_url")) from None
         except FileReadsStuck as exc:
             raise GracefulHTTPError(f"{what}: {exc}", HTTPStatus.SERVICE_UNAVAILABLE) from None
         except FetchError as exc:  # its message starts with the URL it names

@@ -50,6 +50,7 @@ from intp_vllm.vllm_ext.internals import (
 )
 
 from intp_vllm.core.config import IntpConfig
+from intp_vllm.core.frame_plan import FRAME_KEYS, FrameRequest
 from intp_vllm.core.prompt import VIDEO_PLACEHOLDER
 from intp_vllm.core.rope_scaling import CheckpointRope
 from intp_vllm.vllm_ext.llm_rope import install_scaled_rope
@@ -68,7 +69,8 @@ PRUNING_RATE_KWARG = "pruning_rate"
 PRUNING_METHOD_KWARG = "pruning_method"
 """`mm_processor_kwargs={"pruning_rate": q, "pruning_method": "evs"}` prunes a request's video
 tokens (pruning.py); the defaults are the server's --video-pruning-rate / --video-pruning-method."""
-REQUEST_KWARGS = (REQUEST_FRAMES_KWARG, PRUNING_RATE_KWARG, PRUNING_METHOD_KWARG)
+REQUEST_KWARGS = (*FRAME_KEYS, PRUNING_RATE_KWARG, PRUNING_METHOD_KWARG)
+"""`fps`, `start`, `end` beside `frames`: sampling by rate and within a time range (core/frame_plan.py)."""
 PRUNING_RATE_KEY, PRUNING_METHOD_KEY = "video_pruning_rate", "video_pruning_method"
 """Each video's pruning, as the processor decided it, in its data for `embed_multimodal`
 (the method as its index in PRUNING_METHODS)."""
@@ -158,16 +160,17 @@ class IntpMultiModalProcessor(BaseMultiModalProcessor[IntpProcessingInfo]):
     factor "auto", its RoPE scale, each once (vLLM's `BaseMultiModalProcessor`)."""
 
     def requested_frames(self, mm_processor_kwargs: Mapping[str, object] | None) -> int:
-        """The frames a request asks for: `mm_processor_kwargs.frames`, else intp.frames.
-        Raises ValueError outside 1..intp.max_frames."""
+        """The most frames a request gets: `mm_processor_kwargs.frames` (else intp.frames), or
+        intp.max_frames when it samples by rate (`frame_request`). Raises ValueError naming the kwarg."""
+        return self.frame_request(mm_processor_kwargs).cap
+
+    def frame_request(self, mm_processor_kwargs: Mapping[str, object] | None) -> FrameRequest:
+        """A request's frames, rate and time range, checked (core/frame_plan.py: `frames` or `fps`,
+        `start`/`end`; intp.frames / intp.fps by default, at most intp.max_frames). Raises ValueError
+        naming the kwarg and what is allowed."""
         intp = self.info.get_intp_config()
-        requested = (mm_processor_kwargs or {}).get(REQUEST_FRAMES_KWARG, intp.frames)
-        if isinstance(requested, bool) or not isinstance(requested, int) or not 1 <= requested <= intp.frame_limit:
-            raise ValueError(
-                f"mm_processor_kwargs.{REQUEST_FRAMES_KWARG}={requested!r}: expected an integer "
-                f"from 1 to {intp.frame_limit} (intp.max_frames)"
-            )
-        return requested
+        return FrameRequest.from_kwargs(mm_processor_kwargs, default_frames=intp.frames, limit=intp.frame_limit,
+                                        default_fps=intp.fps)
 
     def requested_pruning(self, mm_processor_kwargs: Mapping[str, object] | None) -> VideoPruning:
         """A request's pruning: `mm_processor_kwargs` pruning_rate / pruning_method over the
@@ -203,13 +206,15 @@ class IntpMultiModalProcessor(BaseMultiModalProcessor[IntpProcessingInfo]):
     def request_media_io_kwargs(
         self, media_io_kwargs: Mapping[str, Mapping[str, object]], mm_processor_kwargs: Mapping[str, object] | None
     ) -> dict[str, dict[str, object]]:
-        """`media_io_kwargs` with `video.num_frames` set to the request's frames, so that a video
-        from a URL, file or data URL is decoded at the count this processor then uses.
+        """`media_io_kwargs` with `video.num_frames` set to the request's frames (and `fps`,
+        `start`, `end` where the request samples by rate or range: `FrameRequest.loader_kwargs`),
+        so that a video from a URL, file or data URL is decoded at the count this processor then uses.
 
         Called by the renderer before any video is fetched (plugin.py). Raises ValueError for a
         frame count outside 1..intp.max_frames, or a `num_frames` that names another count.
         """
-        requested = self.requested_frames(mm_processor_kwargs)
+        request = self.frame_request(mm_processor_kwargs)
+        requested = request.cap
         video = dict(media_io_kwargs.get("video") or {})
         asked = video.get("num_frames", requested)
         if asked not in (requested, self.info.get_intp_config().frames):
@@ -218,7 +223,11 @@ class IntpMultiModalProcessor(BaseMultiModalProcessor[IntpProcessingInfo]):
                 f"frame count is mm_processor_kwargs.{REQUEST_FRAMES_KWARG} (up to intp.max_frames); "
                 "drop num_frames"
             )
-        video["num_frames"] = requested
+        sampling = sorted(set(video) & set(FRAME_KEYS[1:]))
+        if sampling:
+            raise ValueError(f"media_io_kwargs.video {sampling}: a request's rate and time range are "
+                             f"mm_processor_kwargs {list(FRAME_KEYS[1:])} (or a video_url #t= fragment)")
+        video.update(request.loader_kwargs())
         return {**media_io_kwargs, "video": video}
 
     def _call_hf_processor(self, hf_data: Mapping[str, object], hf_kwargs: Mapping[str, object]) -> BatchFeature:

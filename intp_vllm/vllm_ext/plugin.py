@@ -73,6 +73,12 @@ class IntpConfigHook:
         needed = most_video_tokens + TEXT_MARGIN_TOKENS
         if model_config.original_max_model_len is None and model_config.max_model_len < needed:
             model_config.max_model_len = needed
+        elif model_config.max_model_len < needed:
+            raise ValueError(
+                f"max_model_len {model_config.max_model_len} is too short for intp.max_frames {intp.frame_limit} "
+                f"({most_video_tokens} video tokens + {TEXT_MARGIN_TOKENS} for text = {needed}): raise "
+                f"--max-model-len to {needed}, lower --max-frames, or leave --max-model-len out (it then follows "
+                "--max-frames)")
         if intp.factor == "auto":
             # Per-request RoPE scale rides on M-RoPE positions (request_scale.py); declaring
             # an M-RoPE section makes vLLM ask the model for each request's positions.
@@ -105,7 +111,8 @@ class IntpConfigHook:
 def prepare_chat_request(render_chat):
     """Wrap vLLM's `BaseRenderer.render_chat` (or `render_chat_async`) so that, for our model,
     a message's image_url frames become one video (`image_frames.frames_as_video`), a video
-    attached again in a later turn counts once (`image_frames.one_video_each`), a request's
+    attached again in a later turn counts once (`image_frames.one_video_each`), a video_url's
+    `#t=` time range becomes the request's start/end (`video_range.py`), a request's
     `media_io_kwargs.video.num_frames` is its frame count unless it names `frames`
     (`IntpMultiModalProcessor.request_frames_kwargs`), and the videos of a chat request
     are fetched and decoded at the frame count the model's processor chooses for it
@@ -121,9 +128,13 @@ def prepare_chat_request(render_chat):
         choose = getattr(self.mm_processor, "request_media_io_kwargs", None)
         if choose is not None:
             from intp_vllm.vllm_ext.internals import merge_media_io_kwargs
+            from intp_vllm.vllm_ext.video_range import fragment_time_range
 
             conversations, chat_params, prompt_extras = _frames_as_video(self, conversations, chat_params,
                                                                          prompt_extras)
+            conversations, mm_kwargs = fragment_time_range(conversations, chat_params.mm_processor_kwargs)
+            if mm_kwargs is not chat_params.mm_processor_kwargs:
+                chat_params, prompt_extras = _with_mm_processor_kwargs(chat_params, prompt_extras, mm_kwargs)
             defaults = self.model_config.multimodal_config.media_io_kwargs
             media_io_kwargs = merge_media_io_kwargs(defaults, chat_params.media_io_kwargs)
             mm_kwargs = self.mm_processor.request_frames_kwargs(media_io_kwargs or {}, chat_params.mm_processor_kwargs)

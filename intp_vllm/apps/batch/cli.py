@@ -3,6 +3,7 @@
 Input, one job a line:
     {"id": "a1", "video": "clips/a1.mp4", "question": "What happens?",
      "max_tokens": 64, "temperature": 0, "top_p": 1, "seed": 0, "frames": 32}
+    {"id": "a2", "video": "films/a2.mp4", "question": "Who enters?", "fps": 1, "start": "10:00", "end": 1200}
 `id` (a non-empty string or an integer, unique), `video` and `question` are required, the rest
 optional. `video` is a local path (relative to the jobs file's folder), a file://, http(s)://
 or data: URL. A line that is not a JSON object with a usable id stops the run before any engine
@@ -10,7 +11,8 @@ starts (its results could not be matched up on resume); any other fault of a job
 job's error record.
 
 Output, one record a line, in completion order:
-    {"id": "a1", "answer": "...", "finish_reason": "stop", "prompt_tokens": 2070, "output_tokens": 12, "frames": 8}
+    {"id": "a1", "answer": "...", "finish_reason": "stop", "prompt_tokens": 2070, "output_tokens": 12, "frames": 8,
+     "timestamps": [0.0, 1.4, ...]}
     {"id": "a2", "error": "video file '/data/a2.mp4' does not exist"}
 
 Durability: each finished chunk of jobs is appended with one write and fsync'd, so a killed
@@ -50,13 +52,17 @@ jobs (--input), one JSON object a line:
   {"id": "a2", "video": "https://example.com/a2.mp4", "question": "Describe it.", "frames": 32, "max_tokens": 128}
   required: id (unique string or integer), video, question
   optional: max_tokens, temperature, top_p, seed (override the sampling flags), frames (<= --max-frames)
+    or fps (frames a second of video, capped by --max-frames), start/end (a time range: seconds or
+    hh:mm:ss, only that span is sampled)
   video: a path (relative to the jobs file), file://..., http(s)://... or data:video/mp4;base64,...
   A line without a usable id, or a repeated id, stops the run before it starts.
 
 results (--output), one JSON object a line, in the order jobs finish:
-  {"id": "a1", "answer": "...", "finish_reason": "stop", "prompt_tokens": 2070, "output_tokens": 12, "frames": 32}
+  {"id": "a1", "answer": "...", "finish_reason": "stop", "prompt_tokens": 2070, "output_tokens": 12, "frames": 32,
+   "timestamps": [0.0, 1.93, ...]}
   {"id": "a2", "error": "video file '/data/clips/a2.mp4' does not exist"}
-  frames: frames read from the video (it may have fewer than asked for).
+  frames: frames read from the video (it may have fewer than asked for); timestamps: each one's time,
+  seconds from the video's first frame, so answers can be mapped back to time.
   A job that fails (bad video, bad key, request rejected) gets an error record; the run goes on.
 
 resuming: records are appended and fsync'd as each chunk of --batch-size jobs finishes. Run the
@@ -146,7 +152,10 @@ def _uses_ray(args) -> bool:
 
 def engine_kwargs_from(args, intp: dict) -> dict:
     """`vllm.LLM` keyword arguments of each replica: the engine flags, one video a prompt, and the
-    INTP flags (`intp`, the `intp` config section) as hf_overrides; unset flags are left out."""
+    INTP flags (`intp`, the `intp` config section) as hf_overrides (with an explicit --max-model-len
+    past the checkpoint's length allowed: `flags.with_long_context`); unset flags are left out."""
+    from intp_vllm.apps.flags import with_long_context
+
     kwargs = {
         "model": str(args.model),
         "dtype": args.dtype,
@@ -155,8 +164,9 @@ def engine_kwargs_from(args, intp: dict) -> dict:
         "enforce_eager": args.enforce_eager,
         "limit_mm_per_prompt": {"video": 1},
     }
-    if intp:
-        kwargs["hf_overrides"] = {"intp": intp}
+    overrides = with_long_context({"intp": intp} if intp else {}, args.max_model_len)
+    if overrides:
+        kwargs["hf_overrides"] = overrides
     for name in ("max_num_seqs", "max_model_len", "kv_cache_memory_bytes", "gpu_memory_utilization",
                  "video_pruning_rate", "video_pruning_method"):
         if getattr(args, name) is not None:
@@ -221,7 +231,7 @@ def run_batch(args) -> dict:
             sampling = {"max_tokens": args.max_tokens, "temperature": args.temperature, "top_p": args.top_p,
                         "seed": args.seed}
             defaults = JobDefaults(intp.frames, intp.frame_limit, sampling, preprocess, args.fetch_timeout,
-                                   args.video_decoder, args.max_video_bytes, HostPolicy.from_args(args))
+                                   args.video_decoder, args.max_video_bytes, HostPolicy.from_args(args), intp.fps)
             replicas = ray_replicas if _uses_ray(args) else local_replicas
             started = time.perf_counter()
             counts["failed"] = 0

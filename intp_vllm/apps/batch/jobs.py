@@ -11,13 +11,16 @@ import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from intp_vllm.core.frame_plan import FRAME_KEYS
 from intp_vllm.video.fetch import HostPolicy
 from intp_vllm.video.io import VideoLimits
 from intp_vllm.video.preprocess import ClipPreprocessConfig
 
 REQUIRED_KEYS = ("id", "video", "question")
 SAMPLING_KEYS = ("max_tokens", "temperature", "top_p", "seed")
-OPTIONAL_KEYS = (*SAMPLING_KEYS, "frames")
+OPTIONAL_KEYS = (*SAMPLING_KEYS, *FRAME_KEYS)
+"""`frames` or `fps`, `start`/`end`: which frames a job gets, as a server request's
+mm_processor_kwargs (core/frame_plan.py; checked when the job runs, against the run's limits)."""
 FETCHED_SCHEMES = ("http", "https", "data")
 """`video` URLs read into memory: http(s) by `fetch.py` (public hosts, capped), data: by urllib;
 anything else is a path (file:// URLs become one)."""
@@ -43,8 +46,9 @@ class Job:
 class JobDefaults:
     """What a job gets for the keys it leaves out, and the limits it must keep to.
 
-    `frames`: frames a job without its own gets, `frame_limit`: the most it may ask for (the
-    engine's intp config: --frames, --max-frames or the checkpoint's). `sampling`: SamplingParams
+    `frames`: frames a job without its own gets (or `fps`, frames a second, when the run samples
+    by rate), `frame_limit`: the most it may ask for (the engine's intp config: --frames, --fps,
+    --max-frames or the checkpoint's). `sampling`: SamplingParams
     keywords (SAMPLING_KEYS). `fetch_timeout` in seconds and `max_video_bytes` bound one http(s)
     download; `decoder` is a `video.io` decoder name; `preprocess` resizes and crops the frames.
     """
@@ -57,6 +61,7 @@ class JobDefaults:
     decoder: str = "pyav"
     max_video_bytes: int = VideoLimits.max_bytes
     media_hosts: HostPolicy = field(default_factory=HostPolicy)
+    fps: float | None = None
 
 
 def id_key(job_id) -> str:

@@ -14,6 +14,7 @@ import threading
 from intp_vllm.apps.batch.jobs import SAMPLING_KEYS, BatchError, Job, JobDefaults
 from intp_vllm.apps.batch.videos import load_video
 from intp_vllm.apps.ray_cluster import join_ray_cluster
+from intp_vllm.core.frame_plan import FrameRequest
 from intp_vllm.core.prompt import VIDEO_PROMPT
 from intp_vllm.vllm_ext.cpu_memory import cpu_replica_env, is_cpu_build
 from intp_vllm.vllm_ext.engine import shutdown_llm
@@ -29,35 +30,37 @@ def error_record(job: Job, exc: BaseException) -> dict:
 
 
 def prepare(job: Job, defaults: JobDefaults):
-    """(request for `LLM.generate`, SamplingParams, frames decoded) for a job, its video decoded
-    (uint8 (T, crop, crop, 3)); or, for any fault of the job (frames above the run's limit,
-    sampling values SamplingParams rejects, a bad video), its error record (a dict)."""
+    """(request for `LLM.generate`, SamplingParams, the decoded frames' timestamps) for a job, its
+    video decoded (uint8 (T, crop, crop, 3)) at its frames, rate and range (`core.frame_plan`, as a
+    server request's mm_processor_kwargs); or, for any fault of the job (frames above the run's
+    limit, a conflicting rate or range, sampling values SamplingParams rejects, a bad video), its
+    error record (a dict)."""
     from vllm import SamplingParams
 
     from intp_vllm.vllm_ext.model import REQUEST_FRAMES_KWARG
 
-    frames = job.options.get("frames", defaults.frames)
     try:
-        if frames > defaults.frame_limit:
-            raise ValueError(f"'frames' {frames} is more than this run allows ({defaults.frame_limit}); "
-                             "raise it with --max-frames")
+        frames = FrameRequest.from_kwargs(job.options, default_frames=defaults.frames, limit=defaults.frame_limit,
+                                          default_fps=defaults.fps, prefix="job ")
         own = {k: job.options[k] for k in SAMPLING_KEYS if k in job.options}
         params = SamplingParams(**{**defaults.sampling, **own})
-        video = load_video(job.video, frames, defaults)
+        sampling = frames.loader_kwargs()
+        video = load_video(job.video, sampling.pop("num_frames"), defaults, **sampling)
     except Exception as exc:  # noqa: BLE001 - a bad job never stops the run
         return error_record(job, exc)
-    request = {"prompt": VIDEO_PROMPT.format(question=job.question), "multi_modal_data": {"video": video},
-               "mm_processor_kwargs": {REQUEST_FRAMES_KWARG: frames}}
-    return request, params, len(video)
+    request = {"prompt": VIDEO_PROMPT.format(question=job.question), "multi_modal_data": {"video": video.frames},
+               "mm_processor_kwargs": {REQUEST_FRAMES_KWARG: frames.cap}}
+    return request, params, video.timestamps
 
 
-def answer_record(job: Job, output, frames: int) -> dict:
+def answer_record(job: Job, output, timestamps: list[float]) -> dict:
     """The result record of an answered job from its vLLM RequestOutput; token counts are the
-    prompt's (video tokens included) and the answer's, `frames` those decoded from the video."""
+    prompt's (video tokens included) and the answer's, `frames` those decoded from the video and
+    `timestamps` their times (seconds from the video's first frame, to the millisecond)."""
     completion = output.outputs[0]
     return {"id": job.id, "answer": completion.text, "finish_reason": completion.finish_reason,
             "prompt_tokens": len(output.prompt_token_ids), "output_tokens": len(completion.token_ids),
-            "frames": frames}
+            "frames": len(timestamps), "timestamps": [round(t, 3) for t in timestamps]}
 
 
 class Runner:

@@ -9,18 +9,19 @@ from intp_vllm.apps.batch.jobs import FETCHED_SCHEMES, JobDefaults, video_scheme
 from intp_vllm.video.fetch import FetchError, fetch_bytes_sync, short_url
 
 
-def load_video(video: str, frames: int, defaults: JobDefaults):
+def load_video(video: str, frames: int, defaults: JobDefaults, **sampling):
     """Decode `frames` frames sampled uniformly from a path, an http(s) URL or a data: URL,
-    each resized and cropped for the vision tower as it is decoded (uint8 (T, crop, crop, 3);
-    T < `frames` when the video has fewer).
+    each resized and cropped for the vision tower as it is decoded (`video.io.SampledVideo`,
+    frames uint8 (T, crop, crop, 3); T < `frames` when the video has fewer). `sampling`:
+    `fps`, `start`, `end` of `video.io.sample_video` (`frames` then being the cap).
 
     Every fault (a malformed data: URL, a refused or failed download, an undecodable video) is a
     ValueError naming the video, which becomes the job's error record.
     """
-    from intp_vllm.video.io import read_video
+    from intp_vllm.video.io import sample_video
 
     def decode(source):
-        return read_video(source, frames, decoder=defaults.decoder, preprocess=defaults.preprocess)
+        return sample_video(source, frames, decoder=defaults.decoder, preprocess=defaults.preprocess, **sampling)
 
     scheme = video_scheme(video)
     if scheme not in FETCHED_SCHEMES:

@@ -1,15 +1,17 @@
 """Each vLLM run's context and KV cache, sized from the checkpoint and the run's longest request.
 
 A run's engine gets `max_model_len` = its longest request (prompt with the video's tokens, plus
-the new tokens), and a KV cache for `requests` such requests at once:
+the new tokens), or the least the plugin starts an engine with for the run's frames (their video
+tokens + `TEXT_MARGIN_TOKENS`) where that is more, and a KV cache for `requests` such requests at
+once:
 
     per request = KV bytes per token (core.config: layers x KV heads x head size x 2 x dtype size)
-                  x (longest request + BLOCK_ALLOWANCE_TOKENS)
+                  x (max_model_len + BLOCK_ALLOWANCE_TOKENS)
     KV cache    = cpu_memory.cpu_kv_cache_bytes(per request, requests, available memory, weight files)
 
 that is all the requests of a round at once, capped at half the device memory left after the
 weights, never less than one request (vLLM refuses to start when one `max_model_len` sequence
-does not fit). Video-LLaVA-7B in bf16 (512 KiB a token) at 32 frames: 8.3K tokens, 4.1 GiB a
+does not fit). Video-LLaVA-7B in bf16 (512 KiB a token) at 32 frames: 8.7K tokens, 4.5 GiB a
 request. `--kv-cache-gib` given wins over the sizing.
 """
 
@@ -19,7 +21,13 @@ from dataclasses import dataclass
 
 from intp_vllm.apps.bench.runners import Run
 from intp_vllm.apps.bench.workload import Request
-from intp_vllm.core.config import default_encoder_frames, kv_bytes_per_token, tokens_per_frame, video_tokens
+from intp_vllm.core.config import (
+    TEXT_MARGIN_TOKENS,
+    default_encoder_frames,
+    kv_bytes_per_token,
+    tokens_per_frame,
+    video_tokens,
+)
 from intp_vllm.core.prompt import VIDEO_PROMPT
 from intp_vllm.vllm_ext.cpu_memory import cpu_kv_cache_bytes
 
@@ -69,7 +77,10 @@ def engine_sizes(runs: list[Run], requests: list[Request], concurrent: int, hf_c
     for run in runs:
         if run.engine != "vllm":
             continue
-        longest = max(request_tokens(r, run.frames, hf_config, tokenizer) for r in requests)
+        vision = hf_config.vision_config
+        least = TEXT_MARGIN_TOKENS + video_tokens(run.frames, default_encoder_frames(hf_config),
+                                                  tokens_per_frame(vision.image_size, vision.patch_size))
+        longest = max(least, *(request_tokens(r, run.frames, hf_config, tokenizer) for r in requests))
         per_request = per_token * (longest + BLOCK_ALLOWANCE_TOKENS)
         if kv_cache_gib is None:
             cache = cpu_kv_cache_bytes(per_request, concurrent, available, weights)
