@@ -117,18 +117,11 @@ def test_file_outside_the_allowed_directory_is_a_400_and_the_server_goes_on(clie
 SYSTEM = "You are a careful assistant. Answer briefly."
 
 
-@pytest.mark.parametrize("system_content", [SYSTEM, [{"type": "text", "text": SYSTEM}]], ids=["string", "parts"])
-def test_system_prompt_and_multi_turn_render_as_vicuna(client, tiny_llm, video_path, system_content):
-    """What OpenAI clients send: a system message (string or parts), earlier turns, a text-only
-    turn. The server's answer equals offline generate on the prompt written out by hand."""
+def assert_served_as_the_two_turn_prompt(client, tiny_llm, conversation, video_path) -> None:
+    """The server's answer to `conversation` equals offline generate on the two-turn Vicuna prompt
+    written out by hand, with the video once (prompt tokens and text)."""
     from intp_vllm.video.io import read_video
 
-    conversation = [
-        {"role": "system", "content": system_content},
-        *messages(f"file://{video_path}"),
-        {"role": "assistant", "content": "A circle moves."},
-        {"role": "user", "content": [{"type": "text", "text": "And the square?"}]},
-    ]
     reply = client.chat.completions.create(model=client.models.list().data[0].id, messages=conversation,
                                            max_tokens=12, temperature=0.0)
     prompt = f"{SYSTEM} USER: <video>\n{QUESTION} ASSISTANT: A circle moves.</s>USER: And the square? ASSISTANT:"
@@ -138,11 +131,22 @@ def test_system_prompt_and_multi_turn_render_as_vicuna(client, tiny_llm, video_p
     assert reply.choices[0].message.content == expected.outputs[0].text
 
 
+@pytest.mark.parametrize("system_content", [SYSTEM, [{"type": "text", "text": SYSTEM}]], ids=["string", "parts"])
+def test_system_prompt_and_multi_turn_render_as_vicuna(client, tiny_llm, video_path, system_content):
+    """What OpenAI clients send: a system message (string or parts), earlier turns, a text-only
+    turn. The server's answer equals offline generate on the prompt written out by hand."""
+    conversation = [
+        {"role": "system", "content": system_content},
+        *messages(f"file://{video_path}"),
+        {"role": "assistant", "content": "A circle moves."},
+        {"role": "user", "content": [{"type": "text", "text": "And the square?"}]},
+    ]
+    assert_served_as_the_two_turn_prompt(client, tiny_llm, conversation, video_path)
+
+
 def test_a_chat_that_resends_the_video_with_every_turn_has_it_once(client, tiny_llm, video_path):
     """Chat clients that attach the video to each turn (vLLM alone: a 400, one video a prompt):
     the prompt has the video once, where the first turn attached it, as written out by hand."""
-    from intp_vllm.video.io import read_video
-
     conversation = [
         {"role": "system", "content": SYSTEM},
         *messages(f"file://{video_path}"),
@@ -150,13 +154,7 @@ def test_a_chat_that_resends_the_video_with_every_turn_has_it_once(client, tiny_
         {"role": "user", "content": [{"type": "video_url", "video_url": {"url": f"file://{video_path}"}},
                                      {"type": "text", "text": "And the square?"}]},
     ]
-    reply = client.chat.completions.create(model=client.models.list().data[0].id, messages=conversation,
-                                           max_tokens=12, temperature=0.0)
-    prompt = f"{SYSTEM} USER: <video>\n{QUESTION} ASSISTANT: A circle moves.</s>USER: And the square? ASSISTANT:"
-    expected = tiny_llm.generate({"prompt": prompt, "multi_modal_data": {"video": read_video(video_path, 8)}},
-                                 SamplingParams(temperature=0.0, max_tokens=12), use_tqdm=False)[0]
-    assert reply.usage.prompt_tokens == len(expected.prompt_token_ids)
-    assert reply.choices[0].message.content == expected.outputs[0].text
+    assert_served_as_the_two_turn_prompt(client, tiny_llm, conversation, video_path)
 
 
 def test_text_only_request_is_served(client, tiny_llm):

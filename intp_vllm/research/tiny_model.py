@@ -197,16 +197,24 @@ def make_tiny_model(path: str | Path, spec: TinyModelSpec = TinyModelSpec(), hub
 
     `hub_names` writes tensor names as the published checkpoints have them.
     """
-    import torch
-
     from intp_vllm.research.hf_video_llava import hf_model_class
+
+    tokenizer = build_tokenizer()
+    config = build_config(spec, tokenizer)
+    return save_random_checkpoint(path, hf_model_class(config), config, tokenizer, spec, hub_names)
+
+
+def save_random_checkpoint(path: str | Path, model_class, config, tokenizer, spec: TinyModelSpec,
+                           hub_names: bool) -> Path:
+    """`model_class(config)` with random weights (seed `spec.seed`: std `spec.weight_std`, norm
+    weights 1 and biases 0) saved to `path` with `tokenizer` and the preprocessor config;
+    `hub_names` renames tensors as the published checkpoints name them. Returns `path`."""
+    import torch
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    tokenizer = build_tokenizer()
-    config = build_config(spec, tokenizer)
     torch.manual_seed(spec.seed)
-    model = hf_model_class(config)(config)
+    model = model_class(config)
     with torch.no_grad():
         for name, param in model.named_parameters():
             if "norm" in name:  # LayerNorm/RMSNorm weights near 1, biases near 0
@@ -253,24 +261,8 @@ def make_tiny_llava_next_video(path: str | Path, spec: TinyModelSpec = TinyModel
     template, CLIP preprocessor config) to `path`; weights std `spec.weight_std`, norms at 1/0.
     At the default 112 px / 14 px patches a frame is 4 x 4 = 16 pooled tokens. `hub_names`
     writes tensor names as the published checkpoints have them."""
-    import torch
     from transformers import LlavaNextVideoForConditionalGeneration
 
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer()
     config = build_llava_next_video_config(spec, tokenizer, rope_linear)
-    torch.manual_seed(spec.seed)
-    model = LlavaNextVideoForConditionalGeneration(config)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "norm" in name:
-                param.copy_(torch.ones_like(param) if name.endswith("weight") else torch.zeros_like(param))
-            else:
-                param.normal_(0.0, spec.weight_std)
-    model.save_pretrained(path)
-    if hub_names:
-        rename_to_hub_layout(path)
-    tokenizer.save_pretrained(path)
-    write_preprocessor_config(path, spec)
-    return path
+    return save_random_checkpoint(path, LlavaNextVideoForConditionalGeneration, config, tokenizer, spec, hub_names)
