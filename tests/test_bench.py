@@ -129,8 +129,12 @@ def _vllm_config(model_dir, run, size, monkeypatch):
 def _check_kv(vllm_config, hf_config, block_size: int, given: int) -> None:
     """vLLM's own start-up check: one max_model_len sequence fits in `given` bytes (ValueError if not)."""
     import torch
-    from vllm.v1.core.kv_cache_utils import check_enough_kv_cache_memory
     from vllm.v1.kv_cache_interface import FullAttentionSpec
+
+    try:  # vLLM 0.33 moved it
+        from vllm.v1.core.kv_cache_planning import check_enough_kv_cache_memory
+    except ImportError:
+        from vllm.v1.core.kv_cache_utils import check_enough_kv_cache_memory
 
     from intp_vllm.core.config import head_size
 
@@ -140,6 +144,7 @@ def _check_kv(vllm_config, hf_config, block_size: int, given: int) -> None:
     check_enough_kv_cache_memory(vllm_config, {f"layer.{i}": spec for i in range(text.num_hidden_layers)}, given)
 
 
+@pytest.mark.usefixtures("vllm_config_here")
 def test_bench_sizes_every_run_for_video_llava_7b(video_llava_7b_config_dir, monkeypatch):
     """With no flag, every run of the default benchmark on Video-LLaVA-7B (bf16, an H100's
     memory) gets a context that holds its longest request and a KV cache that vLLM's own check

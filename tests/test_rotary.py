@@ -227,6 +227,7 @@ def test_bad_inputs_raise():
         apply_scaled_rotary(torch.arange(4), q.double(), k, torch.ones(4), **kw)
 
 
+@pytest.mark.usefixtures("vllm_ops", "vllm_config_here")
 @pytest.mark.parametrize("rope_type", ["linear", "ntk", "yarn"])
 def test_both_modules_compose_with_a_checkpoints_linear_x2(rope_type):
     """Over a checkpoint with linear RoPE x2: at scale 1 both rotary modules are vLLM's own
