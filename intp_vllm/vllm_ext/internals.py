@@ -95,6 +95,7 @@ class Reliance:
 
 
 def _at(module: str, *names: str, **kwargs) -> dict[str, Reliance]:
+    """Reliances on `names` of one `module`, alike in `kwargs` (Reliance's fields)."""
     return {name: Reliance((f"{module}:{name}",), **kwargs) for name in names}
 
 
@@ -150,7 +151,7 @@ RELIANCES: dict[str, Reliance] = {
     # --- CPU KV sizing (cpu_memory.py)
     **_at("vllm.platforms", "current_platform"),
     **_at("vllm.utils.cpu_resource_utils", "get_memory_node_info"),
-    # --- the model: vLLM's model-authoring API (model.py)
+    # --- the models: vLLM's model-authoring API (model.py, models/)
     **_at("vllm.config", "VllmConfig", "set_current_vllm_config"),
     **_at("vllm.config.multimodal", "MultiModalDummyOptions"),
     **_at("vllm.model_executor.layers.activation", "get_act_fn"),
