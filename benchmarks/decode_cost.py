@@ -1,0 +1,252 @@
+"""Decoding cost near the limit: our loader against the two ways anyone would decode a long file.
+
+Two files written by a real encoder (PyAV's libx264, B-frames, GOP 250) into --work-dir, once:
+the hour of `long_video.py` (60 minutes, 320x180, 30 fps) and ten minutes of 1080p (1920x1080,
+30 fps, x264 ultrafast with CABAC, deblocking and 2 B-frames, a smooth texture panning 2 px a frame with a moving bar). For 32,
+256 and 1024 frames spread uniformly over each file, side by side in one run, each in a fresh
+process (its peak RSS growth is its own), every sampled frame resized and cropped to 224 px as
+it is decoded (Video-LLaVA's input) in all three:
+
+loader   `video.io.sample_video(path, n, preprocess=ClipPreprocessConfig())`: one demuxing
+         pass for the plan, then decoding forward inside a GOP and seeking across GOPs.
+pass     reference (a): one threaded decoding pass (PyAV, thread_type AUTO) over the whole
+         file, converting and cropping only the sampled frames.
+seek     reference (b): one seek per target (to the keyframe before it, `any_frame=False`),
+         decoding forward to it, threaded as well. The targets are the loader's (same pts).
+
+Both references take the loader's targets (pts), so all three decode to the same frames; the
+JSON records that they agree. The seek reference, run after the pass, is stopped past 1.1x the
+pass's time and recorded as a lower bound: it cannot be the better one.
+
+    python -m intp_vllm_benchmarks.decode_cost   # ~30 min on 2 cores, + ~15 min writing the files once
+        -> benchmarks/results/long_video/decode_cost.{json,png}
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from fractions import Fraction
+from pathlib import Path
+
+from intp_vllm_benchmarks.long_video import ROOT, machine, write_hour
+
+COUNTS = (32, 256, 1024)
+HD_MINUTES, HD_FPS, HD_WIDTH, HD_HEIGHT, HD_GOP = 10, 30, 1920, 1080, 250
+FILES = {"hour_320x180": "hour-320x180-gop250.mp4", "ten_min_1080p": "ten-min-1080p-gop250.mp4"}
+BOUND = 1.2  # the loader's goal: within this factor of the better reference
+
+
+def write_hd(path: Path) -> dict:
+    """Ten minutes of 1080p: a low-frequency texture panning 2 px a frame with a bar crossing it,
+    made in YUV 4:2:0 directly (no RGB conversion per frame); x264 ultrafast (to write it in
+    minutes on 2 cores) with what a decoder pays for put back: CABAC, the deblocking filter, 2 B-frames."""
+    import av
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    wide = HD_WIDTH + 4096
+    coarse = rng.integers(16, 236, (HD_HEIGHT // 16, wide // 16, 3), dtype=np.uint8)
+    planes = [np.asarray(Image.fromarray(coarse[..., c]).resize(size, Image.BICUBIC))
+              for c, size in ((0, (wide, HD_HEIGHT)), (1, (wide // 2, HD_HEIGHT // 2)), (2, (wide // 2, HD_HEIGHT // 2)))]
+    started = time.perf_counter()
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=HD_FPS, options={"preset": "ultrafast", "crf": "23",
+                                                                       "x264-params": "scenecut=0:cabac=1:deblock=0,0"})
+        stream.width, stream.height, stream.pix_fmt = HD_WIDTH, HD_HEIGHT, "yuv420p"
+        stream.codec_context.gop_size, stream.codec_context.max_b_frames = HD_GOP, 2
+        stream.codec_context.time_base = Fraction(1, HD_FPS)
+        for k in range(round(HD_MINUTES * 60 * HD_FPS)):
+            shift = (2 * k) % 4096
+            y = np.array(planes[0][:, shift:shift + HD_WIDTH])
+            bar = (8 * k) % (HD_WIDTH - 64)
+            y[:, bar:bar + 64] = 235
+            u, v = (plane[:, shift // 2:shift // 2 + HD_WIDTH // 2] for plane in planes[1:])
+            picture = av.VideoFrame.from_ndarray(np.concatenate([y, u.reshape(-1, HD_WIDTH), v.reshape(-1, HD_WIDTH)]),
+                                                 format="yuv420p")
+            picture.pts = k
+            container.mux(stream.encode(picture))
+        container.mux(stream.encode())
+    return {"seconds_to_write": round(time.perf_counter() - started, 1), "bytes": path.stat().st_size}
+
+
+PRELUDE = """
+import json, sys, time
+import numpy as np
+def rss_kib(field):
+    for line in open('/proc/self/status'):
+        if line.startswith(field):
+            return int(line.split()[1])
+path, n = sys.argv[1], int(sys.argv[2])
+targets = json.loads(sys.argv[3]) if len(sys.argv) > 3 else None
+import av
+from intp_vllm.video.io import sample_video
+from intp_vllm.video.preprocess import ClipPreprocessConfig, resize_and_crop
+config = ClipPreprocessConfig()
+before = rss_kib('VmRSS:')
+started = time.perf_counter()
+"""
+
+CHILD = {
+    "loader": PRELUDE + """
+video = sample_video(path, n, preprocess=config)
+seconds, decoded = time.perf_counter() - started, video.decoded_frames
+with av.open(path) as c:  # the pts the loader chose, for the references (not timed)
+    pts = sorted(p.pts for p in c.demux(c.streams.video[0]) if p.pts is not None)
+chosen = [pts[i] for i in video.indices]
+""",
+    "pass": PRELUDE + """
+frames, stamps, decoded, i = [], [], 0, 0
+with av.open(path) as c:
+    stream = c.streams.video[0]
+    stream.thread_type = 'AUTO'
+    for frame in c.decode(stream):
+        decoded += 1
+        if i < len(targets) and frame.pts >= targets[i]:
+            image = resize_and_crop(frame.to_ndarray(format='rgb24'), config)
+            while i < len(targets) and targets[i] <= frame.pts:
+                frames.append(image); stamps.append(frame.pts); i += 1
+            if i == len(targets):
+                break
+seconds = time.perf_counter() - started
+chosen = stamps
+""",
+    "seek": PRELUDE + """
+frames, stamps, decoded = [], [], 0
+with av.open(path) as c:
+    stream = c.streams.video[0]
+    stream.thread_type = 'AUTO'
+    for target in targets:
+        c.seek(target, stream=stream, backward=True, any_frame=False)
+        for frame in c.decode(stream):
+            decoded += 1
+            if frame.pts >= target:
+                frames.append(resize_and_crop(frame.to_ndarray(format='rgb24'), config)); stamps.append(frame.pts)
+                break
+seconds = time.perf_counter() - started
+chosen = stamps
+""",
+}
+EPILOGUE = """
+print(json.dumps({'seconds': round(seconds, 2), 'decoded_frames': decoded, 'frames': len(chosen),
+                  'peak_rss_growth_mib': round((rss_kib('VmHWM:') - before) / 1024, 1), 'pts': chosen}))
+"""
+
+
+def run_child(method: str, path: Path, n: int, targets: list[int] | None, timeout: float | None) -> dict:
+    args = [sys.executable, "-c", CHILD[method] + EPILOGUE, str(path), str(n)]
+    if targets is not None:
+        args.append(json.dumps(targets))
+    started = time.perf_counter()
+    try:
+        proc = subprocess.run(args, capture_output=True, text=True, cwd=ROOT, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"seconds": round(time.perf_counter() - started, 2), "stopped": True}
+    if proc.returncode:
+        raise RuntimeError(proc.stderr[-3000:])
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def bench_file(name: str, path: Path, counts) -> list[dict]:
+    rows = []
+    for n in counts:
+        loader = run_child("loader", path, n, None, None)
+        targets = loader.pop("pts")
+        row = {"file": name, "frames": n, "loader": loader}
+        # the pass first: the seek reference is stopped past 1.1x its time (it cannot be the better one)
+        row["pass"] = run_child("pass", path, n, targets, None)
+        row["seek"] = run_child("seek", path, n, targets, 1.1 * row["pass"]["seconds"] + 2)
+        for method in ("pass", "seek"):
+            got = row[method].pop("pts", None)
+            row[method]["same_frames"] = None if got is None else got == targets
+        best = min(row[m]["seconds"] for m in ("pass", "seek") if not row[m].get("stopped"))
+        row["best_reference_s"] = best
+        row["loader_over_best"] = round(loader["seconds"] / best, 3)
+        row["within_bound"] = row["loader_over_best"] <= BOUND
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
+
+
+def plot(report: dict, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, len(FILES), figsize=(11, 7), squeeze=False)
+    styles = {"loader": ("C0", "o", "our loader"), "pass": ("C1", "s", "(a) one threaded pass"),
+              "seek": ("C2", "^", "(b) one seek per target")}
+    for col, name in enumerate(FILES):
+        rows = [row for row in report["rows"] if row["file"] == name]
+        if not rows:
+            continue
+        for method, (color, marker, label) in styles.items():
+            xs = [row["frames"] for row in rows]
+            for r, key in enumerate(("seconds", "peak_rss_growth_mib")):
+                ys = [row[method].get(key) for row in rows]
+                done = [(x, y) for x, y, row in zip(xs, ys, rows) if y is not None and not row[method].get("stopped")]
+                stopped = [(x, row[method]["seconds"]) for x, row in zip(xs, rows) if row[method].get("stopped")]
+                if done:
+                    axes[r, col].plot(*zip(*done), color=color, marker=marker, label=label)
+                if stopped and r == 0:
+                    axes[r, col].scatter(*zip(*stopped), color=color, marker="x",
+                                         label=f"{label}: stopped (lower bound)")
+        axes[0, col].set_title(f"{name} ({report['videos'][name]['frames']} frames)")
+        axes[0, col].set_ylabel("seconds")
+        axes[1, col].set_ylabel("peak RSS growth (MiB)")
+        for r in range(2):
+            axes[r, col].set_xscale("log", base=2)
+            axes[r, col].set_xlabel("frames sampled (cropped to 224 px)")
+            axes[r, col].grid(alpha=0.3)
+    axes[0, 0].legend(fontsize=8)
+    fig.suptitle(f"Decoding cost, side by side ({report['machine']})", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--work-dir", type=Path, default=ROOT / "runs" / "long-video")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "long_video")
+    parser.add_argument("--files", nargs="+", default=list(FILES), choices=list(FILES))
+    parser.add_argument("--frames", type=int, nargs="+", default=list(COUNTS))
+    parser.add_argument("--write-only", action="store_true", help="write the files and stop")
+    args = parser.parse_args(argv)
+    args.work_dir.mkdir(parents=True, exist_ok=True)
+    videos = {}
+    for name in args.files:
+        path = args.work_dir / FILES[name]
+        if not path.exists():
+            partial = path.with_suffix(".partial.mp4")
+            info = (write_hour if name.startswith("hour") else write_hd)(partial)
+            partial.rename(path)
+            print(name, info, flush=True)
+        import av
+
+        with av.open(str(path)) as container:
+            stream = container.streams.video[0]
+            videos[name] = {"path": path.name, "bytes": path.stat().st_size, "frames": stream.frames,
+                            "size": f"{stream.codec_context.width}x{stream.codec_context.height}",
+                            "fps": float(stream.average_rate), "codec": stream.codec_context.name,
+                            "b_frames": stream.codec_context.has_b_frames}
+    if args.write_only:
+        return videos
+    load = os.getloadavg()
+    rows = [row for name in args.files for row in bench_file(name, args.work_dir / FILES[name], args.frames)]
+    report = {"machine": machine(), "load_average_before": [round(x, 2) for x in load],
+              "load_average_after": [round(x, 2) for x in os.getloadavg()], "bound": BOUND,
+              "videos": videos, "rows": rows}
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "decode_cost.json").write_text(json.dumps(report, indent=2) + "\n")
+    plot(report, args.out / "decode_cost.png")
+    return report
+
+
+if __name__ == "__main__":
+    main()
