@@ -105,6 +105,61 @@ def test_sampling_stops_after_the_last_target(gop_video):
     assert video.decoded_frames <= 1 + 30 + 2
 
 
+def _demuxed_and_table_index(path):
+    import av
+
+    from intp_vllm.video.io import _index_packets, _table_index
+
+    with av.open(str(path)) as container:
+        table = _table_index(container, container.streams.video[0])
+    with av.open(str(path)) as container:
+        demuxed = _index_packets(container, container.streams.video[0])
+    return demuxed, table
+
+
+@pytest.mark.parametrize("b_frames", [0, 2])
+def test_a_constant_rate_mp4_is_planned_from_its_sample_table_as_from_its_packets(tmp_path, b_frames):
+    """The MP4 sample table (no demuxing pass) gives the very timestamps and keyframes the
+    packets do: decode times shifted by the reorder delay."""
+    path = write_video(tmp_path / "cfr.mp4", index_coded_video(200, 72, 96), fps=30, gop=25, b_frames=b_frames,
+                       options=NO_SCENECUT)
+    demuxed, table = _demuxed_and_table_index(path)
+    assert table is not None and table.predicted and not demuxed.predicted
+    np.testing.assert_array_equal(table.pts, demuxed.pts)
+    np.testing.assert_array_equal(table.keyframes, demuxed.keyframes)
+
+
+def test_variable_rate_mp4_other_codecs_and_containers_are_demuxed(tmp_path, videos):
+    timestamps = [k / 30 for k in range(60)] + [2 + k / 5 for k in range(60)]
+    vfr = write_video(tmp_path / "vfr.mp4", index_coded_video(120, 72, 96), fps=30, timestamps=timestamps,
+                      b_frames=2)
+    for path in (vfr, videos["hevc"], videos["h264-10bit"], videos["vp9-webm"]):
+        assert _demuxed_and_table_index(path)[1] is None
+
+
+def test_a_predicted_index_the_frames_contradict_is_refused_and_sampling_plans_again(gop_video):
+    """A table-predicted index off by one frame time: the decoder stops at the first frame that
+    contradicts it; sampling from the packets gives the same frames as from the table."""
+    from intp_vllm.video.io import _FrameCheck, _IndexMismatch, _PacketIndex, _PlannedDecoder, _sample_pyav
+    from intp_vllm.core.frame_plan import FrameRequest
+
+    demuxed, table = _demuxed_and_table_index(gop_video)
+    step = int(table.pts[1] - table.pts[0])
+    wrong = _PacketIndex(table.pts + step, table.keyframes + step, predicted=True)  # a wrong reorder delay
+    check = _FrameCheck(None, None, "test video")
+    decoder = _PlannedDecoder(gop_video, check)
+    try:
+        with pytest.raises(_IndexMismatch):
+            decoder.decode_planned(wrong, wrong.pts[uniform_frame_indices(600, 8)])
+    finally:
+        decoder.close()
+    request = FrameRequest.from_kwargs({}, default_frames=8, limit=8, prefix="")
+    from_table, from_packets = (_sample_pyav(gop_video, request, check, from_table=t) for t in (True, False))
+    assert from_table.indices == from_packets.indices == uniform_frame_indices(600, 8).tolist()
+    np.testing.assert_array_equal(from_table.frames, from_packets.frames)
+    assert from_table.decoded_frames == from_packets.decoded_frames
+
+
 # ---------------------------------------------------------------------- time, rotation, sizes
 
 
