@@ -15,10 +15,13 @@ A request may sample by rate (`fps`) and within a time range (`start`/`end`) ins
 `core.frame_plan` decides how many frames and over which span, `span_targets` which ones
 (the same uniform-in-time rule over the span), and nothing after the span is decoded.
 Timestamps come from one pass over the packets (demuxing, no decoding), which also finds the
-keyframes and counts the frames of streams that state neither (live-stream WebM). Decoding then follows a plan: a target in the same GOP as the
-current position is reached by decoding forward, and the decoder seeks only when a keyframe
-lies between the current position and the next target. So the cost is at most
-min(one decoding pass, one seek per target) plus the packet pass, no frame is decoded twice,
+keyframes and counts the frames of streams that state neither (live-stream WebM); a
+constant-rate H.264 MP4 needs no pass: its sample table gives them (`_table_index`), and
+every decoded frame is checked against it (a contradiction plans again from the packets).
+Decoding then follows a plan: a target in the same GOP as the current position is reached by
+decoding forward, and the decoder seeks only when a keyframe lies between the current position
+and the next target. So the cost is at most min(one decoding pass, one seek per target) plus
+the plan's input (measured: `benchmarks/decode_cost.py`), no frame is decoded twice,
 and decoding stops after the last target. Display rotation (phone videos) is applied.
 
 With a `ClipPreprocessConfig` each sampled frame is resized and centre-cropped
