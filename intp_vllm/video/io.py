@@ -44,6 +44,7 @@ import os
 import tempfile
 from dataclasses import dataclass, field, replace
 from fractions import Fraction
+from itertools import chain
 from pathlib import Path
 
 import numpy as np
@@ -313,6 +314,10 @@ class _IndexMismatch(Exception):
     """A decoded frame contradicts a predicted `_PacketIndex`: plan again from a demuxing pass."""
 
 
+_AVINDEX_KEYFRAME, _AVINDEX_DISCARD_FRAME = 1, 2
+"""FFmpeg's AVIndexEntry flags (libavformat/avformat.h)."""
+
+
 def _table_index(container, stream) -> _PacketIndex | None:
     """The packet index from an MP4/MOV sample table, without the demuxing pass (which costs
     ~6 us a packet in PyAV: 0.6 s of CPU for an hour at 30 fps, more than seeking to 32 frames
@@ -330,15 +335,16 @@ def _table_index(container, stream) -> _PacketIndex | None:
     total = len(entries)
     if total < 2 or total != stream.frames:
         return None
-    dts = np.fromiter((entry.timestamp for entry in entries), np.int64, total)
+    table = np.fromiter(chain.from_iterable((entry.timestamp, entry.flags) for entry in entries), np.int64,
+                        2 * total).reshape(total, 2)  # one pass over the table
+    dts, flags = table[:, 0], table[:, 1]
     step = int(dts[1] - dts[0])
-    if step <= 0 or np.any(np.diff(dts) != step) or any(entry.is_discard for entry in entries):
+    if step <= 0 or np.any(np.diff(dts) != step) or np.any(flags & _AVINDEX_DISCARD_FRAME):
         return None
     if stream.start_time is None or stream.start_time < dts[0]:
         return None
     delay = int(stream.start_time - dts[0])
-    keyframes = np.fromiter((entry.is_keyframe for entry in entries), bool, total)
-    return _PacketIndex(dts + delay, dts[keyframes] + delay, predicted=True)
+    return _PacketIndex(dts + delay, dts[(flags & _AVINDEX_KEYFRAME) > 0] + delay, predicted=True)
 
 
 def _index_packets(container, stream) -> _PacketIndex | None:
@@ -503,11 +509,13 @@ class _PlannedDecoder:
         budget = 2 * len(index.pts) + 16
         if index.predicted:  # evenly spaced, `_table_index`
             first, step, total = int(index.pts[0]), int(index.pts[1] - index.pts[0]), len(index.pts)
-        i = 0
+        i, target, keyframe = 0, None, None
         while i < len(targets):
-            target = int(targets[i])
+            if target != int(targets[i]):
+                target = int(targets[i])
+                if seeking:  # the keyframe before the target, looked up once a target
+                    keyframe = int(index.keyframes[max(np.searchsorted(index.keyframes, target, side="right") - 1, 0)])
             if seeking:
-                keyframe = int(index.keyframes[max(np.searchsorted(index.keyframes, target, side="right") - 1, 0)])
                 if keyframe > position and keyframe > last_seek:
                     self.container.seek(keyframe, stream=self.stream, backward=True, any_frame=False)
                     self.frames = self.container.decode(self.stream)
