@@ -247,10 +247,10 @@ def main(argv=None) -> dict:
     out = args.out / "decode_cost.json"
     report = json.loads(out.read_text()) if out.exists() else {}  # files run separately add up
     report.update(machine=machine(), bound=BOUND, videos={**report.get("videos", {}), **videos},
-                  rows=[row for row in report.get("rows", []) if row["file"] not in args.files] + rows)
-    report.setdefault("load_average", {}).update({name: {"before": [round(x, 2) for x in load],
-                                                         "after": [round(x, 2) for x in os.getloadavg()]}
-                                                  for name in args.files})
+                  rows=sorted([row for row in report.get("rows", []) if (row["file"], row["frames"]) not in
+                               {(r["file"], r["frames"]) for r in rows}] + rows, key=lambda r: (r["file"], r["frames"])))
+    report.setdefault("load_average", {}).update({f"{name} {args.frames}": {
+        "before": [round(x, 2) for x in load], "after": [round(x, 2) for x in os.getloadavg()]} for name in args.files})
     args.out.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
     plot(report, args.out / "decode_cost.png")
