@@ -213,13 +213,13 @@ def plot(report: dict, out: Path) -> None:
                 if stopped and r == 0:
                     axes[r, col].scatter(*zip(*stopped), color=color, marker="x", label=f"{label}: stopped")
         axes[0, col].set_title(f"{name} ({report['videos'][name]['frames']} frames)")
+        axes[0, col].legend(fontsize=7)
         for r, (_, ylabel) in enumerate(panels):
             axes[r, col].set_ylabel(ylabel)
             axes[r, col].set_xscale("log", base=2)
             axes[r, col].set_yscale("log")
             axes[r, col].set_xlabel("frames sampled (cropped to 224 px)")
             axes[r, col].grid(alpha=0.3)
-    axes[0, 0].legend(fontsize=8)
     fig.suptitle(f"Decoding cost, side by side ({report['machine']})", fontsize=10)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
