@@ -34,10 +34,9 @@ import os
 import subprocess
 import sys
 import time
-from fractions import Fraction
 from pathlib import Path
 
-from intp_vllm_benchmarks.long_video import ROOT, machine, write_hour
+from intp_vllm_benchmarks.long_video import ROOT, machine, write_hour, x264_stream
 
 COUNTS = (32, 256, 1024)
 HD_MINUTES, HD_FPS, HD_WIDTH, HD_HEIGHT, HD_GOP = 10, 30, 1920, 1080, 250
@@ -61,11 +60,8 @@ def write_hd(path: Path) -> dict:
               for c, size in ((0, (wide, HD_HEIGHT)), (1, (wide // 2, HD_HEIGHT // 2)), (2, (wide // 2, HD_HEIGHT // 2)))]
     started = time.perf_counter()
     with av.open(str(path), "w") as container:
-        stream = container.add_stream("libx264", rate=HD_FPS, options={"preset": "ultrafast", "crf": "23",
-                                                                       "x264-params": "scenecut=0:cabac=1:deblock=0,0"})
-        stream.width, stream.height, stream.pix_fmt = HD_WIDTH, HD_HEIGHT, "yuv420p"
-        stream.codec_context.gop_size, stream.codec_context.max_b_frames = HD_GOP, 2
-        stream.codec_context.time_base = Fraction(1, HD_FPS)
+        stream = x264_stream(container, HD_WIDTH, HD_HEIGHT, HD_FPS, HD_GOP,
+                             {"preset": "ultrafast", "crf": "23", "x264-params": "cabac=1:deblock=0,0"})
         for k in range(round(HD_MINUTES * 60 * HD_FPS)):
             shift = (2 * k) % 4096
             y = np.array(planes[0][:, shift:shift + HD_WIDTH])

@@ -40,6 +40,18 @@ DECODE_CASES = [
 ENGINE_CAPS = (256, 1024)
 
 
+def x264_stream(container, width: int, height: int, fps: int, gop: int, options: dict):
+    """A libx264 yuv420p stream in `container` (PyAV), keyframes every `gop` frames exactly (no
+    scene-cut keyframes), 2 B-frames, frame k at pts k."""
+    stream = container.add_stream("libx264", rate=fps,
+                                  options={**options, "x264-params": ":".join(filter(None, [options.get("x264-params"),
+                                                                                        "scenecut=0"]))})
+    stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+    stream.codec_context.gop_size, stream.codec_context.max_b_frames = gop, 2
+    stream.codec_context.time_base = Fraction(1, fps)
+    return stream
+
+
 def write_hour(path: Path) -> dict:
     """The 60-minute file, frames generated as they are encoded (never all in memory)."""
     import av
@@ -48,11 +60,7 @@ def write_hour(path: Path) -> dict:
     texture = np.random.default_rng(0).integers(0, 256, (HEIGHT, WIDTH + 4096, 3), dtype=np.uint8)
     started = time.perf_counter()
     with av.open(str(path), "w") as container:
-        stream = container.add_stream("libx264", rate=FPS, options={"preset": "veryfast", "crf": "28",
-                                                                    "x264-params": "scenecut=0"})
-        stream.width, stream.height, stream.pix_fmt = WIDTH, HEIGHT, "yuv420p"
-        stream.codec_context.gop_size, stream.codec_context.max_b_frames = GOP, 2
-        stream.codec_context.time_base = Fraction(1, FPS)
+        stream = x264_stream(container, WIDTH, HEIGHT, FPS, GOP, {"preset": "veryfast", "crf": "28"})
         for k in range(MINUTES * 60 * FPS):
             shift = (k // 4) % 4096
             picture = av.VideoFrame.from_ndarray(np.ascontiguousarray(texture[:, shift:shift + WIDTH]), format="rgb24")
