@@ -227,7 +227,6 @@ def test_train_needle_writes_a_llava_next_video_checkpoint_like_the_committed_on
     is (the engine test above loads that one): the same config, tensor names and shapes, which HF
     transformers loads as LlavaNextVideoForConditionalGeneration; its context is the 8-frame
     prompt (8 x 4 video tokens and the question) and its `intp` section says it saw 8 frames."""
-    import numpy as np
     from safetensors.numpy import load_file
     from transformers import LlavaNextVideoForConditionalGeneration
 
@@ -241,10 +240,8 @@ def test_train_needle_writes_a_llava_next_video_checkpoint_like_the_committed_on
     assert written["text_config"]["max_position_embeddings"] == 38
     shapes = {name: tensor.shape for name, tensor in load_file(tmp_path / "next" / "model.safetensors").items()}
     assert shapes == {name: tensor.shape for name, tensor in load_file(Path(NEXT_NEEDLE) / "model.safetensors").items()}
-    model, info = LlavaNextVideoForConditionalGeneration.from_pretrained(tmp_path / "next", output_loading_info=True)
-    assert not any(info.values()), info
-    assert np.array_equal(model.lm_head.weight.detach().numpy(),
-                          load_file(tmp_path / "next" / "model.safetensors")["lm_head.weight"])
+    _, info = LlavaNextVideoForConditionalGeneration.from_pretrained(tmp_path / "next", output_loading_info=True)
+    assert not any(info.values()), info  # every tensor loaded, none missing, unexpected or mismatched
     training = json.loads((tmp_path / "next" / "training.json").read_text())
     assert training["steps"] == 2 and training["config"]["architecture"] == "llava-next-video"
 
