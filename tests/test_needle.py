@@ -10,6 +10,7 @@ every RoPE type, n = 300) is `intp-vllm eval-needle`.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -198,3 +199,58 @@ def test_task_flags_name_the_tasks_allowed(capsys):
     with pytest.raises(SystemExit):
         build_parser().parse_args(["eval-needle", "--model", "m", "--tasks", "speed,spin"])
     assert "unknown task(s) ['spin']; choose from flash,order,speed" in capsys.readouterr().err
+
+
+NEXT_NEEDLE = "assets/needle-llava-next-video"
+
+
+@pytest.mark.engine
+def test_committed_llava_next_video_needle_model_reads_its_8_frame_clips():
+    """The committed LLaVA-NeXT-Video needle model (per-frame tower, 2x2 pooling: 4 tokens a
+    frame) through the plugin's engine answers held-out 8-frame clips of both tasks as trained,
+    with varied answers (no constant guess scores this), and at 32 frames, read whole with
+    YaRN, beats 8-frame sampling of the same clips on the order task."""
+    results = evaluate(NEXT_NEEDLE, [8, 32], ["yarn"], clips_per_cell=24,
+                       engine_kwargs={"enforce_eager": True, "kv_cache_memory_bytes": 128 << 20})
+    assert results["results"]["flash"]["yarn"]["8"]["video_tokens"] == 8 * 4
+    for task in ("flash", "order"):
+        cell = results["results"][task]["yarn"]["8"]
+        assert cell["accuracy"] >= 23 / 24, (task, cell)
+        assert len(set(cell["answers"])) >= 4, cell["answers"]
+    order = results["results"]["order"]
+    assert order["yarn"]["32"]["accuracy"] >= order[SAMPLING_ROW]["32"]["accuracy"] + 0.3, order
+
+
+@pytest.mark.slow
+def test_train_needle_writes_a_llava_next_video_checkpoint_like_the_committed_one(tmp_path):
+    """`train-needle --architecture llava-next-video` for 2 steps writes what the committed model
+    is (the engine test above loads that one): the same config, tensor names and shapes, which HF
+    transformers loads as LlavaNextVideoForConditionalGeneration; its context is the 8-frame
+    prompt (8 x 4 video tokens and the question) and its `intp` section says it saw 8 frames."""
+    from safetensors.numpy import load_file
+    from transformers import LlavaNextVideoForConditionalGeneration
+
+    from intp_vllm.apps.cli import main
+
+    main(["train-needle", str(tmp_path / "next"), "--architecture", "llava-next-video", "--max-steps", "2"])
+    committed = json.loads((Path(NEXT_NEEDLE) / "config.json").read_text())
+    written = json.loads((tmp_path / "next" / "config.json").read_text())
+    assert written == committed
+    assert written["architectures"] == ["LlavaNextVideoForConditionalGeneration"] and written["intp"] == {"frames": 8}
+    assert written["text_config"]["max_position_embeddings"] == 38
+    shapes = {name: tensor.shape for name, tensor in load_file(tmp_path / "next" / "model.safetensors").items()}
+    assert shapes == {name: tensor.shape for name, tensor in load_file(Path(NEXT_NEEDLE) / "model.safetensors").items()}
+    _, info = LlavaNextVideoForConditionalGeneration.from_pretrained(tmp_path / "next", output_loading_info=True)
+    assert not any(info.values()), info  # every tensor loaded, none missing, unexpected or mismatched
+    training = json.loads((tmp_path / "next" / "training.json").read_text())
+    assert training["steps"] == 2 and training["config"]["architecture"] == "llava-next-video"
+
+
+def test_train_needle_refuses_temporal_attention_on_a_per_frame_tower():
+    from intp_vllm.research.needle import TrainConfig
+
+    with pytest.raises(ValueError, match="temporal attention is for video-llava only: llava-next-video's tower is "
+                                         "per frame"):
+        TrainConfig(architecture="llava-next-video", temporal_attention=True)
+    with pytest.raises(ValueError, match="architecture 'llava' is not one of video-llava, llava-next-video"):
+        TrainConfig(architecture="llava")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 
 def _add_make_tiny_model(sub) -> None:
-    from intp_vllm.research.tiny_model import TinyModelSpec
+    from intp_vllm.research.tiny_model import ARCHITECTURES, TinyModelSpec
 
     defaults = TinyModelSpec()
     p = sub.add_parser(
@@ -37,7 +37,7 @@ def _add_make_tiny_model(sub) -> None:
                    "with few layers, tensors named as in the hub files (video_tower.vision_model.*)")
     p.add_argument("--hub-names", action="store_true",
                    help="name tensors as the hub files do (implied by --real-shape)")
-    p.add_argument("--architecture", choices=("video-llava", "llava-next-video"), default="video-llava",
+    p.add_argument("--architecture", choices=ARCHITECTURES, default="video-llava",
                    help="which model: Video-LLaVA (default) or LLaVA-NeXT-Video (2x2 average pooling, no CLS; "
                    "--frames is then ignored: its encoder is per frame)")
     p.add_argument("--rope-linear", type=float, default=None,
@@ -184,12 +184,14 @@ def _task_list(text: str) -> tuple[str, ...]:
 
 def _add_train_needle(sub) -> None:
     from intp_vllm.research.needle import QUESTIONS, TrainConfig
+    from intp_vllm.research.tiny_model import ARCHITECTURES
 
     defaults = TrainConfig()
     p = sub.add_parser(
         "train-needle",
-        help="train the tiny needle Video-LLaVA on 8-frame synthetic clips (CPU, minutes)",
-        description="Train a tiny HF Video-LLaVA from scratch on synthetic 8-frame clips (grey noise, "
+        help="train a tiny needle Video-LLaVA (or LLaVA-NeXT-Video) on 8-frame synthetic clips (CPU, minutes)",
+        description="Train a tiny HF Video-LLaVA (or, with --architecture llava-next-video, a "
+        "LLaVA-NeXT-Video) from scratch on synthetic 8-frame clips (grey noise, "
         "coloured squares flashed in one or two frames; questions 'What colour flashed?' and 'Which came "
         "first?') until both tasks reach --target on held-out clips, and save an HF checkpoint that "
         "`intp-vllm serve`/`eval-needle` load.",
@@ -202,6 +204,9 @@ def _add_train_needle(sub) -> None:
     p.add_argument("--temporal-attention", action="store_true",
                    help="give the video tower temporal attention over its 8-frame window (like LanguageBind's), "
                    "so that which frames share a clip matters: the model for comparing --grouping values")
+    p.add_argument("--architecture", choices=ARCHITECTURES, default=defaults.architecture,
+                   help="the model trained: video-llava (default; 56 px frames, 17 tokens a frame with CLS) or "
+                   "llava-next-video (per-frame CLIP, CLS dropped, 2x2 average pooling: 4 tokens a frame)")
     p.add_argument("--tasks", type=_task_list, default=defaults.tasks,
                    help=f"comma-separated tasks to train on, of {','.join(QUESTIONS)} (default "
                    f"{','.join(defaults.tasks)}; speed: whether a texture slides fast or slow, which needs "
@@ -211,9 +216,12 @@ def _add_train_needle(sub) -> None:
 def _run_train_needle(args) -> None:
     from intp_vllm.research.needle import TrainConfig, train_needle
 
-    report = train_needle(args.dir, TrainConfig(seed=args.seed, max_steps=args.max_steps,
-                                                target_accuracy=args.target,
-                                                temporal_attention=args.temporal_attention, tasks=args.tasks))
+    try:
+        cfg = TrainConfig(seed=args.seed, max_steps=args.max_steps, target_accuracy=args.target,
+                          temporal_attention=args.temporal_attention, tasks=args.tasks, architecture=args.architecture)
+    except ValueError as exc:
+        sys.exit(f"intp-vllm train-needle: error: {exc}")
+    report = train_needle(args.dir, cfg)
     print(f"wrote {args.dir} after {report['steps']} steps ({report['seconds']} s): {report['accuracy_8_frames']}")
 
 

@@ -8,6 +8,13 @@ colours). Trained at 8 frames (a context of 142 tokens), it is then asked about 
 frame videos through vLLM (`needle_eval.py`), where INTP is the only way to see them whole.
 `--tasks speed` trains on the motion task instead ("How fast did it move?", `make_motion_clip`),
 whose answer lies in how frames differ: the test of INTP's frame grouping.
+
+The recipe (clips, tasks, tokenizer, shapes NEEDLE_SPEC, optimiser and schedule, stopping rule)
+is one for every architecture; `--architecture llava-next-video` trains a tiny HF
+`LlavaNextVideoForConditionalGeneration` instead (per-frame CLIP, CLS dropped, 2x2 average
+pooling: 4 tokens a frame, an 8-frame context of 38 tokens). What differs per architecture is
+the HF config and class (`tiny_model.hf_config_and_class`) and the tokens a frame (the plugin's
+adapter for it).
 """
 
 from __future__ import annotations
@@ -15,16 +22,15 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
-from intp_vllm.core.config import tokens_per_frame
 from intp_vllm.video.preprocess import ClipPreprocessConfig, preprocess_frames
 from intp_vllm.core.prompt import VIDEO_PROMPT
 from intp_vllm.research.synthetic import COLOURS
-from intp_vllm.research.tiny_model import SPECIAL_TOKENS
+from intp_vllm.research.tiny_model import SPECIAL_TOKENS, TinyModelSpec
 
 TASKS = {"flash": "What colour flashed?", "order": "Which came first?"}
 """The needle tasks: what a needle model is trained and evaluated on by default."""
@@ -156,35 +162,57 @@ class TrainConfig:
     eval_clips: int = 256
     target_accuracy: float = 0.98
     temporal_attention: bool = False
-    """Give the tower temporal attention over its 8-frame window (temporal_attention.py)."""
+    """Give the tower temporal attention over its 8-frame window (temporal_attention.py; Video-LLaVA)."""
+    architecture: str = "video-llava"
+    """The model trained (tiny_model.ARCHITECTURES): Video-LLaVA, or LLaVA-NeXT-Video (per-frame
+    tower, 2x2 pooling, no CLS: 4 tokens a frame at 56 px)."""
     tasks: tuple[str, ...] = tuple(TASKS)
     """What it is trained on (keys of QUESTIONS); the first alone for `single_task_steps`."""
 
+    def __post_init__(self):
+        from intp_vllm.research.tiny_model import ARCHITECTURES
 
-def build_model(tokenizer, seed: int, temporal_attention: bool = False):
+        if self.architecture not in ARCHITECTURES:
+            raise ValueError(f"architecture {self.architecture!r} is not one of {', '.join(ARCHITECTURES)}")
+        if self.temporal_attention and self.architecture != "video-llava":
+            raise ValueError(f"temporal attention is for video-llava only: {self.architecture}'s tower is per frame")
+
+
+NEEDLE_SPEC = TinyModelSpec(frames=TRAIN_FRAMES, image_size=FRAME_SIZE, patch_size=PATCH_SIZE, vision_hidden=64,
+                            vision_layers=2, vision_heads=2, text_hidden=128, text_layers=3, text_heads=4,
+                            text_kv_heads=4, text_intermediate=384)
+"""The needle model's shapes, whatever its architecture (CLIP 64 wide, 2 layers; Llama 128 wide,
+3 layers); its context is set to the 8-frame prompt's length (`build_model`)."""
+
+
+def video_tokens_per_frame(model_class, config) -> int:
+    """Video tokens a frame of `config`'s model (`model_class`: its HF class), as the plugin's
+    adapter for that architecture counts them: Video-LLaVA 17 at 56 px (16 patches + CLS),
+    LLaVA-NeXT-Video 4 (16 patches pooled 2x2, no CLS)."""
+    from intp_vllm.vllm_ext.plugin import model_class as adapter_class
+
+    return adapter_class(model_class.__name__).tokens_per_frame(config)
+
+
+def build_model(tokenizer, seed: int, temporal_attention: bool = False, architecture: str = "video-llava"):
+    """The untrained needle model of `architecture` (tiny_model.ARCHITECTURES) at NEEDLE_SPEC, HF's
+    own initialisation at `seed`, its LM context exactly the 8-frame prompt (`prompt_ids` of the
+    flash task): past it, positions are new to the model. A LLaVA-NeXT-Video records in its
+    `intp` section that it was trained at TRAIN_FRAMES frames (the plugin's default for the
+    architecture is 32). Raises ValueError for an unknown architecture, or temporal attention
+    on LLaVA-NeXT-Video."""
     import torch
-    from transformers import CLIPVisionConfig, LlamaConfig, VideoLlavaConfig
 
-    from intp_vllm.research.hf_video_llava import hf_model_class
+    from intp_vllm.research.tiny_model import hf_config_and_class
 
-    per_frame = tokens_per_frame(FRAME_SIZE, PATCH_SIZE)
-    prompt_len = len(prompt_ids(tokenizer, "flash", TRAIN_FRAMES * per_frame))
-    vision = CLIPVisionConfig(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
-                              image_size=FRAME_SIZE, patch_size=PATCH_SIZE, projection_dim=64)
-    text = LlamaConfig(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=384, num_hidden_layers=3,
-                       num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=prompt_len,
-                       rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
-                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                       pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False)
-    config = VideoLlavaConfig(vision_config=vision, text_config=text,
-                              image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
-                              video_token_index=tokenizer.convert_tokens_to_ids("<video>"),
-                              image_seq_length=per_frame - 1,
-                              video_seq_length=per_frame * TRAIN_FRAMES)
-    if temporal_attention:
-        config.temporal_attention = {"frames": TRAIN_FRAMES, "num_heads": 2}
+    spec = replace(NEEDLE_SPEC, temporal_attention_heads=2 if temporal_attention else 0)
+    config, model_class = hf_config_and_class(architecture, spec, tokenizer)
+    per_frame = video_tokens_per_frame(model_class, config)
+    config.text_config.max_position_embeddings = len(prompt_ids(tokenizer, "flash", TRAIN_FRAMES * per_frame))
+    if architecture == "llava-next-video":
+        config.intp = {"frames": TRAIN_FRAMES}
     torch.manual_seed(seed)
-    return hf_model_class(config)(config)
+    return model_class(config)
 
 
 def prompt_ids(tokenizer, task: str, video_tokens: int) -> list[int]:
@@ -198,7 +226,7 @@ def prompt_ids(tokenizer, task: str, video_tokens: int) -> list[int]:
 def _batch(model, tokenizer, clips: list[NeedleClip]):
     import torch
 
-    per_frame = tokens_per_frame(FRAME_SIZE, PATCH_SIZE)
+    per_frame = video_tokens_per_frame(type(model), model.config)
     preprocess = ClipPreprocessConfig(shortest_edge=FRAME_SIZE, crop_size=FRAME_SIZE)
     pixels = torch.from_numpy(np.stack([preprocess_frames(c.frames, preprocess) for c in clips]))
     ids = torch.tensor([prompt_ids(tokenizer, c.task, len(c.frames) * per_frame) for c in clips])
@@ -242,7 +270,7 @@ def train_needle(output_dir: str | Path, cfg: TrainConfig = TrainConfig(), log=p
 
     output_dir = Path(output_dir)
     tokenizer = build_tokenizer()
-    model = build_model(tokenizer, cfg.seed, cfg.temporal_attention)
+    model = build_model(tokenizer, cfg.seed, cfg.temporal_attention, cfg.architecture)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate)
     rng = np.random.default_rng(cfg.seed)
     validation = {task: make_clips(cfg.seed + 1000 + i, cfg.eval_clips // 2, TRAIN_FRAMES, (task,))
@@ -274,9 +302,9 @@ def train_needle(output_dir: str | Path, cfg: TrainConfig = TrainConfig(), log=p
     output_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(output_dir)
     tokenizer.save_pretrained(output_dir)
-    from intp_vllm.research.tiny_model import TinyModelSpec, write_preprocessor_config
+    from intp_vllm.research.tiny_model import write_preprocessor_config
 
-    write_preprocessor_config(output_dir, TinyModelSpec(frames=TRAIN_FRAMES, image_size=FRAME_SIZE))
+    write_preprocessor_config(output_dir, NEEDLE_SPEC)
     report = {"config": asdict(cfg), "steps": step, "seconds": round(time.perf_counter() - started, 1),
               "accuracy_8_frames": scores, "history": history}
     (output_dir / "training.json").write_text(json.dumps(report, indent=2))

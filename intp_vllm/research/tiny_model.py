@@ -17,6 +17,8 @@ from intp_vllm.core.config import tokens_per_frame
 from intp_vllm.core.prompt import VIDEO_LLAVA_CHAT_TEMPLATE
 
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<image>", "<video>", "<pad>"]
+ARCHITECTURES = ("video-llava", "llava-next-video")
+"""The models tiny checkpoints are written for (`--architecture` of make-tiny-model, train-needle)."""
 
 _TOKENIZER_CORPUS = """
 USER: ASSISTANT: What is happening in this video? Describe the video in detail. A red circle moves from
@@ -197,11 +199,9 @@ def make_tiny_model(path: str | Path, spec: TinyModelSpec = TinyModelSpec(), hub
 
     `hub_names` writes tensor names as the published checkpoints have them.
     """
-    from intp_vllm.research.hf_video_llava import hf_model_class
-
     tokenizer = build_tokenizer()
-    config = build_config(spec, tokenizer)
-    return save_random_checkpoint(path, hf_model_class(config), config, tokenizer, spec, hub_names)
+    config, model_class = hf_config_and_class("video-llava", spec, tokenizer)
+    return save_random_checkpoint(path, model_class, config, tokenizer, spec, hub_names)
 
 
 def save_random_checkpoint(path: str | Path, model_class, config, tokenizer, spec: TinyModelSpec,
@@ -248,6 +248,25 @@ def build_llava_next_video_config(spec: TinyModelSpec, tokenizer, rope_linear: f
         spatial_pool_mode="average",
         spatial_pool_stride=2,
     )
+
+
+def hf_config_and_class(architecture: str, spec: TinyModelSpec, tokenizer):
+    """(HF config, HF model class) of `architecture` (ARCHITECTURES) at `spec`'s shapes: Video-LLaVA
+    (`build_config`; ours with temporal attention when `spec` asks for it) or LLaVA-NeXT-Video
+    (`build_llava_next_video_config`). Raises ValueError for another name, or temporal attention
+    on LLaVA-NeXT-Video (its tower is per frame)."""
+    if architecture == "video-llava":
+        from intp_vllm.research.hf_video_llava import hf_model_class
+
+        config = build_config(spec, tokenizer)
+        return config, hf_model_class(config)
+    if architecture == "llava-next-video":
+        from transformers import LlavaNextVideoForConditionalGeneration
+
+        if spec.temporal_attention_heads:
+            raise ValueError("temporal attention is for Video-LLaVA only: LLaVA-NeXT-Video's tower is per frame")
+        return build_llava_next_video_config(spec, tokenizer), LlavaNextVideoForConditionalGeneration
+    raise ValueError(f"architecture {architecture!r} is not one of {', '.join(ARCHITECTURES)}")
 
 
 def real_shape_llava_next_video_spec(text_layers: int = 1, vision_layers: int = 2) -> TinyModelSpec:
