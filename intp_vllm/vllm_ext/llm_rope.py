@@ -22,6 +22,11 @@ from intp_vllm.core.rope_scaling import PER_TOKEN_ROPE_TYPES, CheckpointRope, ro
 from intp_vllm.vllm_ext.internals import RotaryEmbedding, rotary_embedding
 from intp_vllm.vllm_ext.rotary import cos_sin_rows, inv_freq_per_scale
 
+KERNEL_DEVICE_TYPES = ("cuda",)
+"""Device types whose tensors `PerRequestRotaryEmbedding` rotates with the Triton kernel (elsewhere:
+torch cos/sin rows and vLLM's rotary op). A test adds "cpu" to run the kernel's branch on CPU under
+TRITON_INTERPRET=1 (tests/test_compiled_engine.py)."""
+
 
 class ScaledRotaryEmbedding(RotaryEmbedding):
     """vLLM's rotary embedding over a table built for one RoPE scaling type and factor."""
@@ -84,7 +89,7 @@ class PerRequestRotaryEmbedding(torch.nn.Module):
 
     def forward(self, positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor | None = None):
         plain, codes = decode_positions(positions)
-        if query.is_cuda and key is not None and HAS_TRITON and self.checkpoint_factor == 1:
+        if query.device.type in KERNEL_DEVICE_TYPES and key is not None and HAS_TRITON and self.checkpoint_factor == 1:
             # on the qkv that q and k were split from, whole: no copy of qkv under torch.compile
             return rotate_qkv_(plain, query, key, self.scale_by_code[codes], head_size=self.head_size,
                                rotary_dim=self.rotary_dim, is_neox=self.is_neox_style, rope_type=self.rope_type,

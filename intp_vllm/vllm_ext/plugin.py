@@ -261,6 +261,8 @@ def register() -> None:
     the config hook, our video loader and media connector, the chat-template fallback, the
     renderer wrappers and the structured-output check; in an engine-core process, ends it with
     its parent (`engine.end_with_parent`). Idempotent."""
+    import os
+
     from intp_vllm.core.prompt import VIDEO_LLAVA_CHAT_TEMPLATE_PATH
     from intp_vllm.vllm_ext.internals import (
         MEDIA_CONNECTOR_REGISTRY,
@@ -276,6 +278,10 @@ def register() -> None:
     from intp_vllm.vllm_ext.media import MEDIA_HOOK_NAME, BoundedMediaConnector, IntpVideoLoader
 
     warn_if_untested()
+    # vLLM's AOT compile (its default from torch 2.10) re-traces `query._base` to None, so the per-request
+    # rotary op on qkv whole (kernels/scaled_rotary.py, the GPU branch) was dropped from the compiled
+    # graph: no rotation at all. Plain torch.compile keeps it (tests/test_compiled_engine.py).
+    os.environ.setdefault("VLLM_USE_AOT_COMPILE", "0")
     for name, wrap in RENDERER_WRAPPERS.items():
         if not getattr(getattr(BaseRenderer, name), "intp_vllm_wrapped", False):
             setattr(BaseRenderer, name, wrap(getattr(BaseRenderer, name)))
