@@ -133,3 +133,25 @@ def test_an_explicit_max_model_len_past_the_checkpoint_is_accepted_with_intp_and
         config({"max_frames": 512, "rope_type": "none"}, 16384)  # no RoPE extension: vLLM's own refusal stands
     assert with_long_context({"intp": {}}, None) == {"intp": {}}
     assert with_long_context({"text_config": {"model_max_length": 5}}, 9) == {"text_config": {"model_max_length": 5}}
+
+
+def test_max_model_len_and_the_encoder_budget_follow_the_servers_pruning(tiny_model_dir):
+    """With --video-pruning-rate the longest video holds only its kept tokens, and max_model_len
+    (so the KV of a full-length request) follows; a request at the default count may still turn
+    pruning off, so that count unpruned is the floor."""
+    from vllm.engine.arg_utils import EngineArgs
+
+    from intp_vllm.vllm_ext.models.video_llava import VideoLlavaForConditionalGeneration as Adapter
+    from intp_vllm.vllm_ext.pruning import VideoPruning
+
+    def config(intp: dict, **kwargs):
+        return EngineArgs(model=str(tiny_model_dir), hf_overrides={"intp": intp}, **kwargs).create_model_config()
+
+    assert config({"max_frames": 1024}).max_model_len == 1024 * 17 + 512
+    pruned = config({"max_frames": 1024}, video_pruning_rate=0.75)
+    assert pruned.max_model_len == 1024 + 1024 * 16 // 4 + 512  # every CLS, a quarter of the patches, text
+    assert config({"max_frames": 1024}, video_pruning_rate=0.75, video_pruning_method="vidcom2").max_model_len == \
+        VideoPruning("vidcom2", 0.75).kept_tokens(1024, 17) + 512
+    hf_config = config({"frames": 64, "max_frames": 128}).hf_config
+    assert Adapter.max_video_tokens(hf_config, VideoPruning("evs", 0.9)) == 64 * 17  # 128 pruned: 332 tokens
+    assert Adapter.max_video_tokens(hf_config) == 128 * 17

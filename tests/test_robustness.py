@@ -164,6 +164,10 @@ def too_many_processed_frames(media, clip):
     return f"file://{clip}", {"mm_processor_kwargs": {"frames": MAX_FRAMES + 1}}
 
 
+def rate_cap_over_max(media, clip):
+    return f"file://{clip}", {"mm_processor_kwargs": {"fps": 1, "max_frames": MAX_FRAMES + 1}}
+
+
 def scale_code_from_the_request(media, clip):
     """The RoPE scale code is the processor's to decide."""
     return f"file://{clip}", {"mm_processor_kwargs": {"rope_scale_code": 0}}
@@ -244,11 +248,13 @@ HOSTILE = [
                  r"request's frame count is mm_processor_kwargs.frames", id="num-frames-conflict"),
     pytest.param(too_many_processed_frames, 400, r"frames=17: expected an integer from 1 to 16",
                  id="processor-frames-over-max"),
+    pytest.param(rate_cap_over_max, 400, r"mm_processor_kwargs.max_frames=17: expected an integer from 1 to 16, the "
+                 r"server's --max-frames", id="request-max-frames-over-max"),
     pytest.param(scale_code_from_the_request, 400, r"mm_processor_kwargs.rope_scale_code is set by the server",
                  id="scale-code-from-request"),
     pytest.param(unsupported_loader_option, 400, r"\['max_duration'\] are not supported", id="loader-option"),
     pytest.param(rate_as_loader_option, 400, r"media_io_kwargs.video \['fps'\]: a request's rate and time range are "
-                 r"mm_processor_kwargs \['fps', 'start', 'end'\]", id="rate-as-loader-option"),
+                 r"mm_processor_kwargs \['fps', 'start', 'end', 'max_frames'\]", id="rate-as-loader-option"),
     pytest.param(outside_allowed_dir, 400, "must be a subpath of `--allowed-local-media-path", id="outside"),
     pytest.param(dot_dot_out_of_allowed_dir, 400, "must be a subpath of `--allowed-local-media-path", id="dot-dot"),
     pytest.param(symlink_out_of_allowed_dir, 400, "must be a subpath of `--allowed-local-media-path", id="symlink"),

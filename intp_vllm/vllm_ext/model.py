@@ -120,12 +120,29 @@ class IntpProcessingInfo(BaseProcessingInfo):
 
     def get_default_pruning(self) -> VideoPruning:
         """The server's pruning: vLLM's --video-pruning-rate / --video-pruning-method."""
-        spec = self.ctx.model_config.multimodal_config.get_video_pruning_spec()
-        return VideoPruning() if spec is None else VideoPruning(*spec)
+        return VideoPruning.of_server(self.ctx.model_config.multimodal_config)
+
+    def get_video_token_budget(self) -> int:
+        """The most tokens one video may take (`IntpVideoModel.max_video_tokens` at the server's pruning)."""
+        return self.model_cls.max_video_tokens(self.get_hf_config(), self.get_default_pruning())
+
+    def check_video_tokens(self, num_frames: int, pruning: VideoPruning) -> None:
+        """Raises ValueError, naming the request's fields, when a video of `num_frames` frames
+        pruned by `pruning` takes more tokens than `get_video_token_budget`."""
+        tokens, budget = self.get_num_video_tokens(num_frames, pruning), self.get_video_token_budget()
+        if tokens > budget:
+            server = self.get_default_pruning()
+            raise ValueError(
+                f"{num_frames} frames at mm_processor_kwargs.{PRUNING_RATE_KWARG}={pruning.rate:g} "
+                f"({pruning.method}) take {tokens} video tokens; this server holds at most {budget} a video "
+                f"(--max-frames {self.get_intp_config().frame_limit} at --video-pruning-rate {server.rate:g}): ask "
+                f"for fewer frames (mm_processor_kwargs.max_frames) or a {PRUNING_RATE_KWARG} of at least "
+                f"{server.rate:g}")
 
     def get_mm_max_tokens_per_item(self, seq_len: int, mm_counts: Mapping[str, int]) -> Mapping[str, int]:
-        """The most tokens one video can take: `get_num_video_tokens(intp.max_frames)`."""
-        return {"video": self.get_num_video_tokens(self.get_intp_config().frame_limit)}
+        """The most tokens one video can take (`get_video_token_budget`): what vLLM sizes its
+        encoder cache and encoder compute budget by (each the larger of this and max_num_batched_tokens)."""
+        return {"video": self.get_video_token_budget()}
 
 
 class IntpDummyInputsBuilder(BaseDummyInputsBuilder[IntpProcessingInfo]):
@@ -242,6 +259,7 @@ class IntpMultiModalProcessor(BaseMultiModalProcessor[IntpProcessingInfo]):
         for i, video in enumerate(hf_data.get("videos", [])):
             frames = as_frames(video, name=f"video {i}")
             chosen = frames[select_frames(len(frames), requested, encoder_frames)]
+            self.info.check_video_tokens(len(chosen), pruning)
             pixel_values.append(torch.from_numpy(preprocess_frames(chosen, preprocess)))
         outputs = {"pixel_values_videos": pixel_values,
                    PRUNING_RATE_KEY: torch.full((len(pixel_values),), pruning.rate, dtype=torch.float64),
@@ -380,10 +398,17 @@ class IntpVideoModel(nn.Module, SupportsMultiModal, SupportsPP, SupportsMRoPE, S
                                          frames=cls.default_frames(hf_config))
 
     @classmethod
-    def max_video_tokens(cls, hf_config) -> int:
-        """Prompt tokens of the largest video a request may send (intp.max_frames, unpruned)."""
+    def max_video_tokens(cls, hf_config, pruning: VideoPruning | None = None) -> int:
+        """Prompt tokens one video may take, where `pruning` is the server's (None: none): the
+        larger of intp.max_frames frames so pruned and intp.frames frames unpruned (so a
+        request at the default count may turn pruning off). `max_model_len` (plugin.py) and
+        vLLM's encoder cache follow it: at --max-frames 1024 and --video-pruning-rate 0.75 a
+        video holds a quarter of the tokens, and so does the KV a full-length request reserves."""
         intp = cls.intp_config(hf_config)
-        return padded_frame_count(intp.frame_limit, intp.encoder_frames) * cls.tokens_per_frame(hf_config)
+        per_frame = cls.tokens_per_frame(hf_config)
+        longest = (pruning or VideoPruning()).kept_tokens(padded_frame_count(intp.frame_limit, intp.encoder_frames),
+                                                        per_frame, cls.cls_token)
+        return max(longest, padded_frame_count(intp.frames, intp.encoder_frames) * per_frame)
 
     def build_video_encoder(self, vllm_config: VllmConfig, prefix: str) -> None:
         """Create the tower, pooling and projector modules (named as the mapped weights)."""

@@ -64,12 +64,13 @@ class IntpConfigHook:
         outside `intp`."""
         from intp_vllm.core.config import TEXT_MARGIN_TOKENS
         from intp_vllm.vllm_ext.internals import MROPE_SECTION_KEY, check_reliances
+        from intp_vllm.vllm_ext.pruning import VideoPruning
 
         check_reliances(cli=False)
         hf_config = model_config.hf_config
         adapter = model_class(model_config.architecture)
         intp = adapter.intp_config(hf_config)
-        most_video_tokens = adapter.max_video_tokens(hf_config)
+        most_video_tokens = adapter.max_video_tokens(hf_config, VideoPruning.of_server(model_config.multimodal_config))
         needed = most_video_tokens + TEXT_MARGIN_TOKENS
         if model_config.original_max_model_len is None and model_config.max_model_len < needed:
             model_config.max_model_len = needed

@@ -49,6 +49,13 @@ class VideoPruning:
     def from_code(cls, code: int, rate: float) -> "VideoPruning":
         return cls(PRUNING_METHODS[int(code)], float(rate))
 
+    @classmethod
+    def of_server(cls, multimodal_config) -> "VideoPruning":
+        """The server's pruning: vLLM's --video-pruning-rate / --video-pruning-method
+        (`MultiModalConfig`; rate 0 when it has none or is None)."""
+        spec = multimodal_config.get_video_pruning_spec() if multimodal_config is not None else None
+        return cls() if spec is None else cls(*spec)
+
     def _module(self):
         from intp_vllm.vllm_ext.internals import evs, vidcom2
 
