@@ -115,8 +115,7 @@ class IntpProcessingInfo(BaseProcessingInfo):
     def get_num_video_tokens(self, num_frames: int, pruning: VideoPruning | None = None) -> int:
         """Prompt tokens of a video sampled at `num_frames`, padded to whole encoder clips, and
         left by `pruning` (pruning.py; None prunes nothing)."""
-        frames = padded_frame_count(num_frames, self.get_intp_config().encoder_frames)
-        return (pruning or VideoPruning()).kept_tokens(frames, self.get_tokens_per_frame(), self.model_cls.cls_token)
+        return self.model_cls.video_tokens(self.get_hf_config(), num_frames, pruning)
 
     def get_default_pruning(self) -> VideoPruning:
         """The server's pruning: vLLM's --video-pruning-rate / --video-pruning-method."""
@@ -398,6 +397,13 @@ class IntpVideoModel(nn.Module, SupportsMultiModal, SupportsPP, SupportsMRoPE, S
                                          frames=cls.default_frames(hf_config))
 
     @classmethod
+    def video_tokens(cls, hf_config, num_frames: int, pruning: VideoPruning | None = None) -> int:
+        """Prompt tokens of a video of `num_frames` frames, padded to whole encoder clips, and left
+        by `pruning` (pruning.py; None prunes nothing)."""
+        frames = padded_frame_count(num_frames, cls.intp_config(hf_config).encoder_frames)
+        return (pruning or VideoPruning()).kept_tokens(frames, cls.tokens_per_frame(hf_config), cls.cls_token)
+
+    @classmethod
     def max_video_tokens(cls, hf_config, pruning: VideoPruning | None = None) -> int:
         """Prompt tokens one video may take, where `pruning` is the server's (None: none): the
         larger of intp.max_frames frames so pruned and intp.frames frames unpruned (so a
@@ -405,10 +411,7 @@ class IntpVideoModel(nn.Module, SupportsMultiModal, SupportsPP, SupportsMRoPE, S
         vLLM's encoder cache follow it: at --max-frames 1024 and --video-pruning-rate 0.75 a
         video holds a quarter of the tokens, and so does the KV a full-length request reserves."""
         intp = cls.intp_config(hf_config)
-        per_frame = cls.tokens_per_frame(hf_config)
-        longest = (pruning or VideoPruning()).kept_tokens(padded_frame_count(intp.frame_limit, intp.encoder_frames),
-                                                        per_frame, cls.cls_token)
-        return max(longest, padded_frame_count(intp.frames, intp.encoder_frames) * per_frame)
+        return max(cls.video_tokens(hf_config, intp.frame_limit, pruning), cls.video_tokens(hf_config, intp.frames))
 
     def build_video_encoder(self, vllm_config: VllmConfig, prefix: str) -> None:
         """Create the tower, pooling and projector modules (named as the mapped weights)."""
