@@ -56,7 +56,7 @@ from intp_vllm.core.rope_scaling import CheckpointRope
 from intp_vllm.vllm_ext.llm_rope import install_scaled_rope
 from intp_vllm.vllm_ext.pruning import PRUNING_METHODS, VideoPruning
 from intp_vllm.video.preprocess import ClipPreprocessConfig, preprocess_frames
-from intp_vllm.core.grouped_encoding import encode_in_groups
+from intp_vllm.core.grouped_encoding import encode_in_groups, encoded_chunks
 from intp_vllm.core.rearrange import pad_frame_indices, padded_frame_count, uniform_frame_indices
 from intp_vllm.core.request_scale import encode_positions, position_offset, request_scale_code, scale_cache_salt
 from intp_vllm.video.io import as_frames
@@ -480,20 +480,19 @@ class IntpVideoModel(nn.Module, SupportsMultiModal, SupportsPP, SupportsMRoPE, S
 
     def embed_multimodal(self, **kwargs: object) -> MultiModalEmbeddings:
         """One (kept tokens, text_hidden) tensor per video of the batch, in the order of
-        `pixel_values_videos`, tokens in frame-time order (INTP's groups put back), then pruned
-        by the video's pruning (pruning.py; all F * tokens_per_frame kept at rate 0); [] when the
-        batch holds no video. F is each video's padded frame count."""
+        `pixel_values_videos`, tokens in frame-time order (INTP's groups put back), pruned by the
+        video's pruning as each encoder chunk is ready (pruning.py `prune_chunks`; all
+        F * tokens_per_frame kept at rate 0); [] when the batch holds no video. F is each video's
+        padded frame count."""
         videos = kwargs.get("pixel_values_videos")
         if videos is None:
             return []
         rates, methods = kwargs[PRUNING_RATE_KEY], kwargs[PRUNING_METHOD_KEY]
         embeddings = []
         for video, rate, method in zip(videos, rates, methods):
-            tokens = self.embed_video(video)
-            pruning = VideoPruning.from_code(method, rate)
-            if pruning.rate:
-                tokens = tokens[pruning.retention_mask(tokens, video.shape[0], self.cls_token)]
-            embeddings.append(tokens)
+            chunks = encoded_chunks(video, self.encode_clips, self.intp.encoder_frames, self.intp.grouping)
+            embeddings.append(VideoPruning.from_code(method, rate).prune_chunks(chunks, video.shape[0],
+                                                                                self.cls_token))
         return embeddings
 
     def forward(
