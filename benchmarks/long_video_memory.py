@@ -106,7 +106,7 @@ class Server:
         self.port, self.log = free_port(), log
         command = [sys.executable, "-m", "intp_vllm.apps.cli", "serve", str(MODEL), "--max-frames", str(max_frames),
                    "--port", str(self.port), "--allowed-local-media-path", str(media_dir),
-                   "--trust-request-mm-kwargs", "--max-num-seqs", "8"]
+                   "--trust-request-mm-kwargs"]
         self.proc = subprocess.Popen(command, stdout=log.open("w"), stderr=subprocess.STDOUT, cwd=ROOT,
                                      start_new_session=True)
         deadline = time.time() + 600
@@ -203,18 +203,19 @@ def main(argv=None) -> dict:
     args.work_dir.mkdir(parents=True, exist_ok=True)
     video = args.work_dir / "ten-minutes-1920x1080-gop250-b2.mp4"
     out = args.out / "memory.json"
-    report = json.loads(out.read_text()) if out.exists() else {}  # parts run separately add up
-    report.update(machine=machine(), model=MODEL.name)
+    report = {"machine": machine(), "model": MODEL.name}
     if not video.exists():
         report["video"] = {"path": video.name, "minutes": MINUTES, "fps": FPS, "size": f"{WIDTH}x{HEIGHT}",
                            "gop": GOP, "b_frames": B_FRAMES, **write_1080p(video)}
-    with open("/proc/loadavg") as load:
-        report["load_average"] = load.read().split()[0]
     if "idle" in args.parts:
         report["idle"] = bench_idle(args.work_dir, video.parent)
     if "request" in args.parts:
         report["request"] = bench_request(args.work_dir, video)
+    for part in ("idle", "request"):
+        if part in args.parts:
+            report[f"{part}_load_average"] = Path("/proc/loadavg").read_text().split()[0]  # at the end of the part
     args.out.mkdir(parents=True, exist_ok=True)
+    report = {**(json.loads(out.read_text()) if out.exists() else {}), **report}  # parts run separately add up
     out.write_text(json.dumps(report, indent=2) + "\n")
     return report
 
