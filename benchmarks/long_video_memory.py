@@ -109,7 +109,7 @@ class Server:
                    "--trust-request-mm-kwargs", *flags]
         self.proc = subprocess.Popen(command, stdout=log.open("w"), stderr=subprocess.STDOUT, cwd=ROOT,
                                      start_new_session=True)
-        deadline = time.time() + 600
+        deadline = time.time() + 1200  # start-up profiles a --max-frames video: minutes on a loaded machine
         while time.time() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server exited: {log.read_text()[-3000:]}")
@@ -119,7 +119,7 @@ class Server:
             except OSError:
                 time.sleep(2)
         self.stop()
-        raise RuntimeError("server did not start in 600 s")
+        raise RuntimeError("server did not start in 1200 s")
 
     def rss_kib(self) -> dict[int, int]:
         return {pid: status_kib(pid, "VmRSS:") for pid in tree(self.proc.pid)}
