@@ -13,7 +13,7 @@ request  the server at --max-frames 1024, asked once about the 1080p file as a f
          RSS during the request (its VmHWM, reset when idle: /proc/PID/clear_refs) less its idle
          RSS, and their sum (an upper bound of the tree's growth: the peaks need not coincide).
 
-    python -m intp_vllm_benchmarks.long_video_memory     # ~15 min on 2 cores (+ ~10 min writing the file once)
+    python -m intp_vllm_benchmarks.long_video_memory     # ~15 min on 2 cores (+ 10-40 min writing the file once)
                                                          #   -> benchmarks/results/long_video/memory.json
 """
 
