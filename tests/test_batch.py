@@ -98,7 +98,7 @@ def reference(tiny_model_dir, batch_inputs):
 @pytest.mark.engine
 def test_answers_and_error_record(reference):
     records, log = reference
-    assert "intp_vllm: CPU KV cache 64 MiB (max_num_seqs 4 x max_model_len" in log
+    assert "intp_vllm: CPU KV cache 64 MiB (2 sequences of max_model_len" in log
     assert set(records) == JOB_IDS
     assert set(records["broken"]) == {"id", "error"}
     assert "broken.mp4" in records["broken"]["error"] and "not a video" in records["broken"]["error"]

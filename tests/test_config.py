@@ -84,6 +84,10 @@ def test_cpu_kv_cache_is_sized_by_the_plugin_unless_given(tiny_model_dir):
     per_token = kv_bytes_per_token(config.model_config)
     assert config.cache_config.kv_cache_memory_bytes == max(KV_CACHE_FLOOR_BYTES,
                                                             2 * config.model_config.max_model_len * per_token)
+    long = EngineArgs(model=str(tiny_model_dir), dtype="float32", max_num_seqs=128,
+                      hf_overrides={"intp": {"max_frames": 1024}}).create_engine_config()
+    assert long.model_config.max_model_len == 1024 * 17 + 512
+    assert long.cache_config.kv_cache_memory_bytes == (2 * (1024 * 17 + 512) + 126 * (8 * 17 + 512)) * per_token
     given = EngineArgs(model=str(tiny_model_dir), kv_cache_memory_bytes=123 << 20).create_engine_config()
     assert given.cache_config.kv_cache_memory_bytes == 123 << 20
     share = EngineArgs(model=str(tiny_model_dir), gpu_memory_utilization=0.3).create_engine_config()
@@ -133,3 +137,25 @@ def test_an_explicit_max_model_len_past_the_checkpoint_is_accepted_with_intp_and
         config({"max_frames": 512, "rope_type": "none"}, 16384)  # no RoPE extension: vLLM's own refusal stands
     assert with_long_context({"intp": {}}, None) == {"intp": {}}
     assert with_long_context({"text_config": {"model_max_length": 5}}, 9) == {"text_config": {"model_max_length": 5}}
+
+
+def test_max_model_len_and_the_encoder_budget_follow_the_servers_pruning(tiny_model_dir):
+    """With --video-pruning-rate the longest video holds only its kept tokens, and max_model_len
+    (so the KV of a full-length request) follows; a request at the default count may still turn
+    pruning off, so that count unpruned is the floor."""
+    from vllm.engine.arg_utils import EngineArgs
+
+    from intp_vllm.vllm_ext.models.video_llava import VideoLlavaForConditionalGeneration as Adapter
+    from intp_vllm.vllm_ext.pruning import VideoPruning
+
+    def config(intp: dict, **kwargs):
+        return EngineArgs(model=str(tiny_model_dir), hf_overrides={"intp": intp}, **kwargs).create_model_config()
+
+    assert config({"max_frames": 1024}).max_model_len == 1024 * 17 + 512
+    pruned = config({"max_frames": 1024}, video_pruning_rate=0.75)
+    assert pruned.max_model_len == 1024 + 1024 * 16 // 4 + 512  # every CLS, a quarter of the patches, text
+    assert config({"max_frames": 1024}, video_pruning_rate=0.75, video_pruning_method="vidcom2").max_model_len == \
+        VideoPruning("vidcom2", 0.75).kept_tokens(1024, 17) + 512
+    hf_config = config({"frames": 64, "max_frames": 128}).hf_config
+    assert Adapter.max_video_tokens(hf_config, VideoPruning("evs", 0.9)) == 64 * 17  # 128 pruned: 332 tokens
+    assert Adapter.max_video_tokens(hf_config) == 128 * 17

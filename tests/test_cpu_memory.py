@@ -32,3 +32,17 @@ def test_weight_bytes_counts_a_local_checkpoints_weight_files(tmp_path):
     (tmp_path / "config.json").write_text("{}")
     assert weight_bytes(str(tmp_path)) == 1024
     assert weight_bytes("LanguageBind/Video-LLaVA-7B-hf") == 0
+
+
+def test_a_long_max_model_len_reserves_two_full_length_sequences_and_the_rest_at_typical_length():
+    """--max-frames 1024 on the needle model (17,920 tokens, 3 KiB a token) with the server's 128
+    sequences: 2 x 17,920 + 126 x 648 tokens (an 8-frame request), not 128 x 17,920."""
+    per_token = 3 * 1024
+    size = cpu_kv_cache_bytes(17920 * per_token, 128, available=16384 * MiB, weights=0,
+                              typical_per_sequence=648 * per_token)
+    assert size == (2 * 17920 + 126 * 648) * per_token  # 344 MiB where every sequence at full length took 6.6 GiB
+    assert cpu_kv_cache_bytes(17920 * per_token, 128, 16384 * MiB, 0) == 128 * 17920 * per_token  # the old rule
+    assert cpu_kv_cache_bytes(100_000 * per_token, 1, 16384 * MiB, 0, typical_per_sequence=648 * per_token) == \
+        100_000 * per_token  # one sequence: one full length
+    # a typical length past max_model_len counts as max_model_len
+    assert cpu_kv_cache_bytes(MiB, 64, 16384 * MiB, 0, typical_per_sequence=2 * MiB) == 64 * MiB

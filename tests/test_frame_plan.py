@@ -92,3 +92,25 @@ def test_malformed_fragments_are_refused_naming_the_fragment(url, message):
 def test_loader_kwargs_carry_only_what_was_asked():
     assert request({"frames": 16}).loader_kwargs() == {"num_frames": 16}
     assert request({"fps": 1, "start": 5}, limit=256).loader_kwargs() == {"num_frames": 256, "fps": 1.0, "start": 5.0}
+
+
+def test_a_request_caps_its_own_rate_with_max_frames():
+    assert request({"fps": 1, "max_frames": 256}, limit=1024).plan(3600.0) == FramePlan(256, 0.0, 3600.0)
+    assert request({"fps": 1, "max_frames": 256}, limit=1024).loader_kwargs() == {"num_frames": 256, "fps": 1.0}
+    assert request({"fps": 1, "max_frames": 900}, limit=1024).plan(600.0).count == 600  # under the cap
+    assert request({"max_frames": 4}).plan(60.0).count == 4  # the default count (8) capped
+    assert request({"frames": 16, "max_frames": 16}).plan(60.0).count == 16
+    assert request(default_fps=1.0, limit=1024).cap == 1024 and request({"max_frames": 64}, default_fps=1.0,
+                                                                        limit=1024).plan(3600.0).count == 64
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"fps": 1, "max_frames": 2048}, r"mm_processor_kwargs.max_frames=2048: expected an integer from 1 to 1024, "
+                                     r"the server's --max-frames"),
+    ({"max_frames": 0}, r"mm_processor_kwargs.max_frames=0: expected an integer from 1 to 1024"),
+    ({"max_frames": "64"}, r"mm_processor_kwargs.max_frames='64'"),
+    ({"frames": 300, "max_frames": 256}, r"mm_processor_kwargs.frames=300 is above mm_processor_kwargs.max_frames=256"),
+])
+def test_a_request_cap_above_the_server_is_refused_naming_the_field(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        request(kwargs, limit=1024)

@@ -67,6 +67,62 @@ def test_the_kept_count_follows_vllm_s_formulas():
     assert VideoPruning("evs", 0.0).kept_tokens(32, 257) == 32 * 257
 
 
+def _frame_encoder(hidden: int = 24, tokens: int = TOKENS_PER_FRAME):
+    """A fixed per-frame encoder: clips (K, N, 3, H, W) -> (K, N, tokens, hidden), a random linear map."""
+    weight = torch.randn(3 * 8 * 8, tokens * hidden, generator=torch.Generator().manual_seed(7))
+
+    def encode(clips):
+        return (clips.flatten(2) @ weight).unflatten(-1, (tokens, hidden))
+
+    return encode
+
+
+def _still_and_moving_frames(frames: int) -> torch.Tensor:
+    """(frames, 3, 8, 8): random frames with runs of exact repeats (EVS scores 0 there: ties)."""
+    pixels = torch.randn(frames, 3, 8, 8, generator=torch.Generator().manual_seed(frames))
+    pixels[10:30] = pixels[10]
+    pixels[frames - 9:] = pixels[frames - 9]
+    return pixels
+
+
+@pytest.mark.parametrize("method, rate", [("evs", 0.75), ("evs", 0.9375), ("vidcom2", 0.75)])
+@pytest.mark.parametrize("grouping", ["interleaved", "consecutive"])
+@pytest.mark.parametrize("chunk_frames", [8, 64])
+@pytest.mark.parametrize("cls_token", [True, False], ids=["cls", "no-cls"])
+def test_pruning_as_each_chunk_is_encoded_equals_pruning_all_at_once_bit_for_bit(method, rate, grouping,
+                                                                                 chunk_frames, cls_token):
+    """256 frames in INTP's 8-frame clips, encoded one clip or 64 frames at a time: the kept
+    tokens equal the whole video's pruned at once (EVS's neighbours sit in other chunks when the
+    clips interleave; repeated frames make ties, broken as vLLM's stable sort does)."""
+    from intp_vllm.core.grouped_encoding import encode_in_groups, encoded_chunks
+
+    frames, pixels, encoder = 256, _still_and_moving_frames(256), _frame_encoder()
+    pruning = VideoPruning(method, rate)
+    whole = encode_in_groups(pixels, encoder, 8, grouping)
+    expected = whole[pruning.retention_mask(whole, frames, cls_token)]
+    got = pruning.prune_chunks(encoded_chunks(pixels, encoder, 8, grouping, chunk_frames), frames, cls_token)
+    assert got.shape == (pruning.kept_tokens(frames, TOKENS_PER_FRAME, cls_token), 24)
+    assert torch.equal(got, expected)
+
+
+def test_pruning_each_chunk_on_its_own_is_not_the_same():
+    """Negative control for the test above: EVS applied to each 64-frame chunk of interleaved clips
+    separately (neighbours in time taken from the chunk, each chunk keeping its share) keeps other tokens."""
+    from intp_vllm.core.grouped_encoding import encode_in_groups, encoded_chunks
+
+    frames, pixels, encoder = 256, _still_and_moving_frames(256), _frame_encoder()
+    pruning = VideoPruning("evs", 0.75)
+    whole = encode_in_groups(pixels, encoder, 8, "interleaved")
+    expected = whole[pruning.retention_mask(whole, frames)]
+    parts = []
+    for index, tokens in encoded_chunks(pixels, encoder, 8, "interleaved", 64):
+        order = torch.argsort(index)
+        flat = tokens[order].flatten(0, 1)
+        parts.append((index[order], flat[pruning.retention_mask(flat, len(index))].view(-1, 24)))
+    assert sum(len(p) for _, p in parts) == len(expected)
+    assert not torch.equal(torch.cat([p for _, p in parts]), expected)
+
+
 @pytest.mark.parametrize("method, rate, message", [
     ("fastv", 0.5, "pruning_method 'fastv' is not one of evs, vidcom2"),
     ("evs", 1.0, r"pruning_rate 1.0: expected a number in \[0, 1\)"),

@@ -164,6 +164,10 @@ def too_many_processed_frames(media, clip):
     return f"file://{clip}", {"mm_processor_kwargs": {"frames": MAX_FRAMES + 1}}
 
 
+def rate_cap_over_max(media, clip):
+    return f"file://{clip}", {"mm_processor_kwargs": {"fps": 1, "max_frames": MAX_FRAMES + 1}}
+
+
 def scale_code_from_the_request(media, clip):
     """The RoPE scale code is the processor's to decide."""
     return f"file://{clip}", {"mm_processor_kwargs": {"rope_scale_code": 0}}
@@ -244,11 +248,13 @@ HOSTILE = [
                  r"request's frame count is mm_processor_kwargs.frames", id="num-frames-conflict"),
     pytest.param(too_many_processed_frames, 400, r"frames=17: expected an integer from 1 to 16",
                  id="processor-frames-over-max"),
+    pytest.param(rate_cap_over_max, 400, r"mm_processor_kwargs.max_frames=17: expected an integer from 1 to 16, the "
+                 r"server's --max-frames", id="request-max-frames-over-max"),
     pytest.param(scale_code_from_the_request, 400, r"mm_processor_kwargs.rope_scale_code is set by the server",
                  id="scale-code-from-request"),
     pytest.param(unsupported_loader_option, 400, r"\['max_duration'\] are not supported", id="loader-option"),
     pytest.param(rate_as_loader_option, 400, r"media_io_kwargs.video \['fps'\]: a request's rate and time range are "
-                 r"mm_processor_kwargs \['fps', 'start', 'end'\]", id="rate-as-loader-option"),
+                 r"mm_processor_kwargs \['fps', 'start', 'end', 'max_frames'\]", id="rate-as-loader-option"),
     pytest.param(outside_allowed_dir, 400, "must be a subpath of `--allowed-local-media-path", id="outside"),
     pytest.param(dot_dot_out_of_allowed_dir, 400, "must be a subpath of `--allowed-local-media-path", id="dot-dot"),
     pytest.param(symlink_out_of_allowed_dir, 400, "must be a subpath of `--allowed-local-media-path", id="symlink"),
@@ -735,7 +741,8 @@ def peak_rss():  # VmHWM: this process's own peak (ru_maxrss would include the p
     return int(status.split("VmHWM:")[1].split()[0]) * 1024
 
 path, max_frames, max_pixels, whole = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4] == "whole"
-preprocess = ClipPreprocessConfig() if sys.argv[5] == "preprocess" else None
+crop = int(sys.argv[5])  # 0: full frames
+preprocess = ClipPreprocessConfig(shortest_edge=crop, crop_size=crop) if crop else None
 data = open(path, "rb").read()
 limits = VideoLimits(max_frames=max_frames, max_frame_pixels=max_pixels)
 sample_video(data, 1, limits, preprocess=preprocess)  # load the codec before measuring
@@ -750,10 +757,11 @@ print(peak_rss() - before)
 """
 
 
-def peak_rss_growth(path: Path, limits: VideoLimits, whole: bool = False, preprocess: bool = False) -> int:
-    """Bytes the peak RSS of a fresh process grows by while decoding `path` (Linux)."""
+def peak_rss_growth(path: Path, limits: VideoLimits, whole: bool = False, crop: int = 0) -> int:
+    """Bytes the peak RSS of a fresh process grows by while decoding `path` (Linux), each frame
+    cropped to `crop` px as it is decoded (0: full frames)."""
     args = [sys.executable, "-c", PEAK_RSS_SCRIPT, str(path), str(limits.max_frames), str(limits.max_frame_pixels),
-            "whole" if whole else "sampled", "preprocess" if preprocess else "full"]
+            "whole" if whole else "sampled", str(crop)]
     return int(subprocess.run(args, capture_output=True, text=True, check=True).stdout.split()[-1])
 
 
@@ -766,6 +774,18 @@ def test_long_video_decoding_holds_only_the_sampled_frames(long_video):
     assert whole > 100 << 20 and whole > 4 * (limits.decoded_bytes_bound + decoder_overhead), whole
 
 
+def test_1024_frames_decoded_with_preprocessing_hold_only_the_crops(long_video):
+    """A large frame count as the server decodes it: 1024 of 3000 frames, each cropped as it is
+    decoded, cost the crops and a constant (a 56-px crop: 9.6 MB), not 1024 frames; the same at a
+    224-px crop (154 MB of crops) shows the measurement sees every kept crop."""
+    limits = VideoLimits(max_frames=1024, max_frame_pixels=160 * 120)
+    frame, decoder = 160 * 120 * 3, 48 << 20
+    small = peak_rss_growth(long_video, limits, crop=56)
+    assert small < 1024 * 56 * 56 * 3 + 4 * frame + decoder, small
+    large = peak_rss_growth(long_video, limits, crop=224)
+    assert large > 1024 * 224 * 224 * 3 > small + (64 << 20), (large, small)
+
+
 def test_hd_video_decoded_with_preprocessing_holds_only_the_crops(tmp_path):
     """64 frames of 1080p H.264 as the server decodes them: 64 crops of 224x224 and one frame
     in flight, not 64 full frames (380 MiB)."""
@@ -773,7 +793,7 @@ def test_hd_video_decoded_with_preprocessing_holds_only_the_crops(tmp_path):
     path = write_video(tmp_path / "hd.mp4", frames, fps=30, gop=30, b_frames=2, options={"preset": "ultrafast"})
     limits = VideoLimits(max_frames=64)
     crops, frame, decoder = 64 * 224 * 224 * 3, 1920 * 1080 * 3, 48 << 20
-    growth = peak_rss_growth(path, limits, preprocess=True)
+    growth = peak_rss_growth(path, limits, crop=224)
     assert growth < crops + 4 * frame + decoder < limits.decoded_bytes_bound / 3, growth
 
 

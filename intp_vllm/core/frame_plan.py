@@ -3,9 +3,10 @@
 A request names at most one of
 - `frames`: n frames, or
 - `fps`: frames a second of video (span x fps, rounded, at least 1),
-capped by `limit` (intp.max_frames), and optionally a time range `start`/`end` in seconds from the
-video's first frame (or a W3C media fragment on its URL, `#t=600,1200`, `#t=10:00,20:00`,
-`#t=,1200`, `#t=600`: `parse_time_fragment`). The frames are then spread evenly in time over
+capped by the request's own `max_frames` (at most `limit`, intp.max_frames; `limit` when it names
+none), and optionally a time range `start`/`end` in seconds from the video's first frame (or a
+W3C media fragment on its URL, `#t=600,1200`, `#t=10:00,20:00`, `#t=,1200`, `#t=600`:
+`parse_time_fragment`). The frames are then spread evenly in time over
 the span, first and last frame of the span included (video/io.py decodes exactly those, and
 nothing after the span; before it, only from the keyframe that the span's first frame needs).
 The encoder-window rule (pad by repeating the last frame, rearrange.py) applies afterwards.
@@ -25,8 +26,8 @@ import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-FRAMES_KEY, FPS_KEY, START_KEY, END_KEY = "frames", "fps", "start", "end"
-FRAME_KEYS = (FRAMES_KEY, FPS_KEY, START_KEY, END_KEY)
+FRAMES_KEY, FPS_KEY, START_KEY, END_KEY, MAX_FRAMES_KEY = "frames", "fps", "start", "end", "max_frames"
+FRAME_KEYS = (FRAMES_KEY, FPS_KEY, START_KEY, END_KEY, MAX_FRAMES_KEY)
 """The request fields (mm_processor_kwargs, batch job keys, media_io_kwargs.video) this module reads."""
 TIME_FORMAT = "seconds (e.g. 600 or 600.5) or [hh:]mm:ss[.frac] (e.g. 10:00 or 0:10:00)"
 _CLOCK = re.compile(r"^(?:(\d+):)?(\d{1,2}):(\d{1,2}(?:\.\d+)?)$")
@@ -103,7 +104,7 @@ class FrameRequest:
 
     `frames`: a count 1..limit, or None when sampling by `fps` (frames a second, > 0).
     `start`/`end`: seconds from the video's first frame (None: its beginning / end).
-    `limit`: the most frames (intp.max_frames).
+    `limit`: the most frames: the request's `max_frames`, else intp.max_frames.
     """
 
     frames: int | None = None
@@ -117,11 +118,21 @@ class FrameRequest:
                     default_fps: float | None = None, prefix: str = "mm_processor_kwargs.") -> "FrameRequest":
         """A request's `frames`/`fps`/`start`/`end` (those it leaves out: `default_frames`, or
         `default_fps` when the server samples by rate; a request's `frames` wins over the
-        server's rate). Raises ValueError naming `prefix` + the field and what is allowed:
-        `frames` outside 1..limit, `fps` not a number > 0, both `frames` and `fps`, a time that is
-        not one (`TIME_FORMAT`), an `end` not after `start`."""
+        server's rate). A request's `max_frames` (1..limit) caps its count: the frames a rate gives,
+        and the default count. Raises ValueError naming `prefix` + the field and what is allowed:
+        `frames` or `max_frames` outside 1..limit, `frames` above `max_frames`, `fps` not a number
+        > 0, both `frames` and `fps`, a time that is not one (`TIME_FORMAT`), an `end` not after `start`."""
         kwargs = kwargs or {}
         frames, fps = kwargs.get(FRAMES_KEY), kwargs.get(FPS_KEY)
+        cap = kwargs.get(MAX_FRAMES_KEY)
+        if cap is not None:
+            if isinstance(cap, bool) or not isinstance(cap, int) or not 1 <= cap <= limit:
+                raise ValueError(f"{prefix}{MAX_FRAMES_KEY}={cap!r}: expected an integer from 1 to {limit}, the "
+                                 "server's --max-frames (intp.max_frames)")
+            if frames is not None and not isinstance(frames, bool) and isinstance(frames, int) and frames > cap:
+                raise ValueError(f"{prefix}{FRAMES_KEY}={frames!r} is above {prefix}{MAX_FRAMES_KEY}={cap!r}: "
+                                 f"ask for at most {cap} frames, or raise {MAX_FRAMES_KEY}")
+            limit, default_frames = cap, min(default_frames, cap)
         if frames is not None and fps is not None:
             raise ValueError(f"{prefix}{FRAMES_KEY}={frames!r} and {prefix}{FPS_KEY}={fps!r} conflict: a video is "
                              f"sampled by count or by rate; send one of them")
@@ -132,7 +143,7 @@ class FrameRequest:
         if fps is not None:
             if isinstance(fps, bool) or not isinstance(fps, (int, float)) or not math.isfinite(fps) or fps <= 0:
                 raise ValueError(f"{prefix}{FPS_KEY}={fps!r}: expected frames a second of video, a number > 0 "
-                                 f"(the count is then capped at {limit}, intp.max_frames)")
+                                 f"(the count is then capped at {limit}: max_frames)")
             fps = float(fps)
         if frames is None and fps is None:
             frames, fps = (None, default_fps) if default_fps else (default_frames, None)

@@ -5,9 +5,17 @@ to start when less than that is free (`v1/worker/cpu_worker.py`), which is the n
 of a machine in use. When neither `kv_cache_memory_bytes` nor `gpu_memory_utilization` was
 set, the plugin's config hook sets `kv_cache_memory_bytes` instead (`size_cpu_kv_cache`):
 
-    needed = max_num_seqs x max_model_len x KV bytes per token
+    needed = (FULL_LENGTH_SEQUENCES x max_model_len
+              + (max_num_seqs - FULL_LENGTH_SEQUENCES) x typical length) x KV bytes per token
     size   = max(one full-length sequence, KV_CACHE_FLOOR_BYTES, min(needed, cap))
     cap    = AVAILABLE_SHARE x (available memory - the checkpoint's weight files) / replicas
+
+The typical length is a request at the default frame count (intp.frames, at the server's pruning)
+plus its text (TEXT_MARGIN_TOKENS), at most max_model_len: with --max-frames 1024 max_model_len is
+17,920 tokens on a 17-token-a-frame model, and `max_num_seqs` (128 on the server) full-length
+sequences would reserve 128 x 17,920 tokens for requests that mostly carry 8 frames. So a long
+max_model_len costs two full-length requests at once (more wait, as vLLM's scheduler makes
+requests wait whenever its KV cache is full), never `max_num_seqs` of them.
 
 where replicas is `CPU_REPLICAS_ENV` (engines started together on this machine, set by
 `intp-vllm batch` and `intp-vllm serve --ray` for their Ray replicas; default 1). A size
@@ -26,6 +34,8 @@ from intp_vllm.core.config import kv_bytes_per_token as config_kv_bytes_per_toke
 logger = logging.getLogger("vllm.intp_vllm")  # under "vllm": its handler and level apply
 
 KV_CACHE_FLOOR_BYTES = 64 << 20
+FULL_LENGTH_SEQUENCES = 2
+"""Sequences of max_model_len tokens the default KV cache holds at once; the rest at typical length."""
 AVAILABLE_SHARE = 0.5
 """Share of the memory left after the weights that the KV cache may take by default."""
 CPU_REPLICAS_ENV = "INTP_VLLM_CPU_REPLICAS"
@@ -63,10 +73,14 @@ def weight_bytes(model: str) -> int:
 
 
 def cpu_kv_cache_bytes(needed_per_sequence: int, max_num_seqs: int, available: int, weights: int,
-                       replicas: int = 1) -> int:
-    """The KV cache size for the formula in this module's docstring (bytes)."""
+                       replicas: int = 1, typical_per_sequence: int | None = None) -> int:
+    """The KV cache size for the formula in this module's docstring (bytes): `needed_per_sequence`
+    bytes for each of FULL_LENGTH_SEQUENCES sequences and `typical_per_sequence` for each other
+    one of `max_num_seqs` (None: every sequence at full length)."""
     cap = int(AVAILABLE_SHARE * max(available - weights, 0) / replicas)
-    return max(needed_per_sequence, KV_CACHE_FLOOR_BYTES, min(needed_per_sequence * max_num_seqs, cap))
+    full = max_num_seqs if typical_per_sequence is None else min(max_num_seqs, FULL_LENGTH_SEQUENCES)
+    needed = full * needed_per_sequence + (max_num_seqs - full) * min(typical_per_sequence or 0, needed_per_sequence)
+    return max(needed_per_sequence, KV_CACHE_FLOOR_BYTES, min(needed, cap))
 
 
 def memory_setting_given(cache_config) -> bool:
@@ -76,9 +90,10 @@ def memory_setting_given(cache_config) -> bool:
             or cache_config.gpu_memory_utilization not in VLLM_MEMORY_UTILIZATION_DEFAULTS)
 
 
-def size_cpu_kv_cache(vllm_config) -> None:
+def size_cpu_kv_cache(vllm_config, typical_tokens: int) -> None:
     """On the CPU backend with no memory setting given, set `cache_config.kv_cache_memory_bytes`
-    from what the configuration needs (module docstring) and log the choice."""
+    from what the configuration needs (module docstring; `typical_tokens`: a request at the
+    default frame count) and log the choice."""
     from intp_vllm.vllm_ext.internals import current_platform
 
     cache = vllm_config.cache_config
@@ -87,16 +102,18 @@ def size_cpu_kv_cache(vllm_config) -> None:
     from intp_vllm.vllm_ext.internals import get_memory_node_info
 
     model_config = vllm_config.model_config
-    per_sequence = model_config.max_model_len * kv_bytes_per_token(model_config)
+    per_token = kv_bytes_per_token(model_config)
+    typical_tokens = min(typical_tokens, model_config.max_model_len)
     max_num_seqs = vllm_config.scheduler_config.max_num_seqs
     available = get_memory_node_info(0).available_memory
     weights = weight_bytes(model_config.model)
     replicas = max(1, int(os.environ.get(CPU_REPLICAS_ENV, "1")))
-    size = cpu_kv_cache_bytes(per_sequence, max_num_seqs, available, weights, replicas)
+    size = cpu_kv_cache_bytes(model_config.max_model_len * per_token, max_num_seqs, available, weights, replicas,
+                              typical_tokens * per_token)
     cache.kv_cache_memory_bytes = size
-    logger.info("intp_vllm: CPU KV cache %.0f MiB (max_num_seqs %d x max_model_len %d x %d bytes a token = "
-                "%.0f MiB, capped at %.0f%% of the %.0f MiB available after %.0f MiB of weights, over %d "
-                "replica(s)); set --kv-cache-memory-bytes or --gpu-memory-utilization to choose", size / 2**20,
-                max_num_seqs, model_config.max_model_len, per_sequence // model_config.max_model_len,
-                per_sequence * max_num_seqs / 2**20, 100 * AVAILABLE_SHARE, available / 2**20, weights / 2**20,
-                replicas)
+    full = min(max_num_seqs, FULL_LENGTH_SEQUENCES)
+    logger.info("intp_vllm: CPU KV cache %.0f MiB (%d sequences of max_model_len %d + %d of %d tokens, the "
+                "default request, x %d bytes a token, capped at %.0f%% of the %.0f MiB available after %.0f MiB "
+                "of weights, over %d replica(s)); set --kv-cache-memory-bytes or --gpu-memory-utilization to choose",
+                size / 2**20, full, model_config.max_model_len, max_num_seqs - full, typical_tokens, per_token,
+                100 * AVAILABLE_SHARE, available / 2**20, weights / 2**20, replicas)

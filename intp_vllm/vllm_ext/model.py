@@ -56,7 +56,7 @@ from intp_vllm.core.rope_scaling import CheckpointRope
 from intp_vllm.vllm_ext.llm_rope import install_scaled_rope
 from intp_vllm.vllm_ext.pruning import PRUNING_METHODS, VideoPruning
 from intp_vllm.video.preprocess import ClipPreprocessConfig, preprocess_frames
-from intp_vllm.core.grouped_encoding import encode_in_groups
+from intp_vllm.core.grouped_encoding import encode_in_groups, encoded_chunks
 from intp_vllm.core.rearrange import pad_frame_indices, padded_frame_count, uniform_frame_indices
 from intp_vllm.core.request_scale import encode_positions, position_offset, request_scale_code, scale_cache_salt
 from intp_vllm.video.io import as_frames
@@ -115,17 +115,33 @@ class IntpProcessingInfo(BaseProcessingInfo):
     def get_num_video_tokens(self, num_frames: int, pruning: VideoPruning | None = None) -> int:
         """Prompt tokens of a video sampled at `num_frames`, padded to whole encoder clips, and
         left by `pruning` (pruning.py; None prunes nothing)."""
-        frames = padded_frame_count(num_frames, self.get_intp_config().encoder_frames)
-        return (pruning or VideoPruning()).kept_tokens(frames, self.get_tokens_per_frame(), self.model_cls.cls_token)
+        return self.model_cls.video_tokens(self.get_hf_config(), num_frames, pruning)
 
     def get_default_pruning(self) -> VideoPruning:
         """The server's pruning: vLLM's --video-pruning-rate / --video-pruning-method."""
-        spec = self.ctx.model_config.multimodal_config.get_video_pruning_spec()
-        return VideoPruning() if spec is None else VideoPruning(*spec)
+        return VideoPruning.of_server(self.ctx.model_config.multimodal_config)
+
+    def get_video_token_budget(self) -> int:
+        """The most tokens one video may take (`IntpVideoModel.max_video_tokens` at the server's pruning)."""
+        return self.model_cls.max_video_tokens(self.get_hf_config(), self.get_default_pruning())
+
+    def check_video_tokens(self, num_frames: int, pruning: VideoPruning) -> None:
+        """Raises ValueError, naming the request's fields, when a video of `num_frames` frames
+        pruned by `pruning` takes more tokens than `get_video_token_budget`."""
+        tokens, budget = self.get_num_video_tokens(num_frames, pruning), self.get_video_token_budget()
+        if tokens > budget:
+            server = self.get_default_pruning()
+            raise ValueError(
+                f"{num_frames} frames at mm_processor_kwargs.{PRUNING_RATE_KWARG}={pruning.rate:g} "
+                f"({pruning.method}) take {tokens} video tokens; this server holds at most {budget} a video "
+                f"(--max-frames {self.get_intp_config().frame_limit} at --video-pruning-rate {server.rate:g}): ask "
+                f"for fewer frames (mm_processor_kwargs.max_frames) or a {PRUNING_RATE_KWARG} of at least "
+                f"{server.rate:g}")
 
     def get_mm_max_tokens_per_item(self, seq_len: int, mm_counts: Mapping[str, int]) -> Mapping[str, int]:
-        """The most tokens one video can take: `get_num_video_tokens(intp.max_frames)`."""
-        return {"video": self.get_num_video_tokens(self.get_intp_config().frame_limit)}
+        """The most tokens one video can take (`get_video_token_budget`): what vLLM sizes its
+        encoder cache and encoder compute budget by (each the larger of this and max_num_batched_tokens)."""
+        return {"video": self.get_video_token_budget()}
 
 
 class IntpDummyInputsBuilder(BaseDummyInputsBuilder[IntpProcessingInfo]):
@@ -242,6 +258,7 @@ class IntpMultiModalProcessor(BaseMultiModalProcessor[IntpProcessingInfo]):
         for i, video in enumerate(hf_data.get("videos", [])):
             frames = as_frames(video, name=f"video {i}")
             chosen = frames[select_frames(len(frames), requested, encoder_frames)]
+            self.info.check_video_tokens(len(chosen), pruning)
             pixel_values.append(torch.from_numpy(preprocess_frames(chosen, preprocess)))
         outputs = {"pixel_values_videos": pixel_values,
                    PRUNING_RATE_KEY: torch.full((len(pixel_values),), pruning.rate, dtype=torch.float64),
@@ -380,10 +397,21 @@ class IntpVideoModel(nn.Module, SupportsMultiModal, SupportsPP, SupportsMRoPE, S
                                          frames=cls.default_frames(hf_config))
 
     @classmethod
-    def max_video_tokens(cls, hf_config) -> int:
-        """Prompt tokens of the largest video a request may send (intp.max_frames, unpruned)."""
+    def video_tokens(cls, hf_config, num_frames: int, pruning: VideoPruning | None = None) -> int:
+        """Prompt tokens of a video of `num_frames` frames, padded to whole encoder clips, and left
+        by `pruning` (pruning.py; None prunes nothing)."""
+        frames = padded_frame_count(num_frames, cls.intp_config(hf_config).encoder_frames)
+        return (pruning or VideoPruning()).kept_tokens(frames, cls.tokens_per_frame(hf_config), cls.cls_token)
+
+    @classmethod
+    def max_video_tokens(cls, hf_config, pruning: VideoPruning | None = None) -> int:
+        """Prompt tokens one video may take, where `pruning` is the server's (None: none): the
+        larger of intp.max_frames frames so pruned and intp.frames frames unpruned (so a
+        request at the default count may turn pruning off). `max_model_len` (plugin.py) and
+        vLLM's encoder cache follow it: at --max-frames 1024 and --video-pruning-rate 0.75 a
+        video holds a quarter of the tokens, and so does the KV a full-length request reserves."""
         intp = cls.intp_config(hf_config)
-        return padded_frame_count(intp.frame_limit, intp.encoder_frames) * cls.tokens_per_frame(hf_config)
+        return max(cls.video_tokens(hf_config, intp.frame_limit, pruning), cls.video_tokens(hf_config, intp.frames))
 
     def build_video_encoder(self, vllm_config: VllmConfig, prefix: str) -> None:
         """Create the tower, pooling and projector modules (named as the mapped weights)."""
@@ -452,20 +480,19 @@ class IntpVideoModel(nn.Module, SupportsMultiModal, SupportsPP, SupportsMRoPE, S
 
     def embed_multimodal(self, **kwargs: object) -> MultiModalEmbeddings:
         """One (kept tokens, text_hidden) tensor per video of the batch, in the order of
-        `pixel_values_videos`, tokens in frame-time order (INTP's groups put back), then pruned
-        by the video's pruning (pruning.py; all F * tokens_per_frame kept at rate 0); [] when the
-        batch holds no video. F is each video's padded frame count."""
+        `pixel_values_videos`, tokens in frame-time order (INTP's groups put back), pruned by the
+        video's pruning as each encoder chunk is ready (pruning.py `prune_chunks`; all
+        F * tokens_per_frame kept at rate 0); [] when the batch holds no video. F is each video's
+        padded frame count."""
         videos = kwargs.get("pixel_values_videos")
         if videos is None:
             return []
         rates, methods = kwargs[PRUNING_RATE_KEY], kwargs[PRUNING_METHOD_KEY]
         embeddings = []
         for video, rate, method in zip(videos, rates, methods):
-            tokens = self.embed_video(video)
-            pruning = VideoPruning.from_code(method, rate)
-            if pruning.rate:
-                tokens = tokens[pruning.retention_mask(tokens, video.shape[0], self.cls_token)]
-            embeddings.append(tokens)
+            chunks = encoded_chunks(video, self.encode_clips, self.intp.encoder_frames, self.intp.grouping)
+            embeddings.append(VideoPruning.from_code(method, rate).prune_chunks(chunks, video.shape[0],
+                                                                                self.cls_token))
         return embeddings
 
     def forward(

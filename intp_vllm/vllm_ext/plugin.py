@@ -43,16 +43,22 @@ class IntpConfigHook:
     @staticmethod
     def verify_and_update_config(vllm_config) -> None:
         """Refuse options that would misread per-request scale codes; size the CPU KV cache."""
+        from intp_vllm.core.config import TEXT_MARGIN_TOKENS
         from intp_vllm.vllm_ext.cpu_memory import size_cpu_kv_cache
+        from intp_vllm.vllm_ext.pruning import VideoPruning
 
         model_config = vllm_config.model_config
-        if model_class(model_config.architecture).intp_config(model_config.hf_config).factor == "auto":
+        adapter = model_class(model_config.architecture)
+        intp = adapter.intp_config(model_config.hf_config)
+        if intp.factor == "auto":
             if vllm_config.speculative_config is not None:
                 raise ValueError(
                     "--speculative-config cannot be used with intp factor 'auto': each request's RoPE scale "
                     "rides in its positions (request_scale.py), which vLLM's drafters read as KV-cache slots; "
                     "set a fixed --factor (e.g. --factor 4) or drop --speculative-config")
-        size_cpu_kv_cache(vllm_config)
+        pruning = VideoPruning.of_server(model_config.multimodal_config)
+        size_cpu_kv_cache(vllm_config, adapter.video_tokens(model_config.hf_config, intp.frames, pruning)
+                          + TEXT_MARGIN_TOKENS)
 
     @staticmethod
     def verify_and_update_model_config(model_config) -> None:
@@ -64,12 +70,13 @@ class IntpConfigHook:
         outside `intp`."""
         from intp_vllm.core.config import TEXT_MARGIN_TOKENS
         from intp_vllm.vllm_ext.internals import MROPE_SECTION_KEY, check_reliances
+        from intp_vllm.vllm_ext.pruning import VideoPruning
 
         check_reliances(cli=False)
         hf_config = model_config.hf_config
         adapter = model_class(model_config.architecture)
         intp = adapter.intp_config(hf_config)
-        most_video_tokens = adapter.max_video_tokens(hf_config)
+        most_video_tokens = adapter.max_video_tokens(hf_config, VideoPruning.of_server(model_config.multimodal_config))
         needed = most_video_tokens + TEXT_MARGIN_TOKENS
         if model_config.original_max_model_len is None and model_config.max_model_len < needed:
             model_config.max_model_len = needed

@@ -19,7 +19,7 @@ from intp_vllm.video.preprocess import ClipPreprocessConfig
 REQUIRED_KEYS = ("id", "video", "question")
 SAMPLING_KEYS = ("max_tokens", "temperature", "top_p", "seed")
 OPTIONAL_KEYS = (*SAMPLING_KEYS, *FRAME_KEYS)
-"""`frames` or `fps`, `start`/`end`: which frames a job gets, as a server request's
+"""`frames` or `fps`, `start`/`end`, `max_frames`: which frames a job gets, as a server request's
 mm_processor_kwargs (core/frame_plan.py; checked when the job runs, against the run's limits)."""
 FETCHED_SCHEMES = ("http", "https", "data")
 """`video` URLs read into memory: http(s) by `fetch.py` (public hosts, capped), data: by urllib;
