@@ -444,8 +444,11 @@ def test_a_follow_up_question_about_an_unchanged_file_is_not_read_or_decoded_aga
 def cache_lookups(server: str) -> dict[tuple[str, str], float]:
     """(source, result) -> the decoded-video cache's lookups so far, from the server's /metrics."""
     text = requests.get(f"{server}/metrics", timeout=10).text
-    return {(source, result): float(value) for source, result, value in re.findall(
-        r'^intp_vllm:decoded_video_cache_lookups_total\{source="(\w+)",result="(\w+)"\} (\S+)$', text, re.M)}
+    counts = {}
+    for labels, value in re.findall(r"^intp_vllm:decoded_video_cache_lookups_total\{(.*)\} (\S+)$", text, re.M):
+        label = dict(re.findall(r'(\w+)="(\w*)"', labels))
+        counts[label["source"], label["result"]] = float(value)
+    return counts
 
 
 def test_a_follow_up_question_about_the_same_data_url_video_is_not_decoded_again(server, model, media_dir):
