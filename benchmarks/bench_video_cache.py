@@ -82,7 +82,7 @@ def measure(model_dir: Path, media: Path, base: bytes, cache_bytes: int | None, 
     if cache_bytes is not None:
         args += ["--video-cache-bytes", str(cache_bytes)]
     results = {}
-    with serve(model_dir, args) as base_url:
+    with serve(model_dir, args, startup_timeout_s=1200) as base_url:
         model = served_model(base_url)
         for i, source in enumerate(SOURCES):
             data = base + bytes([round_, i, int(cache_bytes is None)])  # bytes of its own: nothing cached before

@@ -259,8 +259,11 @@ class ContentCachedVideoIO:
         return video
 
     def load_base64(self, media_type: str, data: str):
-        """A data URL's payload (BoundedMediaConnector has checked that it is a base64 `video/*`)."""
-        return self.load_bytes(base64.b64decode(data, validate=True))
+        """A data URL's payload (BoundedMediaConnector has checked that it is a base64 `video/*`),
+        decoded as vLLM's VideoMediaIO decodes it."""
+        import pybase64
+
+        return self.load_bytes(pybase64.b64decode(data, validate=True))
 
 
 _video_cache: DecodedVideoCache | None = None
