@@ -75,16 +75,16 @@ def http_server(directory: Path) -> tuple[ThreadingHTTPServer, str]:
 
 
 def measure(model_dir: Path, media: Path, base: bytes, cache_bytes: int | None, frames: int, round_: int,
-            http_url: str) -> dict:
+            http_url: str, sources: list[str], fetch_timeout_s: float) -> dict:
     """TTFT of turn one, two and two again for each source, on a fresh server."""
     args = [*tiny_server_args(media, clients=1), "--max-frames", str(frames), "--frames", str(frames),
-            "--allowed-media-networks", "127.0.0.2/32"]
+            "--allowed-media-networks", "127.0.0.2/32", "--video-fetch-timeout", str(fetch_timeout_s)]
     if cache_bytes is not None:
         args += ["--video-cache-bytes", str(cache_bytes)]
     results = {}
     with serve(model_dir, args, startup_timeout_s=1200) as base_url:
         model = served_model(base_url)
-        for i, source in enumerate(SOURCES):
+        for i, source in enumerate(sources):
             data = base + bytes([round_, i, int(cache_bytes is None)])  # bytes of its own: nothing cached before
             path = media / f"{source}-{round_}-{cache_bytes}.mp4"
             path.write_bytes(data)
@@ -105,6 +105,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--frames", type=int, default=128)
     parser.add_argument("--seconds", type=int, default=8, help="length of the 1080p video")
     parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--sources", default=",".join(SOURCES), help="how the video is sent: file,data,http")
+    parser.add_argument("--caches", default="0,default", help="--video-cache-bytes settings: 0 and/or default")
+    parser.add_argument("--fetch-timeout", type=float, default=600.0,
+                        help="the servers' --video-fetch-timeout (a loaded machine decodes 1080p slowly)")
     parser.add_argument("--json", type=Path, default=DEFAULT_OUT)
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
@@ -116,8 +120,10 @@ def main(argv: list[str] | None = None) -> None:
         base = clip.read_bytes()
         httpd, http_url = http_server(media)
         try:
-            rounds = [{str(cache): measure(model_dir, media, base, cache, args.frames, r, http_url)
-                       for cache in (0, None)} for r in range(args.rounds)]
+            caches = [None if cache == "default" else int(cache) for cache in args.caches.split(",")]
+            rounds = [{str(cache): measure(model_dir, media, base, cache, args.frames, r, http_url,
+                                           args.sources.split(","), args.fetch_timeout)
+                       for cache in caches} for r in range(args.rounds)]
         finally:
             httpd.shutdown()
     result = {"machine": machine_name(), "load_average": os.getloadavg(), "frames": args.frames,

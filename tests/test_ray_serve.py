@@ -48,6 +48,8 @@ ENGINE_FLAGS = ["--dtype", "float32", "--enforce-eager", "--seed", "0", "--max-n
 """No memory flag: each replica sizes its KV cache for the replicas sharing this machine."""
 QUESTIONS = ("What is happening in this video?", "What colour is the square?")
 REPLICA_RESTART_TIMEOUT_S = 300
+STARTUP_TIMEOUT_S = 600
+"""Servers' startup (2 replicas on 2 shared cores can take 6 min)."""
 EXIT_TIMEOUT_S = 15
 """SIGTERM to exit of `serve --ray`, after a failover (issue 26)."""
 ENGINE_PROCESSES = ("VLLM::EngineCore", "VLLM::Worker")
@@ -260,7 +262,7 @@ def server_args(clips: list[Path]) -> list[str]:
 
 @pytest.fixture(scope="module")
 def single_server_answers(tiny_model_dir, clips):
-    with serve(tiny_model_dir, server_args(clips)) as base_url:
+    with serve(tiny_model_dir, server_args(clips), STARTUP_TIMEOUT_S) as base_url:
         model = served_model(base_url)
         answers = [post(base_url, body, f"single-{i}") for i, body in enumerate(bodies(model, clips))]
     assert all(status == 200 for status, _ in answers), answers
@@ -292,7 +294,7 @@ def ray_server(tiny_model_dir, clips, cluster, single_server_answers):
     address, logs = cluster
     command = [sys.executable, "-m", "intp_vllm.apps.cli", "serve", str(tiny_model_dir), "--ray", "--ray-address",
                address, "--replicas", "2", "--enable-log-requests", *server_args(clips)]
-    with launch(command, ready_line=READY_MESSAGE) as (base_url, log):
+    with launch(command, STARTUP_TIMEOUT_S, ready_line=READY_MESSAGE) as (base_url, log):
         yield base_url, logs, log
 
 
