@@ -16,6 +16,7 @@ COMMON = [
     "tqdm",
     "matplotlib",
     "psutil",
+    "pybase64",  # data: videos decoded as vLLM decodes them (a vLLM dependency already)
 ]
 
 setup(

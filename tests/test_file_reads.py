@@ -244,3 +244,37 @@ def test_the_decoded_video_cache_keeps_the_most_recent_videos_within_its_bytes()
     cache.put("d", served)
     served.media[0][:] = 7  # the request that decoded it changes its frames: the cache keeps its own
     assert cache.get("d").media[0].max() == 4
+    assert cache.lookups == {("file", "hit"): 5, ("file", "miss"): 2}
+
+
+def test_data_and_http_videos_are_kept_by_a_hash_of_their_bytes_and_the_sampling(tmp_path):
+    """`ContentCachedVideoIO` (vLLM's VideoMediaIO with our loader, as the connector builds it):
+    the same bytes with the same sampling are decoded once; other bytes or other frames miss."""
+    import base64
+
+    import numpy as np
+    from intp_vllm.research.synthetic import moving_shapes_video
+    from intp_vllm.video.io import write_video
+    from intp_vllm.vllm_ext.internals import ImageMediaIO, VideoMediaIO
+    from intp_vllm.vllm_ext.media import MEDIA_HOOK_NAME, ContentCachedVideoIO, DecodedVideoCache
+    from intp_vllm.vllm_ext.plugin import register
+
+    register()  # our loader, as in every vLLM process
+    one, two = (write_video(tmp_path / f"v{seed}.mp4", moving_shapes_video(num_frames=16, height=48, width=64,
+                                                                          seed=seed)).read_bytes() for seed in (1, 2))
+    cache = DecodedVideoCache(64 << 20)
+
+    def io(frames: int, source: str) -> ContentCachedVideoIO:
+        video = {"num_frames": frames, "video_backend": MEDIA_HOOK_NAME, "frame_size": 32}
+        return ContentCachedVideoIO(VideoMediaIO(ImageMediaIO(image_mode="RGB"), **video), cache,
+                                    ({"image_mode": "RGB"}, video), source)
+
+    first = io(8, "data").load_base64("video/mp4", base64.b64encode(one).decode())
+    again = io(8, "http").load_bytes(one)  # the same bytes from an http URL: one video
+    assert cache.lookups == {("data", "miss"): 1, ("http", "hit"): 1}
+    assert np.array_equal(again.media[0], first.media[0]) and again.original_bytes == one
+    assert again.media[1]["frames_indices"] == first.media[1]["frames_indices"]
+    other = io(8, "http").load_bytes(two)
+    more = io(4, "data").load_bytes(one)
+    assert cache.lookups == {("data", "miss"): 2, ("http", "hit"): 1, ("http", "miss"): 1}
+    assert not np.array_equal(other.media[0], first.media[0]) and len(more.media[0]) == 4 and len(cache) == 3

@@ -3,8 +3,10 @@
 Without a cluster: the flags, the refused vLLM flags, and the Serve config (CPU and GPU
 replicas) as Ray Serve LLM's own `LLMConfig` reads it. On a local Ray cluster started with
 `ray start` (its logs in a directory of ours): 2 CPU replicas of the tiny checkpoint behind
-Serve's router, compared with a plain `intp-vllm serve`; one replica SIGKILLed mid-load; and
-`intp-vllm batch --ray-address` on the same cluster while the endpoint answers.
+Serve's router, compared with a plain `intp-vllm serve`; one replica SIGKILLed mid-load (its
+engine processes end with it); `intp-vllm batch --ray-address` on the same cluster while the
+endpoint answers; then SIGTERM to the endpoint after that failover: a prompt exit 0 that
+leaves none of its replicas or engines.
 
 Which replica served a request is read from the replicas' own logs: vLLM's "Received request
 chatcmpl-<X-Request-Id>" line (--enable-log-requests) in the Ray worker log of the replica's
@@ -34,9 +36,11 @@ import requests
 import yaml
 
 from intp_vllm.apps.cli import main as cli_main
-from intp_vllm.apps.ray_serve import APP_NAME, READY_MESSAGE, Scale, final_exception, ray_llm_config, replica_cpus
+from intp_vllm.apps.ray_serve import (APP_NAME, READY_MESSAGE, REPLICA_CLASS, Scale, final_exception, ray_llm_config,
+                                      replica_cpus)
 from intp_vllm.apps.serve import vllm_serve_args, vllm_serve_parser
 from intp_vllm.vllm_ext.cpu_memory import is_cpu_build
+from intp_vllm.vllm_ext.engine import ORPHAN_GRACE_S
 from intp_vllm.vllm_ext.media import LIMITS_ENV, ServeLimits
 from intp_vllm_benchmarks.load_test import chat_request, free_port, launch, serve, served_model
 
@@ -44,6 +48,13 @@ ENGINE_FLAGS = ["--dtype", "float32", "--enforce-eager", "--seed", "0", "--max-n
 """No memory flag: each replica sizes its KV cache for the replicas sharing this machine."""
 QUESTIONS = ("What is happening in this video?", "What colour is the square?")
 REPLICA_RESTART_TIMEOUT_S = 300
+STARTUP_TIMEOUT_S = 600
+"""Servers' startup (2 replicas on 2 shared cores can take 6 min)."""
+EXIT_TIMEOUT_S = 15
+"""SIGTERM to exit of `serve --ray`, after a failover (issue 26)."""
+ENGINE_PROCESSES = ("VLLM::EngineCore", "VLLM::Worker")
+FAILOVER: dict[str, int] = {}
+"""The failover test's victim: {"victim": pid}, once it has run (the SIGTERM test comes after it)."""
 MAX_VIDEO_BYTES = 1_000_000
 CLIENTS = 4
 
@@ -135,12 +146,14 @@ def test_config_file_carries_intp_limits_and_template_to_every_replica(tiny_mode
     assert env["VLLM_MAX_MEDIA_DOWNLOAD_SIZE_MB"] == "1"
     assert env["VLLM_MEDIA_CONNECTOR"] == "intp_vllm"
     assert (env["OMP_NUM_THREADS"], env["INTP_VLLM_CPU_REPLICAS"]) == ("2", "3")
+    assert llm["server_cls"] == REPLICA_CLASS
     assert llm["deployment_config"] == {"autoscaling_config": {"min_replicas": 0, "max_replicas": 3,
                                                                "initial_replicas": 1},
                                         "max_ongoing_requests": 7}
 
     parsed = LLMConfig(**llm)  # Ray Serve LLM's own validation
     assert parsed.model_id == "video-llava"
+    assert parsed.server_cls.__module__ == "intp_vllm.apps.ray_replica" and parsed.server_cls.__name__ == "LLMServer"
     assert parsed.get_engine_config().placement_bundles == [{"CPU": 2}]
 
 
@@ -181,6 +194,29 @@ def replica_pids() -> set[int]:
     """Processes of the application's LLMServer replicas (Ray titles them ServeReplica:APP:LLMServer...)."""
     title = f"ServeReplica:{APP_NAME}:LLMServer"
     return {p.pid for p in psutil.process_iter(["cmdline"]) if any(title in part for part in p.info["cmdline"] or [])}
+
+
+def app_processes() -> list[psutil.Process]:
+    """The application's replica processes (LLMServer and OpenAiIngress) and their descendants."""
+    title = f"ServeReplica:{APP_NAME}:"
+    replicas = [p for p in psutil.process_iter(["cmdline"]) if any(title in part for part in p.info["cmdline"] or [])]
+    return replicas + [child for replica in replicas for child in replica.children(recursive=True)]
+
+
+def engine_processes(processes: list[psutil.Process]) -> list[psutil.Process]:
+    return [p for p in processes if p.name() in ENGINE_PROCESSES]
+
+
+def still_running(processes: list[psutil.Process]) -> list[str]:
+    """'name pid' of those of `processes` that have not exited (zombies count as exited)."""
+    running = []
+    for process in processes:
+        try:
+            if process.is_running() and process.status() != psutil.STATUS_ZOMBIE:
+                running.append(f"{process.name()} {process.pid}")
+        except psutil.NoSuchProcess:
+            pass
+    return running
 
 
 def served_by(logs: Path) -> dict[str, int]:
@@ -226,7 +262,7 @@ def server_args(clips: list[Path]) -> list[str]:
 
 @pytest.fixture(scope="module")
 def single_server_answers(tiny_model_dir, clips):
-    with serve(tiny_model_dir, server_args(clips)) as base_url:
+    with serve(tiny_model_dir, server_args(clips), STARTUP_TIMEOUT_S) as base_url:
         model = served_model(base_url)
         answers = [post(base_url, body, f"single-{i}") for i, body in enumerate(bodies(model, clips))]
     assert all(status == 200 for status, _ in answers), answers
@@ -258,7 +294,7 @@ def ray_server(tiny_model_dir, clips, cluster, single_server_answers):
     address, logs = cluster
     command = [sys.executable, "-m", "intp_vllm.apps.cli", "serve", str(tiny_model_dir), "--ray", "--ray-address",
                address, "--replicas", "2", "--enable-log-requests", *server_args(clips)]
-    with launch(command, ready_line=READY_MESSAGE) as (base_url, log):
+    with launch(command, STARTUP_TIMEOUT_S, ready_line=READY_MESSAGE) as (base_url, log):
         yield base_url, logs, log
 
 
@@ -321,8 +357,11 @@ def test_a_killed_replica_loses_only_its_requests_in_flight_and_comes_back(ray_s
         survivors = replica_pids()
         victim = min(survivors)
         survivors.discard(victim)
+        victim_engines = engine_processes(psutil.Process(victim).children(recursive=True))
+        assert sorted(p.name() for p in victim_engines) == sorted(ENGINE_PROCESSES), victim_engines
         killed_at = time.monotonic()
         os.kill(victim, signal.SIGKILL)
+        FAILOVER["victim"] = victim
         deadline = killed_at + REPLICA_RESTART_TIMEOUT_S
         while True:  # until a new replica process serves requests
             newcomers = replica_pids() - survivors - {victim}
@@ -347,6 +386,9 @@ def test_a_killed_replica_loses_only_its_requests_in_flight_and_comes_back(ray_s
     assert {text for _, text, _, _ in answered} == {single_server_answers[0]}
     assert sum(started > killed_at for _, _, started, _ in answered) >= 20
     assert len(replica_pids()) == 2
+    # the killed replica's engine core and worker ended with it (engine.end_with_parent)
+    psutil.wait_procs(victim_engines, timeout=ORPHAN_GRACE_S)
+    assert not still_running(victim_engines), f"{still_running(victim_engines)} outlived replica {victim}"
 
 
 @pytest.mark.engine
@@ -371,6 +413,31 @@ def test_batch_shares_the_cluster_with_the_endpoint(ray_server, cluster, clips, 
     assert during and set(during) == {(200, single_server_answers[1])}
     records = sorted((json.loads(line) for line in output.read_text().splitlines()), key=lambda r: r["id"])
     assert [r.get("answer") for r in records] == single_server_answers, records
+
+
+@pytest.mark.engine
+def test_sigterm_after_a_failover_exits_0_at_once_leaving_no_replica_or_engine(ray_server):
+    """After the failover test killed a replica and Serve replaced it: SIGTERM ends `serve --ray`
+    with status 0 within EXIT_TIMEOUT_S; its engines (EngineCore and worker of each replica) have
+    exited by then, and its replica processes too (the cluster, joined with --ray-address, runs on).
+    The endpoint is gone after this test."""
+    base_url, _, log = ray_server
+    assert FAILOVER, "run with the failover test before it: a replica must have been killed and replaced"
+    [server] = [p for p in psutil.Process().children() if "--ray" in p.cmdline()]
+    before = app_processes()
+    engines = engine_processes(before)
+    assert FAILOVER["victim"] not in {p.pid for p in before}
+    assert sorted(p.name() for p in engines) == sorted(ENGINE_PROCESSES * 2), before  # two replicas' engines
+    started = time.monotonic()
+    server.send_signal(signal.SIGTERM)
+    status = server.wait(timeout=EXIT_TIMEOUT_S)
+    took = time.monotonic() - started
+    assert status == 0, log()[-4000:]
+    assert not still_running(engines), f"{still_running(engines)} outlived serve --ray ({took:.1f} s)"
+    psutil.wait_procs(before, timeout=2)  # the replicas' actors are killed by Serve as its stop returns
+    assert not still_running(before) and not app_processes(), still_running(before)
+    assert "Deleting app" in log() and "Failed to connect to GCS" not in log()
+    print(f"serve --ray exited {took:.1f} s after SIGTERM")
 
 
 @pytest.mark.engine

@@ -447,6 +447,69 @@ def test_a_follow_up_question_about_an_unchanged_file_is_not_read_or_decoded_aga
     assert status == 200 and turn_three["choices"][0]["message"] == other_answer["choices"][0]["message"]
 
 
+def cache_lookups(server: str) -> dict[tuple[str, str], float]:
+    """(source, result) -> the decoded-video cache's lookups so far, from the server's /metrics."""
+    text = requests.get(f"{server}/metrics", timeout=10).text
+    counts = {}
+    for labels, value in re.findall(r"^intp_vllm:decoded_video_cache_lookups_total\{(.*)\} (\S+)$", text, re.M):
+        label = dict(re.findall(r'(\w+)="(\w*)"', labels))
+        counts[label["source"], label["result"]] = float(value)
+    return counts
+
+
+def test_a_follow_up_question_about_the_same_data_url_video_is_not_decoded_again(server, model, media_dir):
+    """data: videos are kept by a hash of their bytes: turn two (the video sent again, with the
+    earlier turns) is a cache hit, counted on /metrics, with the same answer; other frames
+    sampled from the same bytes, or other bytes, are decoded."""
+    url = data_url(write_video(media_dir / "data-cache.mp4", moving_shapes_video(
+        num_frames=24, height=72, width=100, seed=23)).read_bytes())
+    before = cache_lookups(server)
+    status, turn_one = post(server, video_request(model, url))
+    assert status == 200, turn_one
+    after_one = cache_lookups(server)
+    assert after_one.get(("data", "miss"), 0) == before.get(("data", "miss"), 0) + 1
+    conversation = [turn(url, QUESTION), {"role": "assistant", "content": turn_one["choices"][0]["message"]["content"]},
+                    turn(url, "And then?")]
+    status, turn_two = post(server, chat(model, conversation))
+    assert status == 200, turn_two
+    after_two = cache_lookups(server)
+    assert after_two.get(("data", "hit"), 0) == after_one.get(("data", "hit"), 0) + 1
+    assert after_two.get(("data", "miss"), 0) == after_one.get(("data", "miss"), 0)
+    status, again = post(server, video_request(model, url))  # the same question: the same answer from the cache
+    assert status == 200 and again["choices"][0]["message"] == turn_one["choices"][0]["message"]
+    status, more = post(server, video_request(model, url, mm_processor_kwargs={"frames": 16}))  # other sampling
+    assert status == 200 and more["usage"]["prompt_tokens"] == turn_one["usage"]["prompt_tokens"] + 8 * 17, more
+    assert cache_lookups(server).get(("data", "miss"), 0) == after_two.get(("data", "miss"), 0) + 1
+
+
+def test_a_changed_http_video_is_not_served_stale(server, model, media_dir, http_media):
+    """http(s) videos are downloaded every turn and kept by a hash of their bytes: the same bytes
+    skip decoding, new bytes under the same URL (same size, same Last-Modified) are decoded."""
+    first, other = (write_video(media_dir / f"http-cache-{seed}.mp4", moving_shapes_video(
+        num_frames=24, height=72, width=100, seed=seed)).read_bytes() for seed in (24, 25))
+    size = max(len(first), len(other))
+    first, other = first.ljust(size, b"\0"), other.ljust(size, b"\0")  # trailing bytes after the moov: ignored
+    path = media_dir / "http-cached.mp4"
+    path.write_bytes(first)
+    mtime = path.stat().st_mtime_ns
+    url = f"{http_media}/{path.name}"
+    before = cache_lookups(server)
+    status, turn_one = post(server, video_request(model, url))
+    assert status == 200, turn_one
+    status, turn_two = post(server, video_request(model, url))
+    assert status == 200 and turn_two["choices"][0]["message"] == turn_one["choices"][0]["message"]
+    counted = cache_lookups(server)
+    assert counted.get(("http", "hit"), 0) == before.get(("http", "hit"), 0) + 1
+    path.write_bytes(other)
+    os.utime(path, ns=(mtime, mtime))  # what a validator would have said: unchanged
+    (media_dir / "http-other.mp4").write_bytes(other)
+    status, changed = post(server, video_request(model, url))
+    assert status == 200, changed
+    assert cache_lookups(server).get(("http", "miss"), 0) == counted.get(("http", "miss"), 0) + 1
+    status, expected = post(server, video_request(model, f"file://{media_dir / 'http-other.mp4'}"))
+    assert changed["choices"][0]["message"] == expected["choices"][0]["message"] != turn_one["choices"][0]["message"]
+
+
 def test_two_different_videos_are_a_400_saying_how_to_ask_about_two(server, model, clip, long_clip):
     two = [turn(f"file://{clip}", "What moves?"), {"role": "assistant", "content": "A square."},
            turn(f"file://{long_clip}", "And here?")]

@@ -120,9 +120,11 @@ def add_limit_arguments(parser: argparse.ArgumentParser) -> None:
                        "When all hold such reads, file:// videos get a 503 and /health a 503 "
                        "(default %(default)s)")
     group.add_argument("--video-cache-bytes", type=int, default=defaults.video_cache_bytes,
-                       help="bytes of decoded file:// videos (frames plus the file) each API-server process keeps "
-                       "so that a chat's next question about an unchanged file skips reading and decoding it; "
-                       "least recently used first out; 0 turns it off (default %(default)s = 256 MiB)")
+                       help="bytes of decoded videos (frames plus the encoded video) each API-server process keeps "
+                       "so that a chat's next question about the same video skips decoding it (an unchanged "
+                       "file:// file is not read again either; data: and http(s) videos are matched by a hash of "
+                       "their bytes, so http ones are still downloaded); least recently used first out; 0 turns "
+                       "it off (default %(default)s = 256 MiB)")
     add_video_decoder_argument(group)
     add_media_host_arguments(group)
 

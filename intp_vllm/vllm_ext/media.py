@@ -3,7 +3,7 @@ video loader, ours (registered by the plugin in every vLLM process).
 
 `IntpVideoLoader` decodes (video/io.py) and preprocesses each frame as it is decoded;
 `BoundedMediaConnector` checks files, data URLs and fetches (video/fetch.py) before they cost
-memory, reads files in bounded slots (`fetch.FileReadSlots`) and keeps decoded files for a
+memory, reads files in bounded slots (`fetch.FileReadSlots`) and keeps decoded videos for a
 chat's next turn (`DecodedVideoCache`); both follow the `ServeLimits` that `intp-vllm serve`
 installs through one environment variable, so the API-server processes it starts see them
 too (docs/robustness.md).
@@ -15,9 +15,11 @@ import argparse
 import asyncio
 import base64
 import binascii
+import hashlib
 import json
 import math
 import os
+from collections import Counter
 from contextvars import ContextVar
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -51,7 +53,7 @@ class ServeLimits:
     and how many requests may be in flight at once; which hosts its video may come from
     (see fetch.HostPolicy); which decoder reads its video; whether a video may come as
     its frames, image_url parts (image_frames.py); how many file reads may be stuck at
-    once (fetch.FileReadSlots); and how many bytes of decoded file:// videos are kept for
+    once (fetch.FileReadSlots); and how many bytes of decoded videos are kept for
     a chat's next turn (DecodedVideoCache; 0: none)."""
 
     video: VideoLimits = field(default_factory=VideoLimits)
@@ -140,13 +142,16 @@ def file_read_slots() -> FileReadSlots:
 
 
 class DecodedVideoCache:
-    """Decoded `file://` videos (vLLM's `MediaWithBytes`: frames, metadata and the file's bytes,
-    which vLLM hashes, so a hit gives the same multimodal hash and the prefix cache still
-    applies) kept for a chat's next turn, least recently used first out, at most `max_bytes`
-    (frames plus file bytes; a video larger than that is not kept). A key is the file's
-    device, inode, size and mtime (so a changed file misses) and the decode's
-    settings (`media_io_kwargs`: frame count, frame size, decoder). It keeps, and a hit hands
-    out, a copy of the frames (a request may change its own). Thread-safe."""
+    """Decoded videos (vLLM's `MediaWithBytes`: frames, metadata and the encoded bytes, which
+    vLLM hashes, so a hit gives the same multimodal hash and the prefix cache still applies)
+    kept for a chat's next turn, least recently used first out, at most `max_bytes` (frames
+    plus encoded bytes; a video larger than that is not kept). A key is the video's identity
+    (`_file_key`: a file's device, inode, size and mtime, so a changed file misses;
+    `_content_key`: a hash of a data: or http(s) video's bytes) and the decode's settings
+    (`media_io_kwargs`: frame count, rate, time range, frame size, decoder). It keeps, and a
+    hit hands out, a copy of the frames (a request may change its own). `get` counts hits and
+    misses by source (`file`, `data`, `http`) in `lookups` and in the Prometheus counter
+    `intp_vllm:decoded_video_cache_lookups_total` that `/metrics` shows. Thread-safe."""
 
     def __init__(self, max_bytes: int) -> None:
         from collections import OrderedDict
@@ -154,16 +159,23 @@ class DecodedVideoCache:
 
         self.max_bytes = max_bytes
         self.held_bytes = 0
+        self.lookups: Counter = Counter()
+        """(source, "hit" or "miss") -> lookups in this process."""
         self._entries: OrderedDict = OrderedDict()
         self._lock = Lock()
+        self._metric = _lookup_metric()
 
-    def get(self, key):
+    def get(self, key, source: str = "file"):
+        """A copy of the video kept under `key`, or None; counted as a `source` hit or miss."""
         with self._lock:
             video = self._entries.get(key)
-            if video is None:
-                return None
-            self._entries.move_to_end(key)
-        return _copied(video)
+            result = "miss" if video is None else "hit"
+            self.lookups[source, result] += 1
+            if video is not None:
+                self._entries.move_to_end(key)
+        if self._metric is not None:
+            self._metric.labels(source=source, result=result).inc()
+        return None if video is None else _copied(video)
 
     def put(self, key, video) -> None:
         size = _held_bytes(video)
@@ -194,15 +206,71 @@ def _held_bytes(video) -> int:
 
 def _file_key(found: os.stat_result, sampling: tuple) -> tuple:
     """A file's version (device, inode, size, mtime: any path to it) and the decode's settings."""
-    return (found.st_dev, found.st_ino, found.st_size, found.st_mtime_ns, json.dumps(sampling, sort_keys=True,
-                                                                                      default=str))
+    return ("file", found.st_dev, found.st_ino, found.st_size, found.st_mtime_ns, _settings(sampling))
+
+
+def _content_key(data: bytes, sampling: tuple) -> tuple:
+    """Encoded video bytes (their SHA-256) and the decode's settings: the same bytes from any
+    data: or http(s) URL are one video."""
+    return ("content", hashlib.sha256(data).hexdigest(), _settings(sampling))
+
+
+def _settings(sampling: tuple) -> str:
+    return json.dumps(sampling, sort_keys=True, default=str)
+
+
+def _lookup_metric():
+    """The Prometheus counter of cache lookups (made once a process; None without prometheus_client)."""
+    global _LOOKUP_METRIC
+    if _LOOKUP_METRIC is None:
+        try:
+            from prometheus_client import Counter as PrometheusCounter
+        except ImportError:
+            return None
+        _LOOKUP_METRIC = PrometheusCounter("intp_vllm:decoded_video_cache_lookups",
+                                           "Decoded-video cache lookups (--video-cache-bytes) by video source "
+                                           "(file, data, http) and result (hit: not fetched or not decoded again)",
+                                           ["source", "result"])
+    return _LOOKUP_METRIC
+
+
+_LOOKUP_METRIC = None
+
+
+class ContentCachedVideoIO:
+    """vLLM's VideoMediaIO for a data: or http(s) video, decoding through `cache` by the bytes'
+    hash and `sampling` (`_content_key`): a chat's next turn sending the same bytes (a data URL
+    again, or an http resource whose bytes did not change) skips decoding. The bytes are
+    always fetched: vLLM's connector hands them to `load_bytes`/`load_base64` (docs/robustness.md,
+    "Multi-turn chats"). Other members are the wrapped IO's."""
+
+    def __init__(self, video_io, cache: DecodedVideoCache, sampling: tuple, source: str) -> None:
+        self.video_io, self.cache, self.sampling, self.source = video_io, cache, sampling, source
+
+    def __getattr__(self, name: str):
+        return getattr(self.video_io, name)
+
+    def load_bytes(self, data: bytes):
+        key = _content_key(data, self.sampling)
+        if (hit := self.cache.get(key, self.source)) is not None:
+            return hit
+        video = self.video_io.load_bytes(data)
+        self.cache.put(key, video)
+        return video
+
+    def load_base64(self, media_type: str, data: str):
+        """A data URL's payload (BoundedMediaConnector has checked that it is a base64 `video/*`),
+        decoded as vLLM's VideoMediaIO decodes it."""
+        import pybase64
+
+        return self.load_bytes(pybase64.b64decode(data, validate=True))
 
 
 _video_cache: DecodedVideoCache | None = None
 
 
 def video_cache() -> DecodedVideoCache:
-    """This process's cache of decoded file:// videos (`ServeLimits.video_cache_bytes`), made on first use."""
+    """This process's cache of decoded videos (`ServeLimits.video_cache_bytes`), made on first use."""
     global _video_cache
     if _video_cache is None:
         _video_cache = DecodedVideoCache(ServeLimits.from_env().video_cache_bytes)
@@ -319,6 +387,8 @@ class BoundedMediaConnector:
                 loading = self._fetch_frames_async(urls)
             elif _is_file_url(video_url):
                 loading = self._fetch_file_video_async(video_url, **kwargs)
+            elif video_cache().max_bytes:
+                loading = self._fetch_content_video_async(video_url, **kwargs)
             else:
                 loading = self.inner.fetch_video_async(video_url, **kwargs)
             video = await asyncio.wait_for(loading, deadline)
@@ -361,19 +431,38 @@ class BoundedMediaConnector:
         vLLM's media threads; from `video_cache()` while the file is unchanged (its path, inode,
         size and mtime) and the sampling is the same. (`video_processor` only picks a loader,
         and ours is forced.)"""
-        from intp_vllm.vllm_ext.internals import ImageMediaIO, VideoMediaIO, global_thread_pool
+        from intp_vllm.vllm_ext.internals import global_thread_pool
 
-        image_kwargs = {"image_mode": image_mode} | self.inner.media_io_kwargs.get("image", {})
-        cache, sampling = video_cache(), (image_kwargs, self.inner.media_io_kwargs["video"])
+        video_io, sampling = self._video_io(image_mode)
+        cache = video_cache()
         if cache.max_bytes:
             _, found = await file_read_slots().run(local_file_stat, *self._file_args(url, self.limits.video.max_bytes))
-            if (hit := cache.get(_file_key(found, sampling))) is not None:
+            if (hit := cache.get(_file_key(found, sampling), "file")) is not None:
                 return hit
         data, found = await self._read_file(url, self.limits.video.max_bytes)
-        video_io = VideoMediaIO(ImageMediaIO(**image_kwargs), **self.inner.media_io_kwargs["video"])
         video = await asyncio.get_running_loop().run_in_executor(global_thread_pool, video_io.load_bytes, data)
         cache.put(_file_key(found, sampling), video)
         return video
+
+    async def _fetch_content_video_async(self, url: str, *, image_mode: str | None = "RGB",
+                                         video_processor: str | None = None):
+        """vLLM's `fetch_video_async` for a data: or http(s) URL, decoded through `video_cache()`
+        by the bytes' hash (`ContentCachedVideoIO`): vLLM still decodes the data URL's base64 or
+        downloads the http resource (through `SafeMediaConnection`) every time, so a changed
+        resource is never served stale; only the decode is skipped."""
+        video_io, sampling = self._video_io(image_mode)
+        source = "data" if url[:5].lower() == "data:" else "http"
+        return await self.inner.load_from_url_async(url, ContentCachedVideoIO(video_io, video_cache(), sampling,
+                                                                              source))
+
+    def _video_io(self, image_mode: str | None) -> tuple:
+        """(vLLM's VideoMediaIO with our loader and this request's media_io_kwargs, the settings
+        that key the decoded-video cache)."""
+        from intp_vllm.vllm_ext.internals import ImageMediaIO, VideoMediaIO
+
+        image_kwargs = {"image_mode": image_mode} | self.inner.media_io_kwargs.get("image", {})
+        video_io = VideoMediaIO(ImageMediaIO(**image_kwargs), **self.inner.media_io_kwargs["video"])
+        return video_io, (image_kwargs, self.inner.media_io_kwargs["video"])
 
     def _file_args(self, url: str, max_bytes: int) -> tuple[Path, Path, int]:
         """(path, allowed directory, byte limit) of a file URL for `fetch.read_local_file`.
