@@ -1,9 +1,8 @@
 """What a long video costs the server in memory: idle RSS by --max-frames, and the growth for one
 1024-frame request on a 10-minute 1080p file.
 
-The file: 10 minutes of 1920x1080 H.264 at 30 fps (18,000 frames, GOP 250, two B-frames between
-references; a blocky luma texture panning a pixel every other frame), written once with PyAV's
-libx264 into --work-dir, frames generated as they are encoded.
+The file: the 10-minute 1080p H.264 file of `decode_cost.py` (30 fps, 18,000 frames, GOP 250, two
+B-frames; `decode_cost.write_hd`), written once into --work-dir, shared by both benchmarks.
 
 idle     `intp-vllm serve assets/needle-video-llava --max-frames N` for N in 128, 512, 1024 (no
          memory flag): the server's processes' RSS once it answers /health, and the CPU KV cache
@@ -29,40 +28,13 @@ import subprocess
 import sys
 import time
 import urllib.request
-from fractions import Fraction
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = ROOT / "assets" / "needle-video-llava"
-MINUTES, FPS, HEIGHT, WIDTH, GOP, B_FRAMES = 10, 30, 1080, 1920, 250, 2
 IDLE_MAX_FRAMES = (128, 512, 1024)
 REQUEST_FRAMES = 1024
 KV_LOG = re.compile(r"intp_vllm: CPU KV cache (\d+) MiB")
-
-
-def write_1080p(path: Path) -> dict:
-    """The 10-minute 1080p file (module docstring); returns its writing time and size."""
-    import av
-    import numpy as np
-
-    blocks = np.random.default_rng(0).integers(16, 235, (HEIGHT // 16 + 1, (WIDTH + 4096) // 16), dtype=np.uint8)
-    luma = np.kron(blocks, np.ones((16, 16), np.uint8))[:HEIGHT]
-    chroma = np.full((HEIGHT // 2, WIDTH), 128, np.uint8)  # U and V planes, stacked as yuv420p wants
-    started = time.perf_counter()
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream("libx264", rate=FPS, options={
-            "preset": "ultrafast", "crf": "30", "x264-params": f"scenecut=0:bframes={B_FRAMES}"})
-        stream.width, stream.height, stream.pix_fmt = WIDTH, HEIGHT, "yuv420p"
-        stream.codec_context.gop_size, stream.codec_context.max_b_frames = GOP, B_FRAMES
-        stream.codec_context.time_base = Fraction(1, FPS)
-        for k in range(MINUTES * 60 * FPS):
-            shift = (k // 2) % 4096
-            picture = av.VideoFrame.from_ndarray(np.concatenate([luma[:, shift:shift + WIDTH], chroma]),
-                                                 format="yuv420p")
-            picture.pts = k
-            container.mux(stream.encode(picture))
-        container.mux(stream.encode())
-    return {"seconds_to_write": round(time.perf_counter() - started, 1), "bytes": path.stat().st_size}
 
 
 def tree(pid: int) -> list[int]:
@@ -195,6 +167,7 @@ def bench_request(work_dir: Path, video: Path) -> dict:
 
 
 def main(argv=None) -> dict:
+    from intp_vllm_benchmarks.decode_cost import FILES, HD_FPS, HD_GOP, HD_HEIGHT, HD_MINUTES, HD_WIDTH, write_hd
     from intp_vllm_benchmarks.long_video import machine
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -203,12 +176,12 @@ def main(argv=None) -> dict:
     parser.add_argument("--parts", nargs="+", default=["idle", "request"], choices=["write", "idle", "request"])
     args = parser.parse_args(argv)
     args.work_dir.mkdir(parents=True, exist_ok=True)
-    video = args.work_dir / "ten-minutes-1920x1080-gop250-b2.mp4"
+    video = args.work_dir / FILES["ten_min_1080p"]
     out = args.out / "memory.json"
     report = {"machine": machine(), "model": MODEL.name}
     if not video.exists():
-        report["video"] = {"path": video.name, "minutes": MINUTES, "fps": FPS, "size": f"{WIDTH}x{HEIGHT}",
-                           "gop": GOP, "b_frames": B_FRAMES, **write_1080p(video)}
+        report["video"] = {"path": video.name, "minutes": HD_MINUTES, "fps": HD_FPS,
+                           "size": f"{HD_WIDTH}x{HD_HEIGHT}", "gop": HD_GOP, "b_frames": 2, **write_hd(video)}
     if "idle" in args.parts:
         report["idle"] = bench_idle(args.work_dir, video.parent)
     if "request" in args.parts:
