@@ -31,7 +31,6 @@ import argparse
 import json
 import time
 from datetime import datetime, timezone
-from fractions import Fraction
 from pathlib import Path
 
 import numpy as np

@@ -32,6 +32,10 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 PRUNING_METHODS = ("evs", "vidcom2")
 """vLLM's `VideoPruningMethod`s, in the order of their codes in a video's data."""
