@@ -117,6 +117,37 @@ def test_quick_bench_end_to_end(tmp_path):
     assert (tmp_path / "throughput.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.engine
+def test_quick_bench_on_llava_next_video_end_to_end(tmp_path):
+    """`--architecture llava-next-video` generates a tiny LLaVA-NeXT-Video (linear x2) and runs HF's
+    LlavaNextVideoForConditionalGeneration, the plugin at 8 frames and INTP at 16 on it (three runs:
+    two engines, lean): 16 pooled tokens a frame in every run, the same prompts for HF and the
+    plugin, FLOPs by its shape (pooling counted)."""
+    completed = subprocess.run([sys.executable, "-m", "intp_vllm.apps.cli", "bench", "--quick", "--architecture",
+                                "llava-next-video", "--runs", "hf_generate,plugin_8f,intp_16f", "--output-dir",
+                                str(tmp_path)], capture_output=True, text=True, timeout=900)
+    assert completed.returncode == 0, completed.stderr[-4000:]
+    report = json.loads((tmp_path / "throughput.json").read_text())
+    assert report["model_type"] == "LLaVA-NeXT-Video" and report["model_spec"]["rope_linear"] == 2.0
+    shape = ModelShape(**report["model_shape"])
+    assert (shape.tokens_per_frame, shape.pool_stride) == (16, 2)
+    runs, requests = report["runs"], report["workload"]
+    assert list(runs) == ["hf_generate", "plugin_8f", "intp_16f"] and "goals" not in report
+    for name, run in runs.items():
+        assert run["frames"] == sum(min(r["frames"], run["frames_read"]) for r in requests), name
+        assert run["video_tokens"] == 16 * run["frames"], name
+        assert run["output_tokens"] == sum(r["max_tokens"] for r in requests), name
+        assert 0 < run["mfu"] <= 1, name
+    # HF gets the prompts the plugin's processor makes: the same token counts, so the same FLOPs
+    assert runs["hf_generate"]["prompt_tokens"] == runs["plugin_8f"]["prompt_tokens"]
+    assert runs["hf_generate"]["flops"] == runs["plugin_8f"]["flops"]
+    # the vision FLOPs are the tower on every frame and the 2x2 pooling of its patches
+    frames = runs["intp_16f"]["frames"]
+    assert runs["intp_16f"]["flops"]["vision"] == request_flops(shape, frames, 1, 1)["vision"]
+    assert runs["intp_16f"]["flops"]["vision"] > request_flops(replace(shape, pool_stride=1), frames, 1, 1)["vision"]
+    assert (tmp_path / "throughput.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 H100_FREE_BYTES = 79 << 30
 VIDEO_LLAVA_7B_WEIGHT_BYTES = 14_100_000_000  # the hub's bf16 safetensors, ~7.05e9 parameters
 
