@@ -5,7 +5,7 @@ to start when less than that is free (`v1/worker/cpu_worker.py`), which is the n
 of a machine in use. When neither `kv_cache_memory_bytes` nor `gpu_memory_utilization` was
 set, the plugin's config hook sets `kv_cache_memory_bytes` instead (`size_cpu_kv_cache`):
 
-    needed = max_num_seqs x max_model_len x KV bytes per token
+    needed = max_num_seqs x (max_model_len + BLOCK_ALLOWANCE_TOKENS) x KV bytes per token
     size   = max(one full-length sequence, KV_CACHE_FLOOR_BYTES, min(needed, cap))
     cap    = AVAILABLE_SHARE x (available memory - the checkpoint's weight files) / replicas
 
@@ -26,6 +26,11 @@ from intp_vllm.core.config import kv_bytes_per_token as config_kv_bytes_per_toke
 logger = logging.getLogger("vllm.intp_vllm")  # under "vllm": its handler and level apply
 
 KV_CACHE_FLOOR_BYTES = 64 << 20
+BLOCK_ALLOWANCE_TOKENS = 2 * 256
+"""vLLM rounds a sequence up to whole KV blocks and holds one block back (its null block), so
+one max_model_len sequence needs more than max_model_len tokens of cache (exactly that is
+refused at start): two blocks of the largest size a backend uses here (256 tokens; the CPU
+backend's is 128, CUDA's default 16)."""
 AVAILABLE_SHARE = 0.5
 """Share of the memory left after the weights that the KV cache may take by default."""
 CPU_REPLICAS_ENV = "INTP_VLLM_CPU_REPLICAS"
@@ -87,16 +92,17 @@ def size_cpu_kv_cache(vllm_config) -> None:
     from intp_vllm.vllm_ext.internals import get_memory_node_info
 
     model_config = vllm_config.model_config
-    per_sequence = model_config.max_model_len * kv_bytes_per_token(model_config)
+    per_token = kv_bytes_per_token(model_config)
+    per_sequence = (model_config.max_model_len + BLOCK_ALLOWANCE_TOKENS) * per_token
     max_num_seqs = vllm_config.scheduler_config.max_num_seqs
     available = get_memory_node_info(0).available_memory
     weights = weight_bytes(model_config.model)
     replicas = max(1, int(os.environ.get(CPU_REPLICAS_ENV, "1")))
     size = cpu_kv_cache_bytes(per_sequence, max_num_seqs, available, weights, replicas)
     cache.kv_cache_memory_bytes = size
-    logger.info("intp_vllm: CPU KV cache %.0f MiB (max_num_seqs %d x max_model_len %d x %d bytes a token = "
+    logger.info("intp_vllm: CPU KV cache %.0f MiB (max_num_seqs %d x max_model_len %d (+ %d for KV blocks) x %d bytes a token = "
                 "%.0f MiB, capped at %.0f%% of the %.0f MiB available after %.0f MiB of weights, over %d "
                 "replica(s)); set --kv-cache-memory-bytes or --gpu-memory-utilization to choose", size / 2**20,
-                max_num_seqs, model_config.max_model_len, per_sequence // model_config.max_model_len,
+                max_num_seqs, model_config.max_model_len, BLOCK_ALLOWANCE_TOKENS, per_token,
                 per_sequence * max_num_seqs / 2**20, 100 * AVAILABLE_SHARE, available / 2**20, weights / 2**20,
                 replicas)

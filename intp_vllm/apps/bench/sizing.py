@@ -24,12 +24,8 @@ from intp_vllm.apps.bench.runners import Run, engine_intp
 from intp_vllm.apps.bench.workload import Request
 from intp_vllm.core.config import TEXT_MARGIN_TOKENS, kv_bytes_per_token, video_tokens
 from intp_vllm.core.prompt import VIDEO_PROMPT
-from intp_vllm.vllm_ext.cpu_memory import cpu_kv_cache_bytes
+from intp_vllm.vllm_ext.cpu_memory import BLOCK_ALLOWANCE_TOKENS, cpu_kv_cache_bytes
 from intp_vllm.vllm_ext.plugin import config_model_class
-
-BLOCK_ALLOWANCE_TOKENS = 2 * 256
-"""vLLM rounds a sequence up to whole KV blocks and holds one block back (its null block):
-two blocks of the largest size a backend uses here (256 tokens; CUDA's default is 16)."""
 
 
 @dataclass(frozen=True)
