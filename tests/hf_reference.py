@@ -21,10 +21,7 @@ def load_hf_model(model_dir: str, rope_parameters_json: str | None = None, intp_
     from intp_vllm.research.hf_video_llava import hf_model_class
 
     config = AutoConfig.from_pretrained(model_dir)
-    if config.model_type == "llava_next_video":
-        from transformers import LlavaNextVideoForConditionalGeneration as model_class
-    else:
-        model_class = hf_model_class(config)
+    model_class = hf_model_class(config)
     if rope_parameters_json is not None:
         config.text_config.rope_parameters = json.loads(rope_parameters_json)
         config.text_config.max_position_embeddings = max(config.text_config.max_position_embeddings, 16384)

@@ -78,16 +78,17 @@ def test_speculative_decoding_is_refused_with_per_request_scales(tiny_model_dir)
 def test_cpu_kv_cache_is_sized_by_the_plugin_unless_given(tiny_model_dir):
     from vllm.engine.arg_utils import EngineArgs
 
-    from intp_vllm.vllm_ext.cpu_memory import KV_CACHE_FLOOR_BYTES, kv_bytes_per_token
+    from intp_vllm.vllm_ext.cpu_memory import BLOCK_ALLOWANCE_TOKENS, KV_CACHE_FLOOR_BYTES, kv_bytes_per_token
 
     config = EngineArgs(model=str(tiny_model_dir), dtype="float32", max_num_seqs=2).create_engine_config()
     per_token = kv_bytes_per_token(config.model_config)
-    assert config.cache_config.kv_cache_memory_bytes == max(KV_CACHE_FLOOR_BYTES,
-                                                            2 * config.model_config.max_model_len * per_token)
+    full = config.model_config.max_model_len + BLOCK_ALLOWANCE_TOKENS
+    assert config.cache_config.kv_cache_memory_bytes == max(KV_CACHE_FLOOR_BYTES, 2 * full * per_token)
     long = EngineArgs(model=str(tiny_model_dir), dtype="float32", max_num_seqs=128,
                       hf_overrides={"intp": {"max_frames": 1024}}).create_engine_config()
     assert long.model_config.max_model_len == 1024 * 17 + 512
-    assert long.cache_config.kv_cache_memory_bytes == (2 * (1024 * 17 + 512) + 126 * (8 * 17 + 512)) * per_token
+    assert long.cache_config.kv_cache_memory_bytes == (
+        2 * (1024 * 17 + 512 + BLOCK_ALLOWANCE_TOKENS) + 126 * (8 * 17 + 512)) * per_token
     given = EngineArgs(model=str(tiny_model_dir), kv_cache_memory_bytes=123 << 20).create_engine_config()
     assert given.cache_config.kv_cache_memory_bytes == 123 << 20
     share = EngineArgs(model=str(tiny_model_dir), gpu_memory_utilization=0.3).create_engine_config()

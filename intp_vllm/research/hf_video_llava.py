@@ -56,8 +56,14 @@ class TemporalVideoLlavaForConditionalGeneration(VideoLlavaForConditionalGenerat
         self.post_init()
 
 
-def hf_model_class(config) -> type[VideoLlavaForConditionalGeneration]:
-    """Stock HF Video-LLaVA for a per-frame tower, ours when the config has temporal attention."""
+def hf_model_class(config) -> type:
+    """The HF class of a checkpoint's config: `LlavaNextVideoForConditionalGeneration` for a
+    LLaVA-NeXT-Video; for Video-LLaVA the stock class with a per-frame tower, ours when the
+    config has temporal attention."""
+    if config.model_type == "llava_next_video":
+        from transformers import LlavaNextVideoForConditionalGeneration
+
+        return LlavaNextVideoForConditionalGeneration
     if TemporalAttentionSpec.from_hf_config(config) is None:
         return VideoLlavaForConditionalGeneration
     return TemporalVideoLlavaForConditionalGeneration

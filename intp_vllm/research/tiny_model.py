@@ -53,6 +53,8 @@ class TinyModelSpec:
     rope_theta: float = 10000.0
     temporal_attention_heads: int = 0
     """> 0: the tower mixes the frames of each clip (temporal_attention.py) with this many heads."""
+    dtype: str = "float32"
+    """The saved weights' torch dtype (recorded in config.json): "bfloat16" as the hub's 7B files."""
 
 
 def real_shape_spec(text_layers: int = 1, vision_layers: int = 2) -> TinyModelSpec:
@@ -221,7 +223,7 @@ def save_random_checkpoint(path: str | Path, model_class, config, tokenizer, spe
                 param.copy_(torch.ones_like(param) if name.endswith("weight") else torch.zeros_like(param))
             else:
                 param.normal_(0.0, spec.weight_std)
-    model.save_pretrained(path)
+    model.to(getattr(torch, spec.dtype)).save_pretrained(path)
     if hub_names:
         rename_to_hub_layout(path)
     tokenizer.save_pretrained(path)

@@ -5,10 +5,15 @@ to start when less than that is free (`v1/worker/cpu_worker.py`), which is the n
 of a machine in use. When neither `kv_cache_memory_bytes` nor `gpu_memory_utilization` was
 set, the plugin's config hook sets `kv_cache_memory_bytes` instead (`size_cpu_kv_cache`):
 
-    needed = (FULL_LENGTH_SEQUENCES x max_model_len
+    needed = (FULL_LENGTH_SEQUENCES x (max_model_len + BLOCK_ALLOWANCE_TOKENS)
               + (max_num_seqs - FULL_LENGTH_SEQUENCES) x typical length) x KV bytes per token
     size   = max(one full-length sequence, KV_CACHE_FLOOR_BYTES, min(needed, cap))
     cap    = AVAILABLE_SHARE x (available memory - the checkpoint's weight files) / replicas
+
+where replicas is `CPU_REPLICAS_ENV` (engines started together on this machine, set by
+`intp-vllm batch` and `intp-vllm serve --ray` for their Ray replicas; default 1). A size
+above the cap is only chosen when one full-length sequence needs it (vLLM then says it does
+not fit). On GPUs, and when either setting was given, vLLM's defaults stand.
 
 The typical length is a request at the default frame count (intp.frames, at the server's pruning)
 plus its text (TEXT_MARGIN_TOKENS), at most max_model_len: with --max-frames 1024 max_model_len is
@@ -16,11 +21,6 @@ plus its text (TEXT_MARGIN_TOKENS), at most max_model_len: with --max-frames 102
 sequences would reserve 128 x 17,920 tokens for requests that mostly carry 8 frames. So a long
 max_model_len costs two full-length requests at once (more wait, as vLLM's scheduler makes
 requests wait whenever its KV cache is full), never `max_num_seqs` of them.
-
-where replicas is `CPU_REPLICAS_ENV` (engines started together on this machine, set by
-`intp-vllm batch` and `intp-vllm serve --ray` for their Ray replicas; default 1). A size
-above the cap is only chosen when one full-length sequence needs it (vLLM then says it does
-not fit). On GPUs, and when either setting was given, vLLM's defaults stand.
 """
 
 from __future__ import annotations
@@ -36,6 +36,11 @@ logger = logging.getLogger("vllm.intp_vllm")  # under "vllm": its handler and le
 KV_CACHE_FLOOR_BYTES = 64 << 20
 FULL_LENGTH_SEQUENCES = 2
 """Sequences of max_model_len tokens the default KV cache holds at once; the rest at typical length."""
+BLOCK_ALLOWANCE_TOKENS = 2 * 256
+"""vLLM rounds a sequence up to whole KV blocks and holds one block back (its null block), so
+one max_model_len sequence needs more than max_model_len tokens of cache (exactly that is
+refused at start): two blocks of the largest size a backend uses here (256 tokens; the CPU
+backend's is 128, CUDA's default 16)."""
 AVAILABLE_SHARE = 0.5
 """Share of the memory left after the weights that the KV cache may take by default."""
 CPU_REPLICAS_ENV = "INTP_VLLM_CPU_REPLICAS"
@@ -108,12 +113,12 @@ def size_cpu_kv_cache(vllm_config, typical_tokens: int) -> None:
     available = get_memory_node_info(0).available_memory
     weights = weight_bytes(model_config.model)
     replicas = max(1, int(os.environ.get(CPU_REPLICAS_ENV, "1")))
-    size = cpu_kv_cache_bytes(model_config.max_model_len * per_token, max_num_seqs, available, weights, replicas,
-                              typical_tokens * per_token)
+    size = cpu_kv_cache_bytes((model_config.max_model_len + BLOCK_ALLOWANCE_TOKENS) * per_token, max_num_seqs,
+                              available, weights, replicas, typical_tokens * per_token)
     cache.kv_cache_memory_bytes = size
     full = min(max_num_seqs, FULL_LENGTH_SEQUENCES)
-    logger.info("intp_vllm: CPU KV cache %.0f MiB (%d sequences of max_model_len %d + %d of %d tokens, the "
-                "default request, x %d bytes a token, capped at %.0f%% of the %.0f MiB available after %.0f MiB "
-                "of weights, over %d replica(s)); set --kv-cache-memory-bytes or --gpu-memory-utilization to choose",
-                size / 2**20, full, model_config.max_model_len, max_num_seqs - full, typical_tokens, per_token,
-                100 * AVAILABLE_SHARE, available / 2**20, weights / 2**20, replicas)
+    logger.info("intp_vllm: CPU KV cache %.0f MiB (%d sequences of max_model_len %d (+ %d for KV blocks) + %d of %d "
+                "tokens, the default request, x %d bytes a token, capped at %.0f%% of the %.0f MiB available after "
+                "%.0f MiB of weights, over %d replica(s)); set --kv-cache-memory-bytes or --gpu-memory-utilization "
+                "to choose", size / 2**20, full, model_config.max_model_len, BLOCK_ALLOWANCE_TOKENS, max_num_seqs - full,
+                typical_tokens, per_token, 100 * AVAILABLE_SHARE, available / 2**20, weights / 2**20, replicas)

@@ -375,6 +375,12 @@ class IntpVideoModel(nn.Module, SupportsMultiModal, SupportsPP, SupportsMRoPE, S
         raise NotImplementedError
 
     @classmethod
+    def pool_stride(cls, hf_config) -> int:
+        """Side of the square of the tower's patch features that one video token pools (1: no
+        pooling); what `intp-vllm bench` counts the pooling's FLOPs by."""
+        return 1
+
+    @classmethod
     def default_encoder_frames(cls, hf_config) -> int | None:
         """The encoder's window N when `intp.encoder_frames` is not set (None: IntpConfig's rule).
         An encoder that sees each frame on its own has N = 1: INTP's grouping is then the identity."""

@@ -36,6 +36,18 @@ def model_class(architecture: str):
     return getattr(importlib.import_module(module), name)
 
 
+def config_model_class(hf_config):
+    """The adapter class serving a checkpoint's HF config: its first `architectures` entry, or
+    where it names none its `model_type`'s (Video-LLaVA when that is not LLaVA-NeXT-Video).
+    Raises ValueError naming the architecture and those served."""
+    architecture = (getattr(hf_config, "architectures", None) or [
+        "LlavaNextVideoForConditionalGeneration" if getattr(hf_config, "model_type", None) == LLAVA_NEXT_VIDEO_MODEL_TYPE
+        else "VideoLlavaForConditionalGeneration"])[0]
+    if architecture not in MODEL_CLASSES:
+        raise ValueError(f"a {architecture} checkpoint; intp-vllm serves {', '.join(MODEL_CLASSES)}")
+    return model_class(architecture)
+
+
 class IntpConfigHook:
     """Per-architecture config hook (vLLM's MODELS_CONFIG_MAP): validate `intp`, size max_model_len,
     and on CPU size the KV cache from what the configuration needs (`cpu_memory.py`)."""

@@ -178,7 +178,7 @@ def resolve_model(model: str, intp: dict) -> tuple:
     """(IntpConfig, ClipPreprocessConfig) the engine will use (checkpoint + flags), known before it starts."""
     from transformers import AutoConfig
 
-    from intp_vllm.vllm_ext.plugin import MODEL_CLASSES, model_class
+    from intp_vllm.vllm_ext.plugin import config_model_class
 
     try:
         hf_config = AutoConfig.from_pretrained(model)
@@ -186,10 +186,10 @@ def resolve_model(model: str, intp: dict) -> tuple:
         raise BatchError(f"cannot load the config of --model {model!r}: {exc}") from None
     if intp:
         hf_config.intp = intp  # as vLLM's hf_overrides does: the flags replace the checkpoint's section
-    architecture = (getattr(hf_config, "architectures", None) or ["VideoLlavaForConditionalGeneration"])[0]
-    if architecture not in MODEL_CLASSES:
-        raise BatchError(f"--model {model!r} is a {architecture}; intp-vllm serves {', '.join(MODEL_CLASSES)}")
-    adapter = model_class(architecture)
+    try:
+        adapter = config_model_class(hf_config)
+    except ValueError as exc:
+        raise BatchError(f"--model {model!r} is {exc}") from None
     try:
         return adapter.intp_config(hf_config), adapter.preprocess_config(hf_config)
     except ValueError as exc:

@@ -15,6 +15,7 @@ from intp_vllm.apps.bench.workload import Request, make_workload
 from intp_vllm.core.config import kv_bytes_per_token
 from intp_vllm.machine import machine
 from intp_vllm.vllm_ext.cpu_memory import weight_bytes
+from intp_vllm.vllm_ext.plugin import config_model_class
 from intp_vllm.vllm_ext.pruning import VideoPruning
 
 
@@ -23,7 +24,7 @@ class Settings:
     requests: int = 16
     frames: tuple[int, ...] = (8, 16, 32)
     new_tokens: tuple[int, ...] = (8, 32, 64)
-    intp_frames: int | None = None
+    intp_frames: tuple[int, ...] | None = None  # None: the largest of `frames`
     repeats: int = 3
     enforce_eager: bool = False
     kv_cache_gib: float | None = None  # None: each run's from the checkpoint and its longest request (sizing.py)
@@ -34,6 +35,11 @@ class Settings:
 
 QUICK_SETTINGS = Settings(requests=4, frames=(8, 16), new_tokens=(4, 8), repeats=1, enforce_eager=True,
                           peak_seconds=1.0)
+
+
+def intp_frame_counts(settings: Settings) -> tuple[int, ...]:
+    """The F of the INTP and unscaled runs: `settings.intp_frames`, else the largest video."""
+    return settings.intp_frames or (max(settings.frames),)
 
 
 def make_rounds(settings: Settings) -> list[list[Request]]:
@@ -48,12 +54,14 @@ def benchmark(model_dir: str, settings: Settings, run_names: list[str] | None = 
     import torch
     from transformers import AutoConfig, AutoTokenizer
 
-    intp_frames = settings.intp_frames or max(settings.frames)
+    intp_frames = intp_frame_counts(settings)
     runs = make_runs(intp_frames, VideoPruning(settings.pruning_method, settings.pruning_rate))
     selected = select_runs(runs, run_names)
     device, dtype = accelerator()
     hf_config = AutoConfig.from_pretrained(model_dir)
     shape = ModelShape.from_hf_config(hf_config)
+    model_type = config_model_class(hf_config).model_name
+    log(f"{model_type}: {shape.tokens_per_frame} tokens a frame")
     kv_per_token = kv_bytes_per_token(hf_config.text_config, getattr(torch, dtype).itemsize)
     rounds = make_rounds(settings)
     engine = dict(dtype=dtype, enforce_eager=settings.enforce_eager, max_num_seqs=settings.requests,
@@ -100,13 +108,14 @@ def benchmark(model_dir: str, settings: Settings, run_names: list[str] | None = 
         "peak_flops_measured": peaks,
         "model": str(model_dir),
         "model_name": Path(model_dir).name,
+        "model_type": model_type,
         "model_shape": asdict(shape),
         "kv_bytes_per_token": kv_per_token,
         "engine_sizes": {name: asdict(size) for name, size in sizes.items()},
-        "settings": {**asdict(settings), "intp_frames": intp_frames},
+        "settings": {**asdict(settings), "intp_frames": list(intp_frames)},
         "workload": [asdict(r) for r in rounds[1]],
         "runs": summaries,
     }
     if len(selected) == len(runs):
-        report["goals"] = goals(summaries, [r.name for r in runs])
+        report["goals"] = goals(summaries, runs)
     return report

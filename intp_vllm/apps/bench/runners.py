@@ -3,14 +3,19 @@ Each runner is called as `fn(report, **kwargs)` in its own process (`harness.run
 
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import dataclass
 
-from intp_vllm.apps.bench.flops import ModelShape
 from intp_vllm.apps.bench.workload import Request, make_video
+from intp_vllm.core.config import IntpConfig
 from intp_vllm.core.prompt import VIDEO_PROMPT
 from intp_vllm.vllm_ext.engine import shutdown_llm
+from intp_vllm.vllm_ext.plugin import config_model_class
 from intp_vllm.vllm_ext.pruning import VideoPruning
+
+BASELINE_FRAMES = 8
+"""Frames of the HF and plugin baselines (Video-LLaVA's window; LLaVA-NeXT-Video is read at 8 too)."""
 
 
 @dataclass(frozen=True)
@@ -19,26 +24,36 @@ class Run:
     label: str
     engine: str  # "hf" or "vllm"
     frames: int  # frames a video is read at (sampled uniformly when it has more)
-    intp: dict | None = None  # the checkpoint's `intp` section; None = the plugin's defaults
+    intp: dict | None = None  # the engine's `intp` section (replaces the checkpoint's); None: the checkpoint's
     pruning: VideoPruning | None = None  # vLLM's video token pruning of the engine; None = none
+    role: str = ""  # what the goals compare it as: "hf", "plugin", "intp", "unscaled" or "pruned"
 
 
-def make_runs(intp_frames: int, pruning: VideoPruning | None = None) -> list[Run]:
-    """The four runs the goals compare, and with `pruning` (rate > 0) INTP with that pruning,
+def make_runs(intp_frames: tuple[int, ...], pruning: VideoPruning | None = None) -> list[Run]:
+    """HF generate and the plugin at 8 frames, then for each F of `intp_frames` INTP and its
+    unscaled twin; with `pruning` (rate > 0) INTP at the largest F with that pruning,
     `intp_<F>f_<method><rate>`."""
-    intp = {"frames": intp_frames, "rope_type": "yarn", "factor": "auto"}
     runs = [
-        Run("hf_generate", "HF generate, 8 frames", "hf", 8),
-        Run("plugin_8f", "plugin, 8 frames", "vllm", 8),
-        Run(f"intp_{intp_frames}f", f"INTP (YaRN), {intp_frames} frames", "vllm", intp_frames, intp),
-        Run(f"unscaled_{intp_frames}f", f"{intp_frames} frames, no RoPE scaling", "vllm", intp_frames,
-            {"frames": intp_frames, "rope_type": "none", "factor": 1, "grouping": "consecutive"}),
+        Run("hf_generate", "HF generate, 8 frames", "hf", BASELINE_FRAMES, role="hf"),
+        Run("plugin_8f", "plugin, 8 frames", "vllm", BASELINE_FRAMES, {"frames": BASELINE_FRAMES}, role="plugin"),
     ]
+    for frames in intp_frames:
+        runs += [
+            Run(f"intp_{frames}f", f"INTP (YaRN), {frames} frames", "vllm", frames, yarn(frames), role="intp"),
+            Run(f"unscaled_{frames}f", f"{frames} frames, no RoPE scaling", "vllm", frames,
+                {"frames": frames, "rope_type": "none", "factor": 1, "grouping": "consecutive"}, role="unscaled"),
+        ]
     if pruning is not None and pruning.rate > 0:
-        runs.append(Run(f"intp_{intp_frames}f_{pruning.method}{pruning.rate:g}",
-                        f"INTP (YaRN), {intp_frames} frames, {pruning.method} {pruning.rate:g}", "vllm", intp_frames,
-                        intp, pruning))
+        frames = max(intp_frames)
+        runs.append(Run(f"intp_{frames}f_{pruning.method}{pruning.rate:g}",
+                        f"INTP (YaRN), {frames} frames, {pruning.method} {pruning.rate:g}", "vllm", frames,
+                        yarn(frames), pruning, role="pruned"))
     return runs
+
+
+def yarn(frames: int) -> dict:
+    """INTP's `intp` section: `frames` frames, YaRN at each request's own scale."""
+    return {"frames": frames, "rope_type": "yarn", "factor": "auto"}
 
 
 def select_runs(runs: list[Run], names: list[str] | None) -> list[Run]:
@@ -48,17 +63,28 @@ def select_runs(runs: list[Run], names: list[str] | None) -> list[Run]:
     return [r for r in runs if names is None or r.name in names]
 
 
+def engine_intp(hf_config, intp: dict | None) -> IntpConfig:
+    """The `IntpConfig` of an engine given `intp` (vLLM's hf_overrides replaces the checkpoint's
+    section with it; None keeps the checkpoint's), the model adapter's defaults for the rest."""
+    if intp is not None:
+        hf_config = copy.copy(hf_config)
+        hf_config.intp = intp
+    return config_model_class(hf_config).intp_config(hf_config)
+
+
 def run_hf(report, model_dir: str, rounds: list[list[Request]], frames: int, device: str, dtype: str) -> None:
-    """HF transformers as an HF user runs it: CLIPImageProcessor (PIL; no torchvision here), the
-    tokenizer, `generate` greedy, one request at a time. Frames are chosen as the plugin chooses
-    them (uniform, padded to whole 8-frame clips). EOS is off so every request decodes exactly its
-    max_tokens, as vLLM does with ignore_eos."""
+    """HF transformers as an HF user runs it: the checkpoint's class (`VideoLlavaForConditionalGeneration`,
+    `LlavaNextVideoForConditionalGeneration`), CLIPImageProcessor (PIL; no torchvision here) at the
+    size the plugin preprocesses at, so both get the same pixel values, the tokenizer, `generate`
+    greedy, one request at a time. Frames are chosen as the plugin chooses them (uniform, padded
+    to whole encoder clips). EOS is off so every request decodes exactly its max_tokens, as vLLM
+    does with ignore_eos."""
     import torch
-    from transformers import AutoTokenizer, VideoLlavaForConditionalGeneration
+    from transformers import AutoConfig, AutoTokenizer
     from transformers.generation.streamers import BaseStreamer
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
-    from intp_vllm.core.config import default_encoder_frames
+    from intp_vllm.research.hf_video_llava import hf_model_class
     from intp_vllm.vllm_ext.model import select_frames
 
     class FirstToken(BaseStreamer):
@@ -76,15 +102,20 @@ def run_hf(report, model_dir: str, rounds: list[list[Request]], frames: int, dev
             pass
 
     start = time.perf_counter()
-    model = VideoLlavaForConditionalGeneration.from_pretrained(model_dir, dtype=getattr(torch, dtype)).to(device)
+    config = AutoConfig.from_pretrained(model_dir)
+    model = hf_model_class(config).from_pretrained(model_dir, dtype=getattr(torch, dtype)).to(device)
     model.eval()
     model.generation_config.eos_token_id = None
     model.generation_config.pad_token_id = 0
-    processor = CLIPImageProcessorPil.from_pretrained(model_dir)
+    adapter = config_model_class(config)
+    preprocess = adapter.preprocess_config(config)
+    processor = CLIPImageProcessorPil(size={"shortest_edge": preprocess.shortest_edge},
+                                      crop_size={"height": preprocess.crop_size, "width": preprocess.crop_size},
+                                      image_mean=list(preprocess.mean), image_std=list(preprocess.std))
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    video_id = model.config.video_token_index
-    per_frame = ModelShape.from_hf_config(model.config).tokens_per_frame
-    encoder_frames = default_encoder_frames(model.config)
+    video_id = config.video_token_index
+    per_frame = adapter.tokens_per_frame(config)
+    encoder_frames = engine_intp(config, None).encoder_frames
     startup = time.perf_counter() - start
 
     results = []
@@ -124,7 +155,6 @@ def run_vllm(report, model_dir: str, rounds: list[list[Request]], frames: int, i
     os.environ["VLLM_ALLOW_LONG_MAX_MODEL_LEN"] = "1"
     from vllm import LLM, SamplingParams
 
-    from intp_vllm.core.config import default_encoder_frames
     from intp_vllm.vllm_ext.model import select_frames
 
     if pruning is not None:
@@ -133,7 +163,7 @@ def run_vllm(report, model_dir: str, rounds: list[list[Request]], frames: int, i
     llm = LLM(model=model_dir, hf_overrides={"intp": intp} if intp else None, disable_log_stats=False, **engine)
     startup = time.perf_counter() - start
     hf_config = llm.llm_engine.model_config.hf_config
-    video_id, encoder_frames = hf_config.video_token_index, default_encoder_frames(hf_config)
+    video_id, encoder_frames = hf_config.video_token_index, engine_intp(hf_config, None).encoder_frames
     results = []
     for requests in rounds:
         prompts = [{"prompt": VIDEO_PROMPT.format(question=r.question), "multi_modal_data": {"video": make_video(r)}}

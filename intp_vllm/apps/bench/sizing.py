@@ -12,28 +12,20 @@ once:
 that is all the requests of a round at once, capped at half the device memory left after the
 weights, never less than one request (vLLM refuses to start when one `max_model_len` sequence
 does not fit). Video-LLaVA-7B in bf16 (512 KiB a token) at 32 frames: 8.7K tokens, 4.5 GiB a
-request. `--kv-cache-gib` given wins over the sizing.
+request; LLaVA-NeXT-Video-7B (144 tokens a frame) at 64 frames: 9.7K tokens, 4.8 GiB. Tokens a
+frame and the encoder window are the model adapter's. `--kv-cache-gib` given wins over the sizing.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from intp_vllm.apps.bench.runners import Run
+from intp_vllm.apps.bench.runners import Run, engine_intp
 from intp_vllm.apps.bench.workload import Request
-from intp_vllm.core.config import (
-    TEXT_MARGIN_TOKENS,
-    default_encoder_frames,
-    kv_bytes_per_token,
-    tokens_per_frame,
-    video_tokens,
-)
+from intp_vllm.core.config import TEXT_MARGIN_TOKENS, kv_bytes_per_token, video_tokens
 from intp_vllm.core.prompt import VIDEO_PROMPT
-from intp_vllm.vllm_ext.cpu_memory import cpu_kv_cache_bytes
-
-BLOCK_ALLOWANCE_TOKENS = 2 * 256
-"""vLLM rounds a sequence up to whole KV blocks and holds one block back (its null block):
-two blocks of the largest size a backend uses here (256 tokens; CUDA's default is 16)."""
+from intp_vllm.vllm_ext.cpu_memory import BLOCK_ALLOWANCE_TOKENS, cpu_kv_cache_bytes
+from intp_vllm.vllm_ext.plugin import config_model_class
 
 
 @dataclass(frozen=True)
@@ -46,13 +38,18 @@ class EngineSize:
     request_kv_bytes: int
 
 
-def request_tokens(request: Request, frames_read: int, hf_config, tokenizer) -> int:
-    """Prompt tokens (the question's prompt with `<video>` expanded to the video's tokens when
-    read at `frames_read` frames, padded to whole encoder clips) plus the request's new tokens."""
+def run_video_tokens(run: Run, frames: int, hf_config) -> int:
+    """Prompt tokens of a video of `frames` frames in `run`'s engine: read at most `run.frames`,
+    padded to whole encoder clips, the model adapter's tokens a frame each."""
+    return video_tokens(min(frames, run.frames), engine_intp(hf_config, run.intp).encoder_frames,
+                        config_model_class(hf_config).tokens_per_frame(hf_config))
+
+
+def request_tokens(request: Request, run: Run, hf_config, tokenizer) -> int:
+    """Prompt tokens of `request` in `run`'s engine (the question's prompt with `<video>` expanded
+    to the video's tokens, `run_video_tokens`) plus its new tokens."""
     ids = tokenizer(VIDEO_PROMPT.format(question=request.question))["input_ids"]
-    vision = hf_config.vision_config
-    video = video_tokens(min(request.frames, frames_read), default_encoder_frames(hf_config),
-                         tokens_per_frame(vision.image_size, vision.patch_size))
+    video = run_video_tokens(run, request.frames, hf_config)
     return len(ids) - ids.count(hf_config.video_token_index) + video + request.max_tokens
 
 
@@ -77,10 +74,8 @@ def engine_sizes(runs: list[Run], requests: list[Request], concurrent: int, hf_c
     for run in runs:
         if run.engine != "vllm":
             continue
-        vision = hf_config.vision_config
-        least = TEXT_MARGIN_TOKENS + video_tokens(run.frames, default_encoder_frames(hf_config),
-                                                  tokens_per_frame(vision.image_size, vision.patch_size))
-        longest = max(least, *(request_tokens(r, run.frames, hf_config, tokenizer) for r in requests))
+        least = TEXT_MARGIN_TOKENS + run_video_tokens(run, run.frames, hf_config)
+        longest = max(least, *(request_tokens(r, run, hf_config, tokenizer) for r in requests))
         per_request = per_token * (longest + BLOCK_ALLOWANCE_TOKENS)
         if kv_cache_gib is None:
             cache = cpu_kv_cache_bytes(per_request, concurrent, available, weights)

@@ -82,6 +82,11 @@ class LlavaNextVideoForConditionalGeneration(IntpVideoModel):
         return pooled_side(hf_config) ** 2
 
     @classmethod
+    def pool_stride(cls, hf_config) -> int:
+        """`spatial_pool_stride` (2): each token pools a 2 x 2 square of patches."""
+        return hf_config.spatial_pool_stride
+
+    @classmethod
     def default_encoder_frames(cls, hf_config) -> int:
         """1: the tower sees each frame on its own."""
         return 1
