@@ -38,6 +38,15 @@ def test_a_given_chat_template_and_middleware_are_kept():
     assert "intp" not in args.hf_overrides
 
 
+@pytest.mark.parametrize("model_type, built_in", [("video_llava", True), ("llava_next_video", False)])
+def test_the_built_in_chat_template_is_video_llava_s_only(tmp_path, model_type, built_in):
+    """A LLaVA-NeXT-Video checkpoint keeps its own template (not necessarily Vicuna's): vLLM's
+    tokenizer template or the plugin's fallback for chat_template.json."""
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": model_type}))
+    args = vllm_serve_args(str(tmp_path), {}, [])
+    assert args.chat_template == (str(VIDEO_LLAVA_CHAT_TEMPLATE_PATH) if built_in else None)
+
+
 @pytest.fixture(scope="module")
 def thin_and_plain(tmp_path_factory):
     """A video our limits refuse (3000x4 frames) and an ordinary one."""

@@ -124,7 +124,7 @@ def _add_serve(sub) -> None:
         "intp-vllm serve /models/Video-LLaVA-7B-hf --frames 32 --ray --ray-address auto --replicas 4 "
         "--tensor-parallel-size 2 (docs/ray-serve.md)",
     )
-    p.add_argument("model", help="local HF-format Video-LLaVA checkpoint directory")
+    p.add_argument("model", help="local HF-format Video-LLaVA or LLaVA-NeXT-Video checkpoint directory")
     add_intp_arguments(p)
     add_limit_arguments(p)
     add_ray_arguments(p)

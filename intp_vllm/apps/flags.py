@@ -22,7 +22,9 @@ def add_intp_arguments(parser: argparse.ArgumentParser) -> None:
     from intp_vllm.core.config import GROUPINGS, ROPE_TYPES
 
     group = parser.add_argument_group("INTP (training-free long video)")
-    group.add_argument("--frames", type=int, help="frames sampled per video (default: the encoder window, 8)")
+    group.add_argument("--frames", type=int,
+                       help="frames sampled per video (default: the checkpoint's intp.frames where it sets one, "
+                       "else Video-LLaVA's encoder window, 8, or LLaVA-NeXT-Video's 32)")
     group.add_argument("--max-frames", type=int,
                        help="most frames one request may carry, the one knob of long videos: a batch job's "
                        "\"frames\", a server request's mm_processor_kwargs={'frames': n} (the server also needs vLLM's "

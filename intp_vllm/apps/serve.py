@@ -24,6 +24,7 @@ from intp_vllm.apps.flags import add_media_host_arguments, add_video_decoder_arg
 from intp_vllm.core.prompt import VIDEO_LLAVA_CHAT_TEMPLATE_PATH
 from intp_vllm.vllm_ext.client_messages import CLIENT_MESSAGES
 from intp_vllm.vllm_ext.media import VIDEO_TIMESTAMPS, ServeLimits, file_read_slots, install_media_limits
+from intp_vllm.vllm_ext.plugin import VIDEO_LLAVA_MODEL_TYPE
 
 logger = logging.getLogger("vllm.intp_vllm")  # under "vllm": its handler and level apply
 
@@ -63,13 +64,22 @@ def vllm_serve_parser() -> argparse.ArgumentParser:
 
 def vllm_serve_args(model: str, intp: dict, vllm_args: list[str]) -> argparse.Namespace:
     """vLLM's `serve` arguments, parsed by vLLM's own parser, with our `intp` section, the
-    Video-LLaVA chat template (unless one is given) and the load-shedding middleware."""
+    Video-LLaVA chat template for a Video-LLaVA checkpoint (unless one is given; other models,
+    e.g. LLaVA-NeXT-Video, keep their checkpoint's own) and the load-shedding middleware."""
     args = vllm_serve_parser().parse_args([model, *vllm_args])
     args.hf_overrides = with_long_context(merge_hf_overrides(args.hf_overrides, intp), args.max_model_len)
-    if args.chat_template is None:
+    if args.chat_template is None and checkpoint_model_type(model) in (None, VIDEO_LLAVA_MODEL_TYPE):
         args.chat_template = str(VIDEO_LLAVA_CHAT_TEMPLATE_PATH)
     args.middleware = [*(args.middleware or []), MIDDLEWARE]
     return args
+
+
+def checkpoint_model_type(model: str) -> str | None:
+    """The `model_type` in a checkpoint directory's config.json (None: no such file or field)."""
+    from pathlib import Path
+
+    config = Path(model) / "config.json"
+    return json.loads(config.read_text()).get("model_type") if config.is_file() else None
 
 
 def run_server(model: str, intp: dict, vllm_args: list[str], limits: "ServeLimits") -> None:

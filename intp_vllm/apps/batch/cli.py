@@ -87,7 +87,7 @@ def add_batch_arguments(parser: argparse.ArgumentParser) -> None:
     """The flags of `intp-vllm batch`, added to `parser` (EXAMPLE is its epilog)."""
     from intp_vllm.apps.flags import add_intp_arguments, add_media_host_arguments, add_video_decoder_argument
 
-    parser.add_argument("--model", required=True, help="local HF-format Video-LLaVA checkpoint directory")
+    parser.add_argument("--model", required=True, help="local HF-format Video-LLaVA or LLaVA-NeXT-Video checkpoint directory")
     parser.add_argument("--input", required=True, type=Path, help="jobs: JSONL, one job a line (see below)")
     parser.add_argument("--output", required=True, type=Path,
                         help="results: JSONL, appended to; an existing file is resumed (see below)")
