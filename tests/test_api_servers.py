@@ -22,7 +22,7 @@ import requests
 
 from intp_vllm.research.synthetic import moving_shapes_video
 from intp_vllm.video.io import write_video
-from test_server import STARTUP_TIMEOUT_S, free_port, messages
+from test_server import STARTUP_TIMEOUT_S, free_port, messages, stop, wait_healthy
 
 pytestmark = pytest.mark.engine
 
@@ -63,17 +63,8 @@ def test_two_api_servers_answer_videos_and_apply_the_limits_each(tiny_model_dir,
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, text=True)
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 4 * STARTUP_TIMEOUT_S  # three processes start (on a loaded machine: minutes)
-        while True:
-            if process.poll() is not None:
-                pytest.fail(f"server exited with {process.returncode}: {log_path.read_text()[-3000:]}")
-            try:
-                if requests.get(f"{base}/health", timeout=2).status_code == 200:
-                    break
-            except requests.ConnectionError:
-                pass
-            assert time.monotonic() < deadline, "server did not become healthy in time"
-            time.sleep(1)
+        # three processes start (on a loaded machine: minutes)
+        wait_healthy(process, base, 4 * STARTUP_TIMEOUT_S, log_path.read_text)
         assert len(set(re.findall(SERVER, log_path.read_text()))) == 2
 
         def health():
@@ -100,8 +91,4 @@ def test_two_api_servers_answer_videos_and_apply_the_limits_each(tiny_model_dir,
             ask(large, 400)
         assert len(answers) == 1  # one engine behind both: the same greedy answer
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            process.kill()
+        stop(process)

@@ -421,14 +421,20 @@ def test_a_video_attached_again_in_later_turns_is_one_video(server, model, clip)
         "prompt_tokens"], reply
 
 
+def two_videos_of_one_size(media_dir, stem: str, seeds: tuple[int, int]) -> tuple[bytes, bytes]:
+    """Two MP4s of other frames padded to one size (trailing bytes after the moov are ignored):
+    a file that changes behind a cache's back without changing its size."""
+    first, other = (write_video(media_dir / f"{stem}-{seed}.mp4", moving_shapes_video(
+        num_frames=24, height=72, width=100, seed=seed)).read_bytes() for seed in seeds)
+    size = max(len(first), len(other))
+    return first.ljust(size, b"\0"), other.ljust(size, b"\0")
+
+
 def test_a_follow_up_question_about_an_unchanged_file_is_not_read_or_decoded_again(server, model, media_dir):
     """The decoded-video cache: while the file's inode, size and mtime are unchanged, the next
     turn gets the frames decoded for the first; touching the file makes the next one read it.
     Shown by swapping other frames into the file behind the cache's back, same size and mtime."""
-    first, other = (write_video(media_dir / f"cache-{seed}.mp4", moving_shapes_video(
-        num_frames=24, height=72, width=100, seed=seed)).read_bytes() for seed in (21, 22))
-    size = max(len(first), len(other))
-    first, other = first.ljust(size, b"\0"), other.ljust(size, b"\0")  # trailing bytes after the moov: ignored
+    first, other = two_videos_of_one_size(media_dir, "cache", (21, 22))
     path = media_dir / "cached.mp4"
     path.write_bytes(first)
     (media_dir / "other.mp4").write_bytes(other)
@@ -485,10 +491,7 @@ def test_a_follow_up_question_about_the_same_data_url_video_is_not_decoded_again
 def test_a_changed_http_video_is_not_served_stale(server, model, media_dir, http_media):
     """http(s) videos are downloaded every turn and kept by a hash of their bytes: the same bytes
     skip decoding, new bytes under the same URL (same size, same Last-Modified) are decoded."""
-    first, other = (write_video(media_dir / f"http-cache-{seed}.mp4", moving_shapes_video(
-        num_frames=24, height=72, width=100, seed=seed)).read_bytes() for seed in (24, 25))
-    size = max(len(first), len(other))
-    first, other = first.ljust(size, b"\0"), other.ljust(size, b"\0")  # trailing bytes after the moov: ignored
+    first, other = two_videos_of_one_size(media_dir, "http-cache", (24, 25))
     path = media_dir / "http-cached.mp4"
     path.write_bytes(first)
     mtime = path.stat().st_mtime_ns

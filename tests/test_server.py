@@ -39,20 +39,32 @@ def server(tiny_model_dir, tiny_llm):
     ]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    try:
+        wait_healthy(process, base, STARTUP_TIMEOUT_S, lambda: process.stderr.read())
+        yield base
+    finally:
+        stop(process)
+
+
+def wait_healthy(process: subprocess.Popen, base: str, timeout_s: float, output) -> None:
+    """Wait until the server at `base` answers /health with 200; fails the test, with the tail
+    of `output()`, when the process exits first or `timeout_s` passes."""
+    deadline = time.monotonic() + timeout_s
     while True:
         if process.poll() is not None:
-            pytest.fail(f"server exited with {process.returncode}: {process.stderr.read()[-3000:]}")
+            pytest.fail(f"server exited with {process.returncode}: {output()[-3000:]}")
         try:
             if requests.get(f"{base}/health", timeout=2).status_code == 200:
-                break
+                return
         except requests.ConnectionError:
             pass
         if time.monotonic() > deadline:
-            process.kill()
             pytest.fail("server did not become healthy in time")
         time.sleep(1)
-    yield base
+
+
+def stop(process: subprocess.Popen) -> None:
+    """SIGTERM, then SIGKILL after 60 s."""
     process.terminate()
     try:
         process.wait(timeout=60)
