@@ -153,10 +153,14 @@ def test_speed_clips_slide_one_texture_by_their_answer_s_distance(frames):
 
 
 @pytest.mark.engine
-def test_pruned_cells_report_their_tokens_and_plot_the_frontier(tmp_path):
+def test_pruned_cells_report_their_tokens_and_plot_the_frontier(tmp_path, monkeypatch):
     """eval-needle with pruning asked per request, on the committed needle model and a drifting
-    scene: each cell records its video tokens; the report gains the accuracy-vs-tokens plot."""
+    scene: each cell records its video tokens; the report gains the accuracy-vs-tokens plot.
+    The clips go to the engine 5 a call (ASK_FRAMES), the last call short, answers in order."""
+    from intp_vllm.research import needle_eval
     from intp_vllm.vllm_ext.pruning import VideoPruning
+
+    monkeypatch.setattr(needle_eval, "ASK_FRAMES", 5 * 32)
 
     evs = VideoPruning("evs", 0.75)
     results = evaluate("assets/needle-video-llava", [32], ["yarn"], clips_per_cell=24, tasks=("order",),

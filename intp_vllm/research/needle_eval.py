@@ -62,14 +62,24 @@ def cell_clips(frames: int, task: str, count: int, seed: int, scene: str = "nois
     return make_clips(seed * 1_000_003 + frames * 31 + list(QUESTIONS).index(task), count, frames, (task,), scene)
 
 
+ASK_FRAMES = 8192
+"""Frames handed to one `LLM.generate` call at most (whole videos, at least one): vLLM processes
+a call's videos before it schedules any, so a cell of 200 videos of 512-1024 frames in one call
+held GBs of pixel values at once."""
+
+
 def _ask(llm, videos: list[np.ndarray], tasks: list[str], pruning: VideoPruning = VideoPruning()) -> list:
-    """Each video's answer and its prompt's video token count (after pruning)."""
+    """Each video's answer and its prompt's video token count (after pruning), asked
+    ASK_FRAMES frames' worth of videos a call."""
     from vllm import SamplingParams
 
     kwargs = {"pruning_rate": pruning.rate, "pruning_method": pruning.method}
     requests = [{"prompt": VIDEO_PROMPT.format(question=QUESTIONS[task]), "multi_modal_data": {"video": video},
                  "mm_processor_kwargs": kwargs} for video, task in zip(videos, tasks)]
-    outputs = llm.generate(requests, SamplingParams(temperature=0.0, max_tokens=1), use_tqdm=False)
+    per_call = max(1, ASK_FRAMES // max(len(video) for video in videos))
+    outputs = [output for start in range(0, len(requests), per_call)
+               for output in llm.generate(requests[start:start + per_call],
+                                          SamplingParams(temperature=0.0, max_tokens=1), use_tqdm=False)]
     video_token = llm.llm_engine.model_config.hf_config.video_token_index
     return [(output.outputs[0].text.strip(), output.prompt_token_ids.count(video_token)) for output in outputs]
 
