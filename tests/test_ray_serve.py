@@ -203,6 +203,14 @@ def app_processes() -> list[psutil.Process]:
     return replicas + [child for replica in replicas for child in replica.children(recursive=True)]
 
 
+def command_line(process: psutil.Process) -> list[str]:
+    """The process's command line; [] for one that has exited (a zombie left by an earlier test)."""
+    try:
+        return process.cmdline()
+    except (psutil.NoSuchProcess, psutil.ZombieProcess):
+        return []
+
+
 def engine_processes(processes: list[psutil.Process]) -> list[psutil.Process]:
     return [p for p in processes if p.name() in ENGINE_PROCESSES]
 
@@ -423,7 +431,7 @@ def test_sigterm_after_a_failover_exits_0_at_once_leaving_no_replica_or_engine(r
     The endpoint is gone after this test."""
     base_url, _, log = ray_server
     assert FAILOVER, "run with the failover test before it: a replica must have been killed and replaced"
-    [server] = [p for p in psutil.Process().children() if "--ray" in p.cmdline()]
+    [server] = [p for p in psutil.Process().children() if "--ray" in command_line(p)]
     before = app_processes()
     engines = engine_processes(before)
     assert FAILOVER["victim"] not in {p.pid for p in before}
