@@ -11,8 +11,9 @@ runs itself in a fresh process with TRITON_INTERPRET=1 and the engine core in th
 What it caught: vLLM's AOT compile (`VLLM_USE_AOT_COMPILE`, vLLM's default from torch 2.10, so on
 GPU hosts too) re-traces Dynamo's `query._base` node (kernels/scaled_rotary.py, `split_from`) to
 None; the op then mutates nothing Inductor keeps, and the compiled graph has no rotation at all
-(the kernel was never called; other tokens). The plugin turns AOT compile off by default
-(plugin.register); this test runs with that default.
+(the kernel was never called; other tokens). The plugin's config hook turns AOT compile off for
+engines with per-request scales (plugin.keep_rotary_in_compiled_graph); this test runs with that
+default.
 """
 
 from __future__ import annotations

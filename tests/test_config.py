@@ -75,6 +75,26 @@ def test_speculative_decoding_is_refused_with_per_request_scales(tiny_model_dir)
 
 
 @pytest.mark.usefixtures("vllm_config_here")
+def test_aot_compile_is_turned_off_for_per_request_scales_and_refused_when_forced(tiny_model_dir, monkeypatch):
+    """vLLM's AOT compile drops the per-request rotary op from the compiled graph
+    (tests/test_compiled_engine.py): the config hook turns it off for factor auto unless set, and
+    refuses it set to 1 on a compiled engine; eager engines and fixed factors keep it."""
+    import os
+
+    from vllm.engine.arg_utils import EngineArgs
+
+    monkeypatch.delenv("VLLM_USE_AOT_COMPILE", raising=False)
+    EngineArgs(model=str(tiny_model_dir), hf_overrides={"intp": {"factor": 4.0}}).create_engine_config()
+    assert "VLLM_USE_AOT_COMPILE" not in os.environ  # a fixed factor runs vLLM's own rotary op
+    EngineArgs(model=str(tiny_model_dir)).create_engine_config()
+    assert os.environ["VLLM_USE_AOT_COMPILE"] == "0"
+    monkeypatch.setenv("VLLM_USE_AOT_COMPILE", "1")
+    with pytest.raises(ValueError, match="VLLM_USE_AOT_COMPILE=1 drops intp's per-request rotary op"):
+        EngineArgs(model=str(tiny_model_dir)).create_engine_config()
+    EngineArgs(model=str(tiny_model_dir), enforce_eager=True).create_engine_config()
+
+
+@pytest.mark.usefixtures("vllm_config_here")
 def test_cpu_kv_cache_is_sized_by_the_plugin_unless_given(tiny_model_dir):
     from vllm.engine.arg_utils import EngineArgs
 

@@ -126,7 +126,7 @@ RELIANCES: dict[str, Reliance] = {
     "SamplingParams.verify": Reliance(("vllm:SamplingParams.verify",),
                                       params=("model_config", "speculative_config", "structured_outputs_config",
                                               "tokenizer")),
-    **_at("vllm", "envs", members=("VLLM_MEDIA_CONNECTOR",)),
+    **_at("vllm", "envs", members=("VLLM_MEDIA_CONNECTOR", "VLLM_USE_AOT_COMPILE")),
     # --- registries and hooks the plugin registers in (plugin.py)
     **_at("vllm", "ModelRegistry", members=("register_model", "get_supported_archs")),
     **_at("vllm.model_executor.models.config", "MODELS_CONFIG_MAP"),

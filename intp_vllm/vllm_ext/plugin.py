@@ -48,6 +48,28 @@ def config_model_class(hf_config):
     return model_class(architecture)
 
 
+def keep_rotary_in_compiled_graph(enforce_eager: bool) -> None:
+    """Turn vLLM's AOT compile off for an engine with per-request RoPE scales, unless set.
+
+    AOT compile (`VLLM_USE_AOT_COMPILE`, vLLM's default from torch 2.10) re-traces Dynamo's
+    `query._base` (kernels/scaled_rotary.py, `split_from`) to None, and the per-request rotary op
+    on qkv whole is then dropped from the compiled graph: no rotation at all
+    (tests/test_compiled_engine.py); plain torch.compile keeps it. Set here, in the engine's
+    config hook, the variable reaches the engine-core and worker processes started after it, and
+    engines of other models keep vLLM's default. Raises ValueError when AOT compile is still on
+    for a compiled engine (set to 1, or read by an earlier engine of this process)."""
+    import os
+
+    from intp_vllm.vllm_ext.internals import envs
+
+    os.environ.setdefault("VLLM_USE_AOT_COMPILE", "0")
+    if envs.VLLM_USE_AOT_COMPILE and not enforce_eager:
+        raise ValueError(
+            "VLLM_USE_AOT_COMPILE=1 drops intp's per-request rotary op from the compiled graph (no rotation); "
+            "unset it (intp-vllm turns it off for its engines) or set it to 0 before vLLM starts its first engine "
+            "in this process, or pass --enforce-eager, or a fixed --factor")
+
+
 class IntpConfigHook:
     """Per-architecture config hook (vLLM's MODELS_CONFIG_MAP): validate `intp`, size max_model_len,
     and on CPU size the KV cache from what the configuration needs (`cpu_memory.py`)."""
@@ -68,6 +90,7 @@ class IntpConfigHook:
                     "--speculative-config cannot be used with intp factor 'auto': each request's RoPE scale "
                     "rides in its positions (request_scale.py), which vLLM's drafters read as KV-cache slots; "
                     "set a fixed --factor (e.g. --factor 4) or drop --speculative-config")
+            keep_rotary_in_compiled_graph(vllm_config.model_config.enforce_eager)
         pruning = VideoPruning.of_server(model_config.multimodal_config)
         size_cpu_kv_cache(vllm_config, adapter.video_tokens(model_config.hf_config, intp.frames, pruning)
                           + TEXT_MARGIN_TOKENS)
@@ -280,8 +303,6 @@ def register() -> None:
     the config hook, our video loader and media connector, the chat-template fallback, the
     renderer wrappers and the structured-output check; in an engine-core process, ends it with
     its parent (`engine.end_with_parent`). Idempotent."""
-    import os
-
     from intp_vllm.core.prompt import VIDEO_LLAVA_CHAT_TEMPLATE_PATH
     from intp_vllm.vllm_ext.internals import (
         MEDIA_CONNECTOR_REGISTRY,
@@ -297,10 +318,6 @@ def register() -> None:
     from intp_vllm.vllm_ext.media import MEDIA_HOOK_NAME, BoundedMediaConnector, IntpVideoLoader
 
     warn_if_untested()
-    # vLLM's AOT compile (its default from torch 2.10) re-traces `query._base` to None, so the per-request
-    # rotary op on qkv whole (kernels/scaled_rotary.py, the GPU branch) was dropped from the compiled
-    # graph: no rotation at all. Plain torch.compile keeps it (tests/test_compiled_engine.py).
-    os.environ.setdefault("VLLM_USE_AOT_COMPILE", "0")
     for name, wrap in RENDERER_WRAPPERS.items():
         if not getattr(getattr(BaseRenderer, name), "intp_vllm_wrapped", False):
             setattr(BaseRenderer, name, wrap(getattr(BaseRenderer, name)))
