@@ -21,6 +21,8 @@ BASE = 10000.0
 ORIGINAL = 2056
 RAMP = yarn_ramp_bounds(base=BASE, rotary_dim=128, original_max_position=ORIGINAL)
 SCALES = torch.tensor([1.0, 2.0, 4.0, 7.75, 16.0])
+MAX_POSITION = 40960
+"""Positions up to 40K: 128 frames of Video-LLaVA-7B reach ~33K tokens."""
 
 
 @pytest.fixture(autouse=True)
@@ -37,7 +39,8 @@ def fused_qkv(tokens, head_size, q_heads, k_heads, dtype, seed=0):
 
 def mixed_batch(tokens, seed=0):
     g = torch.Generator().manual_seed(seed)
-    positions = torch.randint(0, 16384, (tokens,), generator=g)
+    positions = torch.randint(0, MAX_POSITION, (tokens,), generator=g)
+    positions[:2] = torch.tensor([MAX_POSITION - 1, 0])
     return positions.cuda(), SCALES[torch.randint(0, len(SCALES), (tokens,), generator=g)].cuda()
 
 
@@ -56,9 +59,11 @@ def test_kernel_on_gpu_equals_torch_reference(case, rope_type, is_neox, dtype):
     expected_q, expected_k = apply_scaled_rotary(positions, q.float(), k.float(), scales, **kw)
     v_before = qkv[:, (q_heads + k_heads) * head_size:].clone()
     scaled_rotary_(positions, q, k, scales, **for_kernel(kw))
-    # fp32 angles at positions < 16384 carry ~16384 * 2**-24 rad; half precision adds one rounding
+    # fp32 angles at positions < 40960 carry ~40960 * 2**-24 rad (4e-3 held at 16384 on an H100); half
+    # precision adds one rounding. ntk: base' ** (2i/d) in fp64 vs torch's fp32 pow, 1.4e-2 at 40K under
+    # Triton's interpreter
     for got, expected in ((q, expected_q), (k, expected_k)):
-        atol = (1e-2 if rope_type == "ntk" else 4e-3)  # ntk: base' ** (2i/d) in fp64 vs torch's fp32 pow
+        atol = (2.5e-2 if rope_type == "ntk" else 1e-2)
         atol += torch.finfo(dtype).eps * expected.abs().max().item() if dtype != torch.float32 else 0
         torch.testing.assert_close(got.float(), expected, rtol=0, atol=atol)
     assert torch.equal(qkv[:, (q_heads + k_heads) * head_size:], v_before)
@@ -85,7 +90,7 @@ def test_custom_op_inside_torch_compile_rotates_qkv_in_place():
         return q * 1.0, k * 1.0
 
     got_q, got_k = attention_prologue(positions, qkv, scales)
-    atol = 4e-3 + torch.finfo(torch.bfloat16).eps * expected_q.abs().max().item()
+    atol = 1e-2 + torch.finfo(torch.bfloat16).eps * expected_q.abs().max().item()
     torch.testing.assert_close(got_q.float(), expected_q, rtol=0, atol=atol)
     torch.testing.assert_close(got_k.float(), expected_k, rtol=0, atol=atol)
     torch.testing.assert_close(q.float(), expected_q, rtol=0, atol=atol)  # qkv was rotated in place
