@@ -25,10 +25,10 @@ from pathlib import Path
 from intp_vllm_benchmarks.long_video import ROOT
 
 
-def parse_prunings(text: str):
+def parse_prunings(text: str, unpruned: bool = True):
     from intp_vllm.vllm_ext.pruning import VideoPruning
 
-    prunings = [VideoPruning()]
+    prunings = [VideoPruning()] if unpruned else []
     for item in filter(None, text.split(",")):
         method, rate = item.split(":")
         prunings.append(VideoPruning(rate=float(rate), method=method))
@@ -104,6 +104,10 @@ def main(argv=None) -> dict:
     parser.add_argument("--rope", default="yarn,ntk")
     parser.add_argument("--pruning", default="evs:0.75,vidcom2:0.75,evs:0.875,vidcom2:0.875,evs:0.9375,vidcom2:0.9375",
                         help="comma-separated method:rate, asked besides unpruned")
+    parser.add_argument("--skip-unpruned", action="store_true",
+                        help="ask only the --pruning cells (the unpruned cell, the costliest, measured in another run)")
+    parser.add_argument("--tag", default="", help="appended to this run's report name, so runs of one frame count and "
+                        "rope type with different cells are merged, not overwritten")
     parser.add_argument("--clips", type=int, default=200)
     parser.add_argument("--seed", type=int, default=1234)
     parser.add_argument("--work-dir", type=Path, default=ROOT / "runs" / "long-needle")
@@ -127,8 +131,10 @@ def main(argv=None) -> dict:
         for f in frames:
             report = evaluate(args.model, [f], args.rope.split(","), clips_per_cell=args.clips,
                               tasks=tuple(args.tasks.split(",")), seed=args.seed,
-                              prunings=parse_prunings(args.pruning), scene="drifting", log=log)
-            (args.work_dir / f"frames-{f}-{args.rope.replace(',', '+')}.json").write_text(json.dumps(report, indent=1))
+                              prunings=parse_prunings(args.pruning, not args.skip_unpruned), scene="drifting",
+                              log=log)
+            name = f"frames-{f}-{args.rope.replace(',', '+')}{'-' + args.tag if args.tag else ''}.json"
+            (args.work_dir / name).write_text(json.dumps(report, indent=1))
     reports = [json.loads(path.read_text()) for path in sorted(args.work_dir.glob("frames-*.json"))]
     reports = [json.loads(path.read_text()) for path in args.with_report] + sorted(reports, key=lambda r: r["frames"])
     merged = merge(reports)
