@@ -451,11 +451,15 @@ def test_sigterm_after_a_failover_exits_0_at_once_leaving_no_replica_or_engine(r
 @pytest.mark.engine
 def test_replicas_that_cannot_start_are_a_clear_error(tiny_model_dir, cluster):
     """On a new local Ray instance (`ray start`'s cluster runs here too: it is not joined), an
-    engine that refuses its arguments ends the command with the replica's own exception."""
+    engine that refuses its arguments ends the command with the replica's own exception. Serve
+    gives up after one failed start here, not 3 (Ray's RAY_SERVE_MAX_PER_REPLICA_RETRY_COUNT, read
+    by the instance's Serve controller): each start is a replica process importing vLLM, and the
+    3 starts fail alike."""
     before = replica_pids()  # the other tests' endpoint, if it is up
+    env = {**os.environ, "RAY_SERVE_MAX_PER_REPLICA_RETRY_COUNT": "1"}
     proc = subprocess.run([sys.executable, "-m", "intp_vllm.apps.cli", "serve", str(tiny_model_dir), "--ray",
                            "--host", "127.0.0.1", "--port", str(free_port()), *ENGINE_FLAGS,
-                           "--max-model-len", "100"], capture_output=True, text=True, timeout=600)
+                           "--max-model-len", "100"], capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 1
     assert "Started a local Ray instance" in proc.stdout + proc.stderr
     error = proc.stderr[proc.stderr.rfind("intp-vllm serve: error:"):]
