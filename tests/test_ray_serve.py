@@ -3,10 +3,11 @@
 Without a cluster: the flags, the refused vLLM flags, and the Serve config (CPU and GPU
 replicas) as Ray Serve LLM's own `LLMConfig` reads it. On a local Ray cluster started with
 `ray start` (its logs in a directory of ours): 2 CPU replicas of the tiny checkpoint behind
-Serve's router, compared with a plain `intp-vllm serve`; one replica SIGKILLed mid-load (its
-engine processes end with it); `intp-vllm batch --ray-address` on the same cluster while the
-endpoint answers; then SIGTERM to the endpoint after that failover: a prompt exit 0 that
-leaves none of its replicas or engines.
+Serve's router, compared with the session's plain engine (which answers as a plain `intp-vllm
+serve` does: tests/test_server.py); one replica SIGKILLed mid-load (its engine processes end
+with it); `intp-vllm batch --ray-address` on the same cluster while the endpoint answers; then
+SIGTERM to the endpoint after that failover: a prompt exit 0 that leaves none of its replicas
+or engines.
 
 Which replica served a request is read from the replicas' own logs: vLLM's "Received request
 chatcmpl-<X-Request-Id>" line (--enable-log-requests) in the Ray worker log of the replica's
@@ -42,7 +43,7 @@ from intp_vllm.apps.serve import vllm_serve_args, vllm_serve_parser
 from intp_vllm.vllm_ext.cpu_memory import is_cpu_build
 from intp_vllm.vllm_ext.engine import ORPHAN_GRACE_S
 from intp_vllm.vllm_ext.media import LIMITS_ENV, ServeLimits
-from intp_vllm_benchmarks.load_test import chat_request, free_port, launch, serve, served_model
+from intp_vllm_benchmarks.load_test import chat_request, free_port, launch, served_model
 
 ENGINE_FLAGS = ["--dtype", "float32", "--enforce-eager", "--seed", "0", "--max-num-seqs", "4"]
 """No memory flag: each replica sizes its KV cache for the replicas sharing this machine."""
@@ -249,11 +250,13 @@ def post(base_url: str, body: dict, request_id: str) -> tuple[int | str, str]:
 
 
 @pytest.fixture(scope="module")
-def clips(tmp_path_factory):
+def clips(tiny_llm):
+    """Two clips in the session engine's media directory (so that it reads them too)."""
     from intp_vllm.research.synthetic import moving_shapes_video
     from intp_vllm.video.io import write_video
 
-    media = tmp_path_factory.mktemp("ray-media")
+    media = tiny_llm.media_dir / "ray"
+    media.mkdir(exist_ok=True)
     return [write_video(media / f"clip{seed}.mp4", moving_shapes_video(num_frames=16, height=64, width=96, seed=seed))
             for seed in (1, 2)]
 
@@ -269,12 +272,17 @@ def server_args(clips: list[Path]) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def single_server_answers(tiny_model_dir, clips):
-    with serve(tiny_model_dir, server_args(clips), STARTUP_TIMEOUT_S) as base_url:
-        model = served_model(base_url)
-        answers = [post(base_url, body, f"single-{i}") for i, body in enumerate(bodies(model, clips))]
-    assert all(status == 200 for status, _ in answers), answers
-    return [text for _, text in answers]
+def single_engine_answers(tiny_model_dir, tiny_llm, clips):
+    """The greedy answers to `bodies` of one plain engine of the checkpoint: the session's offline
+    engine (tests/test_server.py: plain `intp-vllm serve` answers as it does), with no second start."""
+    from vllm import SamplingParams
+
+    answers = []
+    for body in bodies(str(tiny_model_dir), clips):
+        params = SamplingParams(temperature=body["temperature"], max_tokens=body["max_tokens"])
+        answers.append(tiny_llm.chat(body["messages"], params, use_tqdm=False)[0].outputs[0].text)
+    assert all(answers), answers
+    return answers
 
 
 @pytest.fixture(scope="module")
@@ -298,7 +306,7 @@ def cluster():
 
 
 @pytest.fixture(scope="module")
-def ray_server(tiny_model_dir, clips, cluster, single_server_answers):
+def ray_server(tiny_model_dir, clips, cluster, single_engine_answers):
     address, logs = cluster
     command = [sys.executable, "-m", "intp_vllm.apps.cli", "serve", str(tiny_model_dir), "--ray", "--ray-address",
                address, "--replicas", "2", "--enable-log-requests", *server_args(clips)]
@@ -308,8 +316,8 @@ def ray_server(tiny_model_dir, clips, cluster, single_server_answers):
 
 
 @pytest.mark.engine
-def test_requests_spread_over_both_replicas_with_the_single_server_answers(ray_server, clips,
-                                                                            single_server_answers):
+def test_requests_spread_over_both_replicas_with_the_single_engine_answers(ray_server, clips,
+                                                                            single_engine_answers):
     base_url, logs, log = ray_server
     assert "(2 replicas of" in log()
     assert len(replica_pids()) == 2
@@ -318,7 +326,7 @@ def test_requests_spread_over_both_replicas_with_the_single_server_answers(ray_s
     with ThreadPoolExecutor(CLIENTS) as pool:
         replies = list(pool.map(lambda item: (item[0], item[1], post(base_url, item[2], item[0])), work))
     for request_id, i, (status, text) in replies:
-        assert (request_id, status, text) == (request_id, 200, single_server_answers[i])
+        assert (request_id, status, text) == (request_id, 200, single_engine_answers[i])
     time.sleep(1)
     owners = served_by(logs)
     per_replica = Counter(owners.get(request_id) for request_id, _, _ in replies)
@@ -339,7 +347,7 @@ def test_video_limits_apply_in_the_replicas(ray_server):
 
 @pytest.mark.engine
 def test_a_killed_replica_loses_only_its_requests_in_flight_and_comes_back(ray_server, clips,
-                                                                           single_server_answers):
+                                                                           single_engine_answers):
     base_url, logs, _ = ray_server
     body = bodies(served_model(base_url), clips)[0]
     results: dict[str, tuple] = {}
@@ -391,7 +399,7 @@ def test_a_killed_replica_loses_only_its_requests_in_flight_and_comes_back(ray_s
         assert owners.get(request_id, victim) == victim, f"{request_id} failed on a surviving replica"
     assert len(failed) <= CLIENTS
     answered = [r for r in results.values() if r[0] == 200]
-    assert {text for _, text, _, _ in answered} == {single_server_answers[0]}
+    assert {text for _, text, _, _ in answered} == {single_engine_answers[0]}
     assert sum(started > killed_at for _, _, started, _ in answered) >= 20
     assert len(replica_pids()) == 2
     # the killed replica's engine core and worker ended with it (engine.end_with_parent)
@@ -400,7 +408,7 @@ def test_a_killed_replica_loses_only_its_requests_in_flight_and_comes_back(ray_s
 
 
 @pytest.mark.engine
-def test_batch_shares_the_cluster_with_the_endpoint(ray_server, cluster, clips, single_server_answers,
+def test_batch_shares_the_cluster_with_the_endpoint(ray_server, cluster, clips, single_engine_answers,
                                                     tiny_model_dir, tmp_path):
     base_url, _, _ = ray_server
     address, _ = cluster
@@ -418,9 +426,9 @@ def test_batch_shares_the_cluster_with_the_endpoint(ray_server, cluster, clips, 
         during.append(post(base_url, body, f"beside-batch-{len(during)}"))
     log = batch.stdout.read()
     assert batch.returncode == 0, log[-4000:]
-    assert during and set(during) == {(200, single_server_answers[1])}
+    assert during and set(during) == {(200, single_engine_answers[1])}
     records = sorted((json.loads(line) for line in output.read_text().splitlines()), key=lambda r: r["id"])
-    assert [r.get("answer") for r in records] == single_server_answers, records
+    assert [r.get("answer") for r in records] == single_engine_answers, records
 
 
 @pytest.mark.engine
@@ -451,11 +459,15 @@ def test_sigterm_after_a_failover_exits_0_at_once_leaving_no_replica_or_engine(r
 @pytest.mark.engine
 def test_replicas_that_cannot_start_are_a_clear_error(tiny_model_dir, cluster):
     """On a new local Ray instance (`ray start`'s cluster runs here too: it is not joined), an
-    engine that refuses its arguments ends the command with the replica's own exception."""
+    engine that refuses its arguments ends the command with the replica's own exception. Serve
+    gives up after one failed start here, not 3 (Ray's RAY_SERVE_MAX_PER_REPLICA_RETRY_COUNT, read
+    by the instance's Serve controller): each start is a replica process importing vLLM, and the
+    3 starts fail alike."""
     before = replica_pids()  # the other tests' endpoint, if it is up
+    env = {**os.environ, "RAY_SERVE_MAX_PER_REPLICA_RETRY_COUNT": "1"}
     proc = subprocess.run([sys.executable, "-m", "intp_vllm.apps.cli", "serve", str(tiny_model_dir), "--ray",
                            "--host", "127.0.0.1", "--port", str(free_port()), *ENGINE_FLAGS,
-                           "--max-model-len", "100"], capture_output=True, text=True, timeout=600)
+                           "--max-model-len", "100"], capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 1
     assert "Started a local Ray instance" in proc.stdout + proc.stderr
     error = proc.stderr[proc.stderr.rfind("intp-vllm serve: error:"):]

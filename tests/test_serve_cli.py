@@ -1,11 +1,10 @@
 """`intp-vllm serve` is vLLM's own `serve` subcommand with our settings: every vLLM server flag
-works (several API servers, any spelling of --hf-overrides), and plain vLLM serves a checkpoint
-through the installed plugin with the built-in chat template."""
+works (any spelling of --hf-overrides; several API servers: tests/test_api_servers.py), and plain
+vLLM serves a checkpoint through the installed plugin with the built-in chat template."""
 
 from __future__ import annotations
 
 import json
-import re
 import shutil
 import sys
 
@@ -48,40 +47,19 @@ def test_the_built_in_chat_template_is_video_llava_s_only(tmp_path, model_type, 
 
 
 @pytest.fixture(scope="module")
-def thin_and_plain(tmp_path_factory):
-    """A video our limits refuse (3000x4 frames) and an ordinary one."""
-    import numpy as np
-
+def media_and_plain(tmp_path_factory):
+    """A media directory and an ordinary video in it."""
     from intp_vllm.research.synthetic import moving_shapes_video
 
     media = tmp_path_factory.mktemp("serve-cli-media")
-    return media, (write_video(media / "thin.mp4", np.zeros((8, 4, 3000, 3), np.uint8)),
-                   write_video(media / "plain.mp4", moving_shapes_video(num_frames=16, height=72, width=96)))
+    return media, write_video(media / "plain.mp4", moving_shapes_video(num_frames=16, height=72, width=96))
 
 
 @pytest.mark.engine
-def test_two_api_servers_both_apply_our_limits(tiny_model_dir, thin_and_plain):
-    """--api-server-count 2: vLLM starts two API-server processes (both log), and every request,
-    whichever process the kernel hands it to, gets our connector's limits. That the 8 requests
-    reached both processes is likely, not asserted (uvicorn's access log names no process)."""
-    media, (thin, plain) = thin_and_plain
-    command = [sys.executable, "-m", "intp_vllm.apps.cli", "serve", str(tiny_model_dir), *ENGINE,
-               "--api-server-count", "2", "--allowed-local-media-path", str(media)]
-    with launch(command) as (url, log):
-        model = served_model(url)
-        for _ in range(8):
-            reply = requests.post(f"{url}/v1/chat/completions", json=chat_request(model, f"file://{thin}"), timeout=60)
-            assert reply.status_code == 400 and "aspect ratio 750:1" in reply.json()["error"]["message"]
-        reply = requests.post(f"{url}/v1/chat/completions", json=chat_request(model, f"file://{plain}"), timeout=120)
-        assert reply.status_code == 200, reply.text
-        assert len(set(re.findall(r"\(ApiServer_(\d) pid=\d+\)", log()))) == 2
-
-
-@pytest.mark.engine
-def test_plain_vllm_serves_the_checkpoint_with_the_built_in_chat_template(tiny_model_dir, tmp_path, thin_and_plain):
+def test_plain_vllm_serves_the_checkpoint_with_the_built_in_chat_template(tiny_model_dir, tmp_path, media_and_plain):
     """vLLM's own server entry, no intp-vllm code on the command line: the plugin registers the
     model, our loader, and the chat template for a checkpoint that has none."""
-    media, (_, plain) = thin_and_plain
+    media, plain = media_and_plain
     bare = shutil.copytree(tiny_model_dir, tmp_path / "no-template")
     (bare / "chat_template.jinja").unlink()
     command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(bare), *ENGINE,
