@@ -114,7 +114,8 @@ def bench_engine(path: Path) -> list[dict]:
     llm = LLM(model=str(ROOT / "assets" / "needle-video-llava"),
               hf_overrides={"intp": {"max_frames": max(ENGINE_CAPS)}},
               allowed_local_media_path=str(path.parent), limit_mm_per_prompt={"video": 1}, max_num_seqs=2, seed=0)
-    per_token = kv_bytes_per_token(llm.llm_engine.model_config.hf_config.text_config, 4)
+    model_config = llm.llm_engine.model_config
+    per_token = kv_bytes_per_token(model_config.hf_config.text_config, model_config.dtype.itemsize)
     messages = [{"role": "user", "content": [{"type": "video_url", "video_url": {"url": f"file://{path}"}},
                                              {"type": "text", "text": "What colour flashed?"}]}]
     rows = []
