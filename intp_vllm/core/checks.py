@@ -29,7 +29,7 @@ def check_preprocess_device(name: str, value: object) -> None:
         raise ValueError(f"{name} must be {PREPROCESS_DEVICES}, got {value!r}")
     import torch
 
-    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    count = torch.cuda.device_count()  # through NVML: unlike is_available(), it leaves the process safe to fork
     index = int(value.partition(":")[2] or 0)
     if index >= count:
         raise ValueError(f"{name} {value!r} names a CUDA device this host does not have "
