@@ -1,8 +1,8 @@
 """`intp.preprocess_device`: the torch resize and crop against the exact Pillow path.
 
-speed: milliseconds a frame (wall, and CPU time of all threads) to resize and centre-crop one 360p/720p/1080p RGB frame to
-224x224, as the decoder does each frame (`resize_and_crop`), Pillow against torch on this
-machine's CPU (torch at 1 thread and at its default), and a 32-frame array through
+speed: milliseconds a frame (wall, and CPU time of all threads) to resize and centre-crop one
+360p/720p/1080p RGB frame to 224x224, as the decoder does each frame (`resize_and_crop`),
+Pillow against torch on this machine's CPU (torch at 1 thread and at its default), and a 32-frame array through
 `preprocess_frames` (resize, crop and normalise; torch 16 frames a call). Medians of repeats,
 both paths side by side in one run.
 

@@ -19,10 +19,11 @@ turned by `torch.rot90` where Pillow transposes, resized with torch's antialiase
 support scaled by the downscale factor) in Pillow's two passes, rows then columns, each
 rounded and clamped to uint8, and centre-cropped at the same offsets (`shortest_edge_size`;
 columns outside the crop are dropped before the vertical pass, which never mixes them). Pillow
-computes in fixed point, torch in float32, so frames differ from Pillow's by at most one uint8
-level, in a fraction of a percent of values (tests/test_preprocess_device.py bounds both). A decoded frame comes back as the uint8
-crop, one frame a call, so the decoded-video cache, pruning and the processor see what the
-exact path gives; normalisation stays the exact 3 x 256 table (it costs a lookup a byte).
+computes in fixed point, torch in float32, so frames differ from Pillow's by one uint8 level in
+at most one value in a few thousand (tests/test_preprocess_device.py bounds both; two levels
+where noise is upscaled 6x). A decoded frame comes back as the uint8 crop, one frame a call,
+so the decoded-video cache, pruning and the processor get what the exact path gives them, and
+normalisation stays the exact 3 x 256 table (it costs a lookup a byte).
 Frame arrays given by a user (`preprocess_frames`) go to the device `DEVICE_BATCH` frames at a
 time and are normalised there through the same table. On a GPU host the process that
 preprocesses (vLLM's API server, or the offline `LLM`'s) opens a CUDA context on that device.
@@ -117,12 +118,13 @@ def resize_and_crop(frame: Image.Image | np.ndarray, config: ClipPreprocessConfi
     for an aspect ratio above MAX_ASPECT_RATIO. With a torch `config.device` the frame is
     resized there (`_resize_and_crop_torch`; a PIL image is read as its array first).
     """
-    if config.device != PILLOW:
-        return _resize_and_crop_torch([np.asarray(frame)], config, rotation)[0].cpu().numpy()
     if isinstance(frame, np.ndarray):
         square = config.shortest_edge == config.crop_size
         if square and frame.shape[:2] == (config.crop_size, config.crop_size) and not rotation:
             return frame
+    if config.device != PILLOW:
+        return _resize_and_crop_torch([np.asarray(frame)], config, rotation)[0].cpu().numpy()
+    if isinstance(frame, np.ndarray):
         frame = Image.fromarray(frame)
     frame = rotate(frame, rotation)
     width, height = frame.size
@@ -140,7 +142,7 @@ def _resize_and_crop_torch(frames: list[np.ndarray], config: ClipPreprocessConfi
 
     if rotation not in (0, *_ROTATIONS):
         raise ValueError(f"display rotation {rotation!r} is not one of 0, 90, 180, 270 degrees")
-    batch = torch.from_numpy(np.stack(frames)).to(config.device, non_blocking=True)
+    batch = torch.from_numpy(np.stack(frames)).to(config.device)
     batch = torch.rot90(batch, rotation // 90, (1, 2)).permute(0, 3, 1, 2)
     height, width = batch.shape[2:]
     check_aspect_ratio(width, height, "a frame")
