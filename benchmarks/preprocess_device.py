@@ -14,7 +14,8 @@ crops the centre. Accuracy with 95% Wilson intervals, the share of clips both pa
 alike and the exact McNemar p-value of the clips only one gets right; the model's accuracy
 on the native 56 px clips (no resize) beside them.
 
-    nice -n 10 python benchmarks/preprocess_device.py --clips 200 --out benchmarks/results/preprocess_device
+    nice -n 10 python benchmarks/preprocess_device.py --clips 200
+    nice -n 10 python benchmarks/preprocess_device.py --only needle --rope-type none --tasks order
 """
 
 from __future__ import annotations
@@ -106,16 +107,17 @@ def camera_sized(frames: np.ndarray) -> np.ndarray:
     return out
 
 
-def needle(clips_per_cell: int, frames: int, seed: int, chunk: int = 50) -> dict:
+def needle(clips_per_cell: int, frames: int, seed: int, rope_type: str, tasks: list[str], chunk: int = 50) -> dict:
     from vllm import LLM
 
     from intp_vllm.vllm_ext.engine import shutdown_llm
 
-    cells = {task: cell_clips(frames, task, clips_per_cell, seed) for task in TASKS}
+    cells = {task: cell_clips(frames, task, clips_per_cell, seed) for task in tasks}
     engine = dict(dtype="float32", max_num_seqs=32, limit_mm_per_prompt={"video": 1}, seed=0)
-    results: dict = {task: {} for task in TASKS}
+    results: dict = {task: {} for task in tasks}
     for path in ("pillow", "cpu"):
-        llm = LLM(model=str(NEEDLE_MODEL), hf_overrides={"intp": {"frames": frames, "preprocess_device": path}},
+        llm = LLM(model=str(NEEDLE_MODEL), hf_overrides={"intp": {"frames": frames, "rope_type": rope_type,
+                                                                    "preprocess_device": path}},
                   **engine)
         try:
             for task, clips in cells.items():
@@ -138,7 +140,7 @@ def needle(clips_per_cell: int, frames: int, seed: int, chunk: int = 50) -> dict
                                    "only_pillow_right": only_pillow, "only_torch_right": only_torch,
                                    "mcnemar_p": mcnemar_exact(only_pillow, only_torch)}
     return {"model": str(NEEDLE_MODEL.relative_to(ROOT)), "frames": frames, "clips_per_cell": clips_per_cell,
-            "seed": seed, "rope_type": "yarn (default)", "factor": "auto",
+            "seed": seed, "rope_type": rope_type, "factor": "auto",
             "frames_fed": f"{FRAME_SIZE} px clips upscaled {UPSCALE}x (Pillow bicubic) and letterboxed to "
                           f"{FRAME_SIZE * UPSCALE}x{WIDE}: both paths resize to 56x99 and centre-crop",
             "results": results}
@@ -152,6 +154,9 @@ def main() -> None:
     parser.add_argument("--frames", type=int, default=32)
     parser.add_argument("--seed", type=int, default=1234)
     parser.add_argument("--only", choices=("speed", "needle"))
+    parser.add_argument("--rope-type", default="yarn", help="needle: the RoPE extension (written to "
+                        "needle.json for yarn, the default, else needle_<type>.json)")
+    parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     common = {"machine": machine(), "load_average": os.getloadavg()}
@@ -160,9 +165,10 @@ def main() -> None:
         (args.out / "speed.json").write_text(json.dumps(report, indent=1))
     if args.only != "speed":
         started = time.perf_counter()
-        report = common | needle(args.clips, args.frames, args.seed)
+        report = common | needle(args.clips, args.frames, args.seed, args.rope_type, args.tasks)
         report |= {"seconds": round(time.perf_counter() - started), "load_average_after": os.getloadavg()}
-        (args.out / "needle.json").write_text(json.dumps(report, indent=1))
+        name = "needle.json" if args.rope_type == "yarn" else f"needle_{args.rope_type}.json"
+        (args.out / name).write_text(json.dumps(report, indent=1))
 
 
 if __name__ == "__main__":
