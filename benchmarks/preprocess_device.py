@@ -97,6 +97,30 @@ def speed(repeats: int) -> dict:
             "torch_default_threads": default_threads, "results": rows}
 
 
+def plot_speed(report: dict, path: Path) -> Path:
+    """Bars of CPU ms a frame by resolution, one per path (`speed`'s report)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = report["results"]
+    paths = [key for key in next(iter(rows.values())) if not key.endswith("_array")]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    width = 0.8 / len(paths)
+    for i, key in enumerate(paths):
+        ax.bar(np.arange(len(rows)) + i * width, [row[key]["cpu_ms_per_frame"] for row in rows.values()], width,
+               label=key.replace("_", " "))
+    ax.set_xticks(np.arange(len(rows)) + width * (len(paths) - 1) / 2, list(rows))
+    ax.set_ylabel("CPU ms a frame (resize + crop to 224)")
+    ax.set_title("Pillow vs torch on this CPU (no GPU measured)", fontsize=10)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 def camera_sized(frames: np.ndarray) -> np.ndarray:
     """56 px needle frames -> (T, 224, 398, 3): Pillow bicubic 4x, letterboxed to 16:9 in grey."""
     side = FRAME_SIZE * UPSCALE
@@ -163,6 +187,7 @@ def main() -> None:
     if args.only != "needle":
         report = common | speed(args.repeats) | {"load_average_after": os.getloadavg()}
         (args.out / "speed.json").write_text(json.dumps(report, indent=1))
+        plot_speed(report, args.out / "speed.png")
     if args.only != "speed":
         started = time.perf_counter()
         report = common | needle(args.clips, args.frames, args.seed, args.rope_type, args.tasks)
