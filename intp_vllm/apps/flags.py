@@ -43,12 +43,17 @@ def add_intp_arguments(parser: argparse.ArgumentParser) -> None:
                        "trained context), so short requests run the original model")
     group.add_argument("--grouping", choices=GROUPINGS, help="how frames are split into encoder clips "
                        "(default interleaved)")
+    group.add_argument("--preprocess-device", metavar="{pillow,cpu,cuda,cuda:N}",
+                       help="where frames are resized and cropped: pillow (default) is bit-exact with HF's "
+                       "processor; a torch device (cuda, cuda:N, or cpu) is opt-in, within about one uint8 level of "
+                       "it; on a GPU the serving process then opens a CUDA context (~0.5 GB) on that device")
 
 
 def intp_section(args: argparse.Namespace) -> dict:
     """The `intp` hf_overrides section from the parsed flags (only those given)."""
     keys = {"frames": "frames", "max_frames": "max_frames", "fps": "fps", "encoder_frames": "encoder_frames",
-            "rope_type": "rope_type", "factor": "factor", "grouping": "grouping"}
+            "rope_type": "rope_type", "factor": "factor", "grouping": "grouping",
+            "preprocess_device": "preprocess_device"}
     return {key: getattr(args, attr) for attr, key in keys.items() if getattr(args, attr, None) is not None}
 
 

@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, fields
 
 from intp_vllm.core.rearrange import GROUPINGS, padded_frame_count
 from intp_vllm.core.rope_scaling import ROPE_TYPES
-from intp_vllm.core.checks import check_positive_int
+from intp_vllm.core.checks import PILLOW, check_positive_int, check_preprocess_device
 
 DEFAULT_ROPE_TYPE = "yarn"
 DEFAULT_ENCODER_FRAMES = 8
@@ -33,6 +33,10 @@ class IntpConfig:
     fps: float | None = None
     """Sample videos by rate by default: frames a second of video, capped by max_frames
     (core/frame_plan.py); None samples `frames` frames."""
+    preprocess_device: str = PILLOW
+    """Where frames are resized and cropped: "pillow" (exact, bit for bit HF's) or a torch
+    device, "cpu", "cuda" or "cuda:N" (video/preprocess.py: opt-in, within a uint8 level or
+    so of the exact path). A CUDA device the host lacks is refused when the config is read."""
 
     def __post_init__(self) -> None:
         for name in ("frames", "encoder_frames"):
@@ -54,6 +58,7 @@ class IntpConfig:
         if self.fps is not None and (isinstance(self.fps, bool) or not isinstance(self.fps, (int, float))
                                      or not math.isfinite(self.fps) or self.fps <= 0):
             raise ValueError(f"intp.fps must be frames a second of video, a number > 0, got {self.fps!r}")
+        check_preprocess_device("intp.preprocess_device", self.preprocess_device)
         if self.max_frames is not None and self.max_frames < self.frames:
             raise ValueError(
                 f"intp.max_frames ({self.max_frames}) must be at least intp.frames ({self.frames})"

@@ -25,10 +25,11 @@ the plan's input (measured: `benchmarks/decode_cost.py`), no frame is decoded tw
 and decoding stops after the last target. Display rotation (phone videos) is applied.
 
 With a `ClipPreprocessConfig` each sampled frame is resized and centre-cropped
-(`preprocess.resize_and_crop`, bit-exact with HF) as soon as it is decoded, so memory holds
-crop x crop x 3 bytes a frame plus the frames in the decoder's pipeline, whatever the
-resolution; frames whose size changes mid-stream are fine. Without it, frames come back at
-full resolution, written into one preallocated array as they are decoded.
+(`preprocess.resize_and_crop`, bit-exact with HF; opt-in, on the torch device its `device`
+names) as soon as it is decoded, so memory holds crop x crop x 3 bytes a frame plus the frames
+in the decoder's pipeline, whatever the resolution; frames whose size changes mid-stream are
+fine. Without it, frames come back at full resolution, written into one preallocated array as
+they are decoded.
 
 For untrusted input, `VideoLimits` caps the encoded size, the frames sampled, the pixels per
 frame and (with preprocessing) the aspect ratio, checked before any frame is decoded. FFmpeg

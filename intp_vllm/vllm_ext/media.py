@@ -32,7 +32,7 @@ from intp_vllm.video.io import DECODERS, VideoLimits, sample_video
 from intp_vllm.video.preprocess import ClipPreprocessConfig, resize_and_crop
 from intp_vllm.vllm_ext.client_messages import for_the_client
 from intp_vllm.vllm_ext.image_frames import frame_list_urls
-from intp_vllm.core.checks import check_positive_int
+from intp_vllm.core.checks import PILLOW, check_positive_int, check_preprocess_device
 
 LIMITS_ENV = "INTP_VLLM_SERVE_LIMITS"
 MEDIA_HOOK_NAME = "intp_vllm"
@@ -283,8 +283,9 @@ class IntpVideoLoader:
 
     The plugin makes it the checkpoint's default loader (`plugin.py`), for the server and
     offline `LLM.chat` alike; `media_io_kwargs.video` may set `num_frames`, `frame_size` (the
-    tower's input side, set by the plugin; 0 keeps full-size frames) and `decoder` (a key of
-    `video.io.DECODERS`). Under `intp-vllm serve` the server's `ServeLimits` apply (and its
+    tower's input side, set by the plugin; 0 keeps full-size frames), `decoder` (a key of
+    `video.io.DECODERS`) and `preprocess_device` (set by the plugin from `intp.preprocess_device`
+    when it is not "pillow"). Under `intp-vllm serve` the server's `ServeLimits` apply (and its
     decoder); elsewhere (offline `LLM.chat`) the default limits, with as many frames as asked for.
     vLLM's own OpenCV loader decodes every frame up to the last sampled one, all of them for
     num_frames=-1, at full size, and reads bytes through OpenCV's in-memory stream, which
@@ -294,32 +295,37 @@ class IntpVideoLoader:
     @classmethod
     def load_bytes(cls, data: bytes, num_frames: int = -1, frame_size: int = 0, decoder: str = "pyav",
                    fps: float | None = None, start: float | None = None, end: float | None = None,
-                   **kwargs) -> tuple:
+                   preprocess_device: str = PILLOW, **kwargs) -> tuple:
         """(uint8 frames (T, H, W, 3), vLLM's video metadata dict) of encoded `data`; `fps`, `start`,
         `end` (set by the processor, core/frame_plan.py) sample by rate and within a time range,
-        `num_frames` then being the cap. Raises ValueError naming the option or limit at fault."""
+        `num_frames` then being the cap; `preprocess_device` where frames are resized (set by the
+        plugin from `intp.preprocess_device`). Raises ValueError naming the option or limit at fault."""
         if kwargs:
             raise ValueError(f"media_io_kwargs.video {sorted(kwargs)} are not supported: this server decodes "
-                             "video with the intp_vllm loader, which takes 'num_frames', 'frame_size' and 'decoder'")
+                             "video with the intp_vllm loader, which takes 'num_frames', 'frame_size', 'decoder' and "
+                             "'preprocess_device'")
         limits = ServeLimits.from_env().video
         if LIMITS_ENV not in os.environ and isinstance(num_frames, int) and num_frames > limits.max_frames:
             limits = replace(limits, max_frames=num_frames)
         video = sample_video(data, num_frames, limits, decoder=decoder,
-                             preprocess=frame_preprocess(frame_size, limits), fps=fps, start=start, end=end)
+                             preprocess=frame_preprocess(frame_size, limits, preprocess_device), fps=fps, start=start,
+                             end=end)
         return video.frames, video_metadata(video.total_frames, video.fps, video.indices, video.timestamps)
 
 
-def frame_preprocess(frame_size: int, limits: VideoLimits) -> ClipPreprocessConfig | None:
-    """The resize and crop of `media_io_kwargs.video.frame_size` (None for 0: frames kept whole).
-    Raises ValueError for a size that is not a positive integer or makes frames over the
-    limit of pixels."""
+def frame_preprocess(frame_size: int, limits: VideoLimits, device: str = PILLOW) -> ClipPreprocessConfig | None:
+    """The resize and crop of `media_io_kwargs.video.frame_size` (None for 0: frames kept whole),
+    on `media_io_kwargs.video.preprocess_device` (`ClipPreprocessConfig.device`). Raises
+    ValueError for a size that is not a positive integer or makes frames over the limit of
+    pixels, or a device that is not allowed or not on this host."""
     if not frame_size:
         return None
     if isinstance(frame_size, int) and frame_size * frame_size > limits.max_frame_pixels:
         raise ValueError(f"media_io_kwargs.video frame_size {frame_size} makes frames of more than "
                          f"{limits.max_frame_pixels} pixels, this server's limit")
+    check_preprocess_device("media_io_kwargs.video preprocess_device", device)
     try:
-        return ClipPreprocessConfig(shortest_edge=frame_size, crop_size=frame_size)
+        return ClipPreprocessConfig(shortest_edge=frame_size, crop_size=frame_size, device=device)
     except ValueError as exc:
         raise ValueError(f"media_io_kwargs.video frame_size: {exc}") from None
 
@@ -499,7 +505,9 @@ class BoundedMediaConnector:
     def _frame_ios(self, urls: list[str]) -> list["FrameImageIO"]:
         """One checked image loader a frame."""
         self.limits.video.check_num_frames(len(urls))
-        preprocess = frame_preprocess(self.inner.media_io_kwargs["video"].get("frame_size", 0), self.limits.video)
+        video_kwargs = self.inner.media_io_kwargs["video"]
+        preprocess = frame_preprocess(video_kwargs.get("frame_size", 0), self.limits.video,
+                                      video_kwargs.get("preprocess_device", PILLOW))
         per_frame = replace(self.limits.video, max_bytes=max(1, self.limits.video.max_bytes // len(urls)))
         return [FrameImageIO(per_frame, preprocess, f"image_url frame {i} ({short_url(url)})")
                 for i, url in enumerate(urls)]

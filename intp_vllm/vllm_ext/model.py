@@ -393,8 +393,9 @@ class IntpVideoModel(nn.Module, SupportsMultiModal, SupportsPP, SupportsMRoPE, S
 
     @classmethod
     def preprocess_config(cls, hf_config) -> ClipPreprocessConfig:
-        """Frame preprocessing: CLIP's at the tower's size (short side and crop `image_size`)."""
-        return ClipPreprocessConfig.for_tower(hf_config.vision_config)
+        """Frame preprocessing: CLIP's at the tower's size (short side and crop `image_size`), on
+        `intp.preprocess_device`."""
+        return ClipPreprocessConfig.for_tower(hf_config.vision_config, cls.intp_config(hf_config).preprocess_device)
 
     @classmethod
     def intp_config(cls, hf_config) -> IntpConfig:

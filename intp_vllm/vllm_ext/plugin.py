@@ -103,6 +103,7 @@ class IntpConfigHook:
         loader the video default (frames at intp.frames, resized for the tower). Raises
         VllmRelianceError for a vLLM that lacks a reliance, ValueError for a server frame count
         outside `intp`."""
+        from intp_vllm.core.checks import PILLOW
         from intp_vllm.core.config import TEXT_MARGIN_TOKENS
         from intp_vllm.vllm_ext.internals import MROPE_SECTION_KEY, check_reliances
         from intp_vllm.vllm_ext.pruning import VideoPruning
@@ -142,6 +143,8 @@ class IntpConfigHook:
                 )
             if video_io.setdefault("video_backend", MEDIA_HOOK_NAME) == MEDIA_HOOK_NAME:
                 video_io.setdefault("frame_size", hf_config.vision_config.image_size)
+                if intp.preprocess_device != PILLOW:
+                    video_io.setdefault("preprocess_device", intp.preprocess_device)
         logger.info(
             "intp_vllm: %s; up to %d video tokens a request, max_model_len %d",
             intp.as_dict(),
