@@ -181,6 +181,11 @@ def rate_as_loader_option(media, clip):
     return f"file://{clip}", {"media_io_kwargs": {"video": {"fps": 2}}}
 
 
+def preprocess_device_from_the_request(media, clip):
+    """Where frames are resized is the server's to decide."""
+    return f"file://{clip}", {"media_io_kwargs": {"video": {"preprocess_device": "cpu"}}}
+
+
 def outside_allowed_dir(media, clip):
     return "file:///etc/passwd", {}
 
@@ -255,6 +260,9 @@ HOSTILE = [
     pytest.param(unsupported_loader_option, 400, r"\['max_duration'\] are not supported", id="loader-option"),
     pytest.param(rate_as_loader_option, 400, r"media_io_kwargs.video \['fps'\]: a request's rate and time range are "
                  r"mm_processor_kwargs \['fps', 'start', 'end', 'max_frames'\]", id="rate-as-loader-option"),
+    pytest.param(preprocess_device_from_the_request, 400, r"media_io_kwargs.video.preprocess_device='cpu': where "
+                 r"frames are resized is the server's setting \(--preprocess-device, here 'pillow'\)",
+                 id="preprocess-device-from-request"),
     pytest.param(outside_allowed_dir, 400, "must be a subpath of `--allowed-local-media-path", id="outside"),
     pytest.param(dot_dot_out_of_allowed_dir, 400, "must be a subpath of `--allowed-local-media-path", id="dot-dot"),
     pytest.param(symlink_out_of_allowed_dir, 400, "must be a subpath of `--allowed-local-media-path", id="symlink"),

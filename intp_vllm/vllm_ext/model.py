@@ -49,6 +49,7 @@ from intp_vllm.vllm_ext.internals import (
     maybe_prefix,
 )
 
+from intp_vllm.core.checks import PILLOW
 from intp_vllm.core.config import IntpConfig
 from intp_vllm.core.frame_plan import FRAME_KEYS, FrameRequest
 from intp_vllm.core.prompt import VIDEO_PLACEHOLDER
@@ -227,11 +228,18 @@ class IntpMultiModalProcessor(BaseMultiModalProcessor[IntpProcessingInfo]):
         so that a video from a URL, file or data URL is decoded at the count this processor then uses.
 
         Called by the renderer before any video is fetched (plugin.py). Raises ValueError for a
-        frame count outside 1..intp.max_frames, or a `num_frames` that names another count.
+        frame count outside 1..intp.max_frames, a `num_frames` that names another count, or a
+        `preprocess_device` other than the server's (a request may not open a GPU context in the
+        API server, nor move the server's work to its CPU).
         """
         request = self.frame_request(mm_processor_kwargs)
         requested = request.cap
         video = dict(media_io_kwargs.get("video") or {})
+        server_device = self.info.get_intp_config().preprocess_device
+        if video.get("preprocess_device", PILLOW) != server_device:
+            raise ValueError(f"media_io_kwargs.video.preprocess_device={video['preprocess_device']!r}: where frames "
+                             f"are resized is the server's setting (--preprocess-device, here {server_device!r}); "
+                             "drop it from the request")
         asked = video.get("num_frames", requested)
         if asked not in (requested, self.info.get_intp_config().frames):
             raise ValueError(
