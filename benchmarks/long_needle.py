@@ -36,17 +36,18 @@ def parse_prunings(text: str, unpruned: bool = True):
 
 
 def merge(reports: list[dict]) -> dict:
-    """One report over the frame counts and methods of `reports` (`evaluate` outputs); a cell
-    measured twice keeps the later report's. `methods` lists every method measured anywhere:
+    """One report over the frame counts and methods of `reports` (`evaluate` outputs, or reports
+    merged before); a cell measured twice keeps the later report's. `methods` lists every method measured anywhere:
     the frontier plot skips the cells a method lacks."""
     merged = dict(reports[0])
     merged["frames"] = sorted({f for report in reports for f in report["frames"]})
     merged["rope_types"] = list(dict.fromkeys(r for report in reports for r in report["rope_types"]))
     merged["methods"] = list(dict.fromkeys(m for report in reports for m in report["methods"]))
     merged["seconds"] = round(sum(report["seconds"] for report in reports), 1)
-    merged["runs"] = [{"frames": r["frames"], "rope_types": r["rope_types"], "methods": r["methods"],
-                       "clips_per_cell": r["clips_per_cell"], "seconds": r["seconds"]} for r in reports]
-    merged["clips_per_cell"] = sorted({r["clips_per_cell"] for r in reports})
+    merged["runs"] = [run for report in reports for run in report.get("runs") or [
+        {"frames": report["frames"], "rope_types": report["rope_types"], "methods": report["methods"],
+         "clips_per_cell": report["clips_per_cell"], "seconds": report["seconds"]}]]  # a merged report keeps its runs
+    merged["clips_per_cell"] = sorted({run["clips_per_cell"] for run in merged["runs"]})
     merged["results"] = {}
     for report in reports:
         for task, rows in report["results"].items():
