@@ -196,14 +196,20 @@ def test_the_default_is_the_exact_path(hf_config):
                                                            device="cpu")
 
 
-def test_the_flag_sets_the_key():
+def test_the_flag_sets_the_key_and_a_bad_device_is_one_line_at_start(capsys):
     from intp_vllm.apps.flags import add_intp_arguments, intp_section
 
     parser = argparse.ArgumentParser()
     add_intp_arguments(parser)
-    assert intp_section(parser.parse_args(["--preprocess-device", "cuda:1"])) == {"preprocess_device": "cuda:1"}
+    assert intp_section(parser.parse_args(["--preprocess-device", "cpu"])) == {"preprocess_device": "cpu"}
     assert "preprocess_device" not in intp_section(parser.parse_args([]))
     assert "CUDA context" in parser.format_help()
+    for value, message in (("gpu", "must be \"pillow\" (exact, the default), \"cpu\", \"cuda\" or \"cuda:N\", got 'gpu'"),
+                           (f"cuda:{torch.cuda.device_count()}", "names a CUDA device this host does not have")):
+        with pytest.raises(SystemExit):
+            parser.parse_args(["--preprocess-device", value])
+        err = capsys.readouterr().err
+        assert "error: argument --preprocess-device: --preprocess-device" in err and message in err, err
 
 
 def test_the_loader_decodes_on_the_device(h264_videos):

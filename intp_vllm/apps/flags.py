@@ -17,6 +17,19 @@ def parse_factor(text: str) -> float | str:
         raise argparse.ArgumentTypeError(f'--factor must be a number >= 1 or "auto", got {text!r}') from None
 
 
+def parse_preprocess_device(text: str) -> str:
+    """--preprocess-device: "pillow", "cpu", "cuda" or "cuda:N" on a host that has it
+    (`core.checks.check_preprocess_device`). Raises argparse.ArgumentTypeError otherwise, so a bad
+    value is one line at start, not a traceback from vLLM's config."""
+    from intp_vllm.core.checks import check_preprocess_device
+
+    try:
+        check_preprocess_device("--preprocess-device", text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
 def add_intp_arguments(parser: argparse.ArgumentParser) -> None:
     """The INTP flags shared by serve, batch and bench; unset ones keep the checkpoint's defaults."""
     from intp_vllm.core.config import GROUPINGS, ROPE_TYPES
@@ -43,7 +56,7 @@ def add_intp_arguments(parser: argparse.ArgumentParser) -> None:
                        "trained context), so short requests run the original model")
     group.add_argument("--grouping", choices=GROUPINGS, help="how frames are split into encoder clips "
                        "(default interleaved)")
-    group.add_argument("--preprocess-device", metavar="{pillow,cpu,cuda,cuda:N}",
+    group.add_argument("--preprocess-device", type=parse_preprocess_device, metavar="{pillow,cpu,cuda,cuda:N}",
                        help="where frames are resized and cropped: pillow (default) is bit-exact with HF's "
                        "processor; a torch device (cuda, cuda:N, or cpu) is opt-in, within about one uint8 level of "
                        "it; on a GPU the serving process then opens a CUDA context (~0.5 GB) on that device")
